@@ -1,0 +1,1 @@
+"""Request/response types and built-in handlers that model code runs against."""

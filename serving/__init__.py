@@ -1,0 +1,1 @@
+"""HTTP front, configuration, request queueing and model-worker supervision (never imports torch)."""

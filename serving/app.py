@@ -1,0 +1,169 @@
+"""Flask routes. Each route turns HTTP into an InferRequest, and broker frames back into HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from serving import messages as msg
+from serving.client import BrokerClient
+from serving.config import ServingConfig
+from serving.errors import BadRequest, NotFound, ServingError
+
+log = logging.getLogger("serving.app")
+
+PING_STATUS = {"Healthy": 200, "FAILED": 500}
+HOP_BY_HOP = {"content-length", "transfer-encoding", "connection"}
+CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+NO_CACHE = {"Cache-Control": "no-cache; no-store, must-revalidate, private", "Pragma": "no-cache"}
+
+
+def json_response(body: object, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json", headers=headers)
+
+
+def error_response(error: ServingError) -> Response:
+    return json_response(error.body(), error.status_code)
+
+
+def request_properties(request_id: str) -> dict[str, str]:
+    """Headers become properties (as DJL); SageMaker custom attributes are exploded into them."""
+    props = dict(request.headers.items())
+    for pair in request.headers.get(CUSTOM_ATTRIBUTES, "").split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip():
+            props[key.strip()] = value.strip()
+    props["requestId"] = request_id
+    return props
+
+
+def check_json(body: bytes) -> None:
+    if request.mimetype in ("application/json", "application/jsonlines") and body.strip():
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            raise BadRequest(
+                f"Malformed JSON body: {exc}. Fix: send valid JSON, e.g. "
+                '{"inputs": "Hello", "parameters": {"max_new_tokens": 32}}.'
+            ) from None
+
+
+def build_request() -> msg.InferRequest:
+    request_id = (
+        request.headers.get("X-Amzn-SageMaker-Inference-Id")
+        or request.headers.get("x-request-id")
+        or uuid.uuid4().hex
+    )
+    body = request.get_data(cache=False)
+    check_json(body)
+    content = [(key, value.encode()) for key, value in request.args.items(multi=True)]
+    content.append(("data", body))
+    return msg.InferRequest(request_id, request_properties(request_id), content)
+
+
+def head_response(head: msg.InferResponse, request_id: str, body: bytes | Iterator[bytes]) -> Response:
+    headers = {k: v for k, v in head.properties.items() if k.lower() not in HOP_BY_HOP}
+    headers.setdefault("x-request-id", request_id)
+    headers.update(NO_CACHE)
+    response = Response(body, status=head.code, headers=headers)
+    if not any(k.lower() == "content-type" for k in headers):
+        response.mimetype = guess_mimetype(body)
+    return response
+
+
+def guess_mimetype(body: bytes | Iterator[bytes]) -> str:
+    if not isinstance(body, bytes):
+        return "application/octet-stream"
+    stripped = body.lstrip()[:1]
+    if stripped in (b"{", b"["):
+        return "application/json"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    return "text/plain"
+
+
+def relay(client: BrokerClient, infer: msg.InferRequest) -> Response:
+    events = client.events(infer)
+    kind, payload = next(events)
+    if kind == msg.ERR:
+        body = json.loads(payload)
+        return json_response(body, body["code"], {"x-request-id": infer.request_id})
+    head = msg.loads(payload)
+    if kind == msg.RESP:
+        return head_response(head, infer.request_id, head.body)
+    return head_response(head, infer.request_id, stream_body(client, infer.request_id, events))
+
+
+def stream_body(
+    client: BrokerClient, request_id: str, events: Iterator[tuple[bytes, bytes]]
+) -> Iterator[bytes]:
+    finished = False
+    try:
+        for kind, payload in events:
+            if kind == msg.CHUNK:
+                yield payload
+            elif kind == msg.ERR or (kind == msg.END and payload):
+                finished = True
+                log.error("Stream %s failed after the response started: %s", request_id, payload[:500])
+                yield json.dumps({"code": 500, "error": payload.decode(errors="replace")}).encode() + b"\n"
+            else:
+                finished = kind == msg.END
+    finally:
+        if not finished:
+            client.cancel(request_id)  # the client went away: free the model's work at once
+
+
+def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
+    app = Flask("lmi-serving")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_request_size
+
+    @app.get("/ping")
+    def ping() -> Response:
+        health = client.status()
+        models = health["models"]
+        worst = next((s["status"] for s in models.values() if s["status"] != "Healthy"), "Healthy")
+        return json_response(models, PING_STATUS.get(worst, 503))
+
+    @app.post("/invocations")
+    @app.post("/v1/chat/completions")
+    def invocations() -> Response:
+        name = request.args.get("model_name")
+        if name and name != config.model_name:
+            raise NotFound(f"Model {name!r} is not served here; this server serves {config.model_name!r}.")
+        return relay(client, build_request())
+
+    @app.post("/predictions/<model>")
+    @app.post("/predictions/<model>/<version>")
+    @app.post("/models/<model>/invoke")
+    def predictions(model: str, version: str | None = None) -> Response:
+        if model != config.model_name:
+            raise NotFound(f"Model {model!r} not found. Served models: [{config.model_name!r}].")
+        return relay(client, build_request())
+
+    @app.errorhandler(ServingError)
+    def on_serving_error(error: ServingError) -> Response:
+        log.warning("%s %s -> %d %s", request.method, request.path, error.status_code, error.message)
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def on_http_error(error: HTTPException) -> Response:
+        hints = {
+            404: f"Unknown route {request.path!r}. Routes: GET /ping, POST /invocations, "
+            f"POST /predictions/{config.model_name}.",
+            405: f"Method {request.method} is not allowed on {request.path}.",
+            413: f"Request body exceeds max_request_size={config.max_request_size} bytes. Fix: send a "
+            "smaller body or raise max_request_size (SAGEMAKER_MAX_PAYLOAD_IN_MB).",
+        }
+        code = error.code or 500
+        message = hints.get(code, error.description or error.name)
+        log.warning("%s %s -> %d %s", request.method, request.path, code, message)
+        return json_response({"code": code, "type": error.name.replace(" ", ""), "message": message}, code)
+
+    return app

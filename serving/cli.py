@@ -1,0 +1,56 @@
+"""Command-line entry points: ``lmi serve`` for people, ``serve`` for SageMaker-style containers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from serving.config import SAGEMAKER_MODEL_DIR, load_config
+from serving.errors import ConfigError
+
+log = logging.getLogger("serving.cli")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve(model_dir: str | None, host: str, port: int) -> int:
+    from serving.server import Server  # heavy-ish imports only when serving
+
+    try:
+        config = load_config(model_dir, os.environ, host=host, port=port)
+    except ConfigError as exc:
+        log.error("Invalid configuration: %s", exc)
+        return 2
+    return Server(config).run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmi", description="lmi-serving: DJL/LMI-compatible model server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model folder (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--model-dir", help="folder with serving.properties, model.py and/or weights")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-level", default=os.environ.get("SERVING_LOG_LEVEL", "info"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    if args.command == "serve":
+        sys.exit(_serve(args.model_dir, args.host, args.port))
+
+
+def sagemaker_serve() -> None:
+    """The container entry: bind 0.0.0.0 on SAGEMAKER_BIND_TO_PORT (8080) and read /opt/ml/model."""
+    _setup_logging(os.environ.get("SERVING_LOG_LEVEL", "info"))
+    model_dir = os.environ.get("SM_MODEL_DIR", SAGEMAKER_MODEL_DIR)
+    if not os.path.isdir(model_dir) or not os.listdir(model_dir):
+        model_dir = None  # nothing mounted: HF_MODEL_ID / OPTION_MODEL_ID or the default model
+    port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
+    sys.exit(_serve(model_dir, "0.0.0.0", port))  # noqa: S104 - the container must listen externally

@@ -1,0 +1,79 @@
+"""The one place where failures are given an HTTP status and a user-facing message."""
+
+from __future__ import annotations
+
+import json
+
+
+class ServingError(Exception):
+    """An error with an HTTP status and a message that tells the client what to do."""
+
+    status_code = 500
+    error_type = "InternalServerError"
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+
+    def body(self) -> dict:
+        return {"code": self.status_code, "type": self.error_type, "message": self.message}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+class ConfigError(ServingError):
+    """Start-up configuration is invalid; the server refuses to start."""
+
+    error_type = "ConfigError"
+
+
+class BadRequest(ServingError):
+    status_code = 400
+    error_type = "BadRequestException"
+
+
+class NotFound(ServingError):
+    status_code = 404
+    error_type = "ResourceNotFoundException"
+
+
+class MethodNotAllowed(ServingError):
+    status_code = 405
+    error_type = "MethodNotAllowedException"
+
+
+class PayloadTooLarge(ServingError):
+    status_code = 413
+    error_type = "PayloadTooLarge"
+
+
+class QueueFull(ServingError):
+    """The bounded job queue is full: refuse at once rather than queue without limit."""
+
+    status_code = 503
+    error_type = "WlmCapacityException"
+
+
+class ModelNotReady(ServingError):
+    status_code = 503
+    error_type = "ModelNotReadyException"
+
+
+class WorkerDied(ServingError):
+    """The model worker process died while holding this request."""
+
+    status_code = 500
+    error_type = "WorkerDiedException"
+
+
+class PredictTimeout(ServingError):
+    status_code = 504
+    error_type = "PredictTimeoutException"
+
+
+class ShuttingDown(ServingError):
+    status_code = 503
+    error_type = "WlmShutdownException"

@@ -1,0 +1,67 @@
+"""The HTTP front process: gunicorn serving the Flask app, talking to the broker over zmq.
+
+Started by serving.server as ``python -m serving.http_main RUNTIME_DIR``; it reads the frozen
+config the parent wrote there, so the front never parses properties itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from gunicorn.app.base import BaseApplication
+
+from serving.app import create_app
+from serving.client import BrokerClient
+from serving.config import ServingConfig
+
+DRAIN_TIMEOUT_S = 25
+
+
+class HttpServer(BaseApplication):
+    def __init__(self, config: ServingConfig, front_address: str) -> None:
+        self.config_obj = config
+        self.front_address = front_address
+        super().__init__()
+
+    def load_config(self) -> None:
+        cfg = self.config_obj
+        settings = {
+            "bind": f"{cfg.host}:{cfg.port}",
+            "workers": cfg.http_workers,
+            "threads": cfg.http_threads,
+            "worker_class": "gthread",
+            "graceful_timeout": DRAIN_TIMEOUT_S,
+            "timeout": 0,
+            "keepalive": 75,
+            "backlog": 2048,
+            "loglevel": "warning",
+            "proc_name": "lmi-http",
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):  # noqa: ANN201 - gunicorn's WSGI callable
+        # A generous client-side timeout: the broker enforces predict_timeout itself; this only
+        # guards against the broker disappearing.
+        client = BrokerClient(self.front_address, reply_timeout_s=2 * self.config_obj.predict_timeout_s + 30)
+        return create_app(self.config_obj, client)
+
+
+def read_config(runtime_dir: str) -> ServingConfig:
+    with open(os.path.join(runtime_dir, "config.json"), encoding="utf-8") as fh:
+        data = json.load(fh)
+    if data.get("safe_port_range"):
+        data["safe_port_range"] = tuple(data["safe_port_range"])
+    return ServingConfig(**data)
+
+
+def main() -> None:
+    runtime_dir = sys.argv[1]
+    config = read_config(runtime_dir)
+    HttpServer(config, f"ipc://{runtime_dir}/front.sock").run()
+
+
+if __name__ == "__main__":
+    main()

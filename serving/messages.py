@@ -1,0 +1,58 @@
+"""Plain data crossing the HTTP-front ↔ broker ↔ model-worker boundaries, and their zmq framing.
+
+All three endpoints are processes of this server on the same host, talking over Unix sockets in a
+private 0700 folder, so pickle is an acceptable codec here.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+
+# Frame kinds (first zmq frame after any routing identity).
+REQ = b"req"  # front → broker → worker: an InferRequest (worker receives a list as BATCH)
+BATCH = b"batch"
+CANCEL = b"cancel"  # front → broker → worker: request id
+STATUS = b"status"  # front ↔ broker: health snapshot as JSON
+RESP = b"resp"  # worker → broker → front: request id, a complete InferResponse
+START = b"start"  # streaming head: request id, InferResponse with an empty body
+CHUNK = b"chunk"  # streaming body part: request id, bytes
+END = b"end"  # stream finished: request id, b"" or an error message
+ERR = b"err"  # broker → front: request id, ServingError body as JSON
+READY = b"ready"  # worker → broker: model loaded
+LOAD_FAILED = b"loadfail"  # worker → broker: model failed to load, with the reason
+DONE = b"done"  # worker → broker: the current batch is finished, worker is idle
+
+TERMINAL = (RESP, END, ERR)
+
+
+@dataclass
+class InferRequest:
+    """One HTTP request as the handler will see it (DJL Input: properties + content pairs)."""
+
+    request_id: str
+    properties: dict[str, str]
+    content: list[tuple[str, bytes]]
+
+
+@dataclass
+class InferResponse:
+    """One handler result for one request (DJL Output flattened to what HTTP needs)."""
+
+    code: int = 200
+    message: str = "OK"
+    properties: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+def dumps(obj: object) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes) -> object:
+    return pickle.loads(data)  # noqa: S301 - only our own processes write these sockets
+
+
+def error_payload(status: int, error_type: str, message: str) -> bytes:
+    return json.dumps({"code": status, "type": error_type, "message": message}).encode()

@@ -1,0 +1,80 @@
+"""Model worker processes: spawn, watch and stop them. The model never runs in the HTTP process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("serving.workers")
+
+STARTING, READY, BUSY, DEAD = "starting", "ready", "busy", "dead"
+
+
+@dataclass
+class WorkerSlot:
+    """One model replica and what the broker knows about it."""
+
+    index: int
+    generation: int = 0
+    process: subprocess.Popen | None = None
+    state: str = DEAD
+    started_at: float = 0.0
+    batch: list[str] = field(default_factory=list)
+    batch_started: float = 0.0
+    overdue_since: float | None = None
+    load_error: str | None = None
+
+    @property
+    def identity(self) -> bytes:
+        return f"w{self.index}.{self.generation}".encode()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self, spec_path: str, backend_address: str) -> None:
+        self.generation += 1
+        cmd = [
+            sys.executable,
+            "-m",
+            "handlers.worker",
+            "--spec",
+            spec_path,
+            "--address",
+            backend_address,
+            "--identity",
+            self.identity.decode(),
+        ]
+        env = dict(os.environ)
+        env["LMI_WORKER_INDEX"] = str(self.index)
+        self.process = subprocess.Popen(cmd, env=env, start_new_session=True)
+        self.state, self.started_at = STARTING, time.monotonic()
+        self.batch, self.overdue_since = [], None
+        log.info("Started model worker %d (pid %d)", self.index, self.process.pid)
+
+    def exit_code(self) -> int | None:
+        """None while running (or never started)."""
+        return None if self.process is None else self.process.poll()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.state = DEAD
+
+    def stop(self, timeout_s: float) -> None:
+        """Ask politely, then kill: the worker may be inside a long forward pass."""
+        if self.process is None or self.process.poll() is not None:
+            self.state = DEAD
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.state = DEAD
