@@ -7,6 +7,7 @@ config the parent wrote there, so the front never parses properties itself.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -60,6 +61,8 @@ def read_config(runtime_dir: str) -> ServingConfig:
 def main() -> None:
     runtime_dir = sys.argv[1]
     config = read_config(runtime_dir)
+    level = os.environ.get("SERVING_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [http] %(name)s: %(message)s")
     HttpServer(config, f"ipc://{runtime_dir}/front.sock").run()
 
 
