@@ -50,33 +50,55 @@ class HandlerService:
         module = loader.load_entry_point(entry)
         name = self.properties.get("handler", "handle")
         if callable(getattr(module, "create_handler", None)):
-            handler = module.create_handler(self.properties)
-            self._handle_batch = handler.handle_batch
-            return
-        if callable(getattr(module, name, None)):
+            self._handle_batch = module.create_handler(self.properties).handle_batch
+        elif callable(getattr(module, name, None)):
             self._handle = getattr(module, name)
-            warmup = Input()
-            warmup.properties.update(self.properties)
-            self._handle(warmup)
-            return
-        if is_sagemaker_module(module):
+            self._warm_up()
+        elif is_sagemaker_module(module):
             self._handle = SageMakerHandler(module, self.model_dir).handle
-            return
-        raise loader.HandlerLoadError(
-            f"{entry} defines neither {name}(inputs) nor SageMaker-style model_fn/transform_fn. "
-            "Fix: add `def handle(inputs: Input) -> Output` "
-            "(see properties_examples/custom-handler/model.py)."
-        )
+        elif entry != loader.BUILTIN_ENTRY_POINT and loader.has_builtin_model(
+            self.model_dir, self.properties
+        ):
+            log.warning(
+                "%s defines no %s(inputs); falling back to the built-in handler (as DJL)", entry, name
+            )
+            self._handle_batch = (
+                loader.load_entry_point(loader.BUILTIN_ENTRY_POINT)
+                .create_handler(self.properties)
+                .handle_batch
+            )
+        else:
+            raise loader.HandlerLoadError(
+                f"{entry} defines neither {name}(inputs) nor SageMaker-style model_fn/transform_fn. "
+                "Fix: add `def handle(inputs: Input) -> Output` "
+                "(see properties_examples/custom-handler/model.py)."
+            )
+
+    def _warm_up(self) -> None:
+        """DJL's initialisation call: an empty Input carrying the init properties; >= 300 fails the load."""
+        assert self._handle is not None
+        warmup = Input()
+        warmup.properties.update(self.properties)
+        warmup.properties.setdefault("handler", self.properties.get("handler", "handle"))
+        result = self._handle(warmup)
+        if isinstance(result, Output) and result.code >= 300:
+            body = result.content.get("data")
+            detail = body.decode(errors="replace") if isinstance(body, bytes) else result.message
+            raise loader.HandlerLoadError(f"The initialisation call returned {result.code}: {detail}")
 
     def handle_batch(self, inputs: list[Input]) -> list[Output]:
         """One Output per Input, whatever the handler does (raise, return None, miscount)."""
-        if self._handle_batch is not None:
-            try:
-                return self._handle_batch(inputs)
-            except Exception as exc:  # the worker boundary: classify, never crash
-                log.exception("Handler failed")
-                return [error_output(exc) for _ in inputs]
-        return self._handle_djl(inputs)
+        if self._handle_batch is None:
+            return self._handle_djl(inputs)
+        try:
+            outputs = self._handle_batch(inputs)
+        except Exception as exc:  # the worker boundary: classify, never crash
+            log.exception("Handler failed")
+            return [error_output(exc) for _ in inputs]
+        if len(outputs) != len(inputs):
+            message = f"Batch output size mismatch, expected: {len(inputs)}, actual: {len(outputs)}"
+            return [Output().error(message, code=500, message="handler bug") for _ in inputs]
+        return outputs
 
     def _handle_djl(self, inputs: list[Input]) -> list[Output]:
         assert self._handle is not None, "initialize() must run before handle_batch()"

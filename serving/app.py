@@ -43,9 +43,13 @@ def request_properties(request_id: str) -> dict[str, str]:
 
 
 def check_json(body: bytes) -> None:
-    if request.mimetype in ("application/json", "application/jsonlines") and body.strip():
+    if request.mimetype not in ("application/json", "application/jsonlines") or not body.strip():
+        return
+    documents = [body] if request.mimetype == "application/json" else body.splitlines()
+    for document in documents:
         try:
-            json.loads(body)
+            if document.strip():
+                json.loads(document)
         except ValueError as exc:
             raise BadRequest(
                 f"Malformed JSON body: {exc}. Fix: send valid JSON, e.g. "
@@ -164,6 +168,8 @@ def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
         code = error.code or 500
         message = hints.get(code, error.description or error.name)
         log.warning("%s %s -> %d %s", request.method, request.path, code, message)
-        return json_response({"code": code, "type": error.name.replace(" ", ""), "message": message}, code)
+        allow = dict(error.get_headers()).get("Allow")
+        body = {"code": code, "type": error.name.replace(" ", ""), "message": message}
+        return json_response(body, code, {"Allow": allow} if allow else None)
 
     return app

@@ -52,7 +52,7 @@ class BatchQueue(Generic[T]):
         if len(self._items) >= self.batch_size:
             return True
         oldest = self._items[0]
-        return not oldest.arrived_while_busy or now - oldest.arrived >= self.max_batch_delay_s
+        return not oldest.arrived_while_busy or now >= oldest.arrived + self.max_batch_delay_s
 
     def next_deadline(self) -> float | None:
         """When the oldest held request must go even if the batch is not full."""

@@ -63,7 +63,7 @@ class Broker:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         for slot in self.slots:
-            slot.start(self.spec_path, self.back_address)
+            slot.start(self.spec_path, self.back_address, self.config.worker_env())
         self._thread = threading.Thread(target=self._run, name="broker", daemon=True)
         self._thread.start()
 
@@ -226,7 +226,7 @@ class Broker:
         elif was_loading and not self.ever_ready:
             self._fail(f"model worker exited with code {code} while loading; see the log above")
         elif not self._stop.is_set():
-            slot.start(self.spec_path, self.back_address)
+            slot.start(self.spec_path, self.back_address, self.config.worker_env())
 
     def _check_overdue(self, slot: WorkerSlot, now: float) -> None:
         timeout = self.config.predict_timeout_s
@@ -243,7 +243,7 @@ class Broker:
             log.error("Model worker %d is stuck past its timeout; restarting it", slot.index)
             slot.kill()
             self.crashes += 1
-            slot.start(self.spec_path, self.back_address)
+            slot.start(self.spec_path, self.back_address, self.config.worker_env())
 
     def _expire(self, now: float) -> None:
         for pending in self.queue.remove(lambda p: p.deadline < now):

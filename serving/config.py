@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ValueError
     return value
 
@@ -47,6 +48,16 @@ def _boolean(text: str) -> bool:
     if lowered in ("false", "0", "no"):
         return False
     raise ValueError
+
+
+ROLLING_BATCH_CHOICES = ("auto", "lmi-dist", "scheduler", "vllm", "trtllm", "disable")
+
+
+def _rolling_batch(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ROLLING_BATCH_CHOICES:
+        raise ValueError
+    return value
 
 
 def _port_range(text: str) -> tuple[int, int]:
@@ -78,13 +89,16 @@ SPECS: dict[str, Spec] = {
     "max_request_size": Spec(("max_request_size",), _positive_int, "bytes, a positive integer"),
     "http_threads": Spec(("http_threads",), _positive_int, "a positive integer"),
     "http_workers": Spec(("http_workers",), _positive_int, "a positive integer"),
-    "rolling_batch": Spec(("option.rolling_batch",), str.lower, "auto, lmi-dist, scheduler or disable"),
+    "rolling_batch": Spec(
+        ("option.rolling_batch",), _rolling_batch, "one of " + ", ".join(ROLLING_BATCH_CHOICES)
+    ),
     "fail_fast": Spec(("fail_fast",), _boolean, "true or false"),
     "safe_port_range": Spec(("sagemaker_safe_port_range",), _port_range, "a range like 20000-20999"),
 }
 
 KNOWN_SERVER_KEYS = {k for spec in SPECS.values() for k in spec.keys} | {
     "engine",
+    "model_name",
     "load_on_devices",
     "max_idle_time",
     "gpu.minWorkers",
@@ -181,10 +195,16 @@ class ServingConfig:
     def num_workers(self) -> int:
         return max(self.min_workers, 1)
 
+    def worker_env(self) -> dict[str, str]:
+        """option.env=K=V,K2=V2: extra environment for the model worker processes."""
+        pairs = (item.partition("=") for item in self.options.get("env", "").split(","))
+        return {k.strip(): v.strip() for k, sep, v in pairs if sep and k.strip()}
+
     def handler_properties(self) -> dict[str, str]:
         """The init properties DJL gives handle(): options without prefix, model keys, model_dir."""
         props = dict(self.model_properties)
         props.update(self.options)
+        props.pop("env", None)  # applied to the worker's environment instead (worker_env)
         if self.model_dir:
             props["model_dir"] = self.model_dir
         return props
@@ -226,10 +246,6 @@ def _typed_values(props: Properties) -> dict[str, Any]:
 
 
 def _validate(values: dict[str, Any]) -> None:
-    rolling = values.get("rolling_batch", "disable")
-    allowed = ("auto", "lmi-dist", "scheduler", "disable")
-    if rolling not in allowed:
-        raise ConfigError(f"Invalid value {rolling!r} for option.rolling_batch: expected one of {allowed}.")
     lo, hi = values.get("min_workers", 1), values.get("max_workers", values.get("min_workers", 1))
     if lo > hi:
         raise ConfigError(

@@ -126,7 +126,7 @@ def env_option_key(env_name: str) -> str:
 
 
 def load_properties(model_dir: str | None, environ: Mapping[str, str]) -> Properties:
-    """File values first; OPTION_*, aliases and SERVING_* only fill what the file left unset."""
+    """File values first; then OPTION_*, SERVING_*, and TGI/SageMaker aliases fill only what is unset."""
     props = Properties()
     path = os.path.join(model_dir, "serving.properties") if model_dir else None
     if path and os.path.isfile(path):
@@ -136,6 +136,9 @@ def load_properties(model_dir: str | None, environ: Mapping[str, str]) -> Proper
     for name in sorted(environ):
         if name.startswith("OPTION_") and len(name) > len("OPTION_"):
             props.set_default(env_option_key(name), environ[name], f"environment variable {name}")
+    for name in sorted(environ):
+        if name.startswith("SERVING_") and len(name) > len("SERVING_"):
+            props.set_default(name[len("SERVING_") :].lower(), environ[name], f"environment variable {name}")
     for name, key in _ENV_ALIASES.items():
         if name in environ:
             props.set_default(key, environ[name], f"environment variable {name}")
@@ -143,9 +146,6 @@ def load_properties(model_dir: str | None, environ: Mapping[str, str]) -> Proper
         mb = environ["SAGEMAKER_MAX_PAYLOAD_IN_MB"]
         value = str(int(float(mb) * 1024 * 1024)) if _is_number(mb) else mb
         props.set_default("max_request_size", value, "environment variable SAGEMAKER_MAX_PAYLOAD_IN_MB")
-    for name in sorted(environ):
-        if name.startswith("SERVING_") and len(name) > len("SERVING_"):
-            props.set_default(name[len("SERVING_") :].lower(), environ[name], f"environment variable {name}")
     workers = environ.get("SAGEMAKER_NUM_MODEL_WORKERS", "")
     if workers:
         for key in ("minWorkers", "maxWorkers"):

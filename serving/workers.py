@@ -37,7 +37,7 @@ class WorkerSlot:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def start(self, spec_path: str, backend_address: str) -> None:
+    def start(self, spec_path: str, backend_address: str, extra_env: dict[str, str] | None = None) -> None:
         self.generation += 1
         cmd = [
             sys.executable,
@@ -51,6 +51,7 @@ class WorkerSlot:
             self.identity.decode(),
         ]
         env = dict(os.environ)
+        env.update(extra_env or {})
         env["LMI_WORKER_INDEX"] = str(self.index)
         self.process = subprocess.Popen(cmd, env=env, start_new_session=True)
         self.state, self.started_at = STARTING, time.monotonic()

@@ -129,7 +129,7 @@ class HuggingFaceHandler:
 
 def create_handler(properties: dict[str, str]) -> HuggingFaceHandler:
     config = engine_config(properties)
-    return HuggingFaceHandler(create_engine(properties.get("engine_impl", "hf"), config))
+    return HuggingFaceHandler(create_engine("hf", config))
 
 
 _handler: HuggingFaceHandler | None = None

@@ -1,0 +1,255 @@
+"""Decide what `EngineConfig.model_path` holds and load it: safetensors, GGUF, or opt-in pickle weights.
+
+Pickle checkpoints (.bin/.pt/.pth) are refused unless explicitly allowed because unpickling can run
+arbitrary code; safetensors and GGUF cannot.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engines.base import EngineConfig, EngineLoadError
+from engines.hf.tasks import TaskSpec, canonical_task, get_task
+
+logger = logging.getLogger("engines.hf")
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+STANDARD_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TRAINER_ARTIFACTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+ARCHITECTURE_SUFFIXES = (
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForSeq2SeqLM", "text2text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForMaskedLM", "fill-mask"),
+    ("Model", "feature-extraction"),
+)
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "albert", "deberta", "deberta-v2",
+     "camembert", "modernbert", "nomic_bert"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the weights are and in which format ("safetensors", "gguf" or "pickle")."""
+
+    directory: Path
+    format: str
+    file: str | None = None
+    """The .gguf file, or a pickle file not named like transformers' own."""
+
+    def describe(self) -> str:
+        return f"{self.format} checkpoint {self.directory / (self.file or '')}"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """Everything a task runner needs."""
+
+    model: Any
+    tokenizer: Any
+    task: str
+    dtype: torch.dtype
+    checkpoint: Checkpoint
+    config: EngineConfig
+
+
+def load(config: EngineConfig) -> LoadedModel:
+    """Resolve the checkpoint, task and dtype from `config`, then load the model and tokenizer."""
+    checkpoint = resolve_checkpoint(config)
+    hf_config = _load_hf_config(checkpoint, config)
+    task = resolve_task(config.task, hf_config, checkpoint)
+    dtype = resolve_dtype(config.dtype, hf_config, config.device)
+    model = load_model(get_task(task), checkpoint, config, dtype, hf_config)
+    tokenizer = load_tokenizer(checkpoint, config)
+    return LoadedModel(model, tokenizer, task, dtype, checkpoint, config)
+
+
+def resolve_checkpoint(config: EngineConfig) -> Checkpoint:
+    """Pick the weights in `config.model_path`, preferring safetensors, then GGUF, then (opt-in) pickle."""
+    path = Path(config.model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return Checkpoint(path.parent, "gguf", path.name)
+    if not path.is_dir():
+        raise EngineLoadError(f"Model path {str(path)!r} does not exist or is not a folder.")
+    if config.gguf_file:
+        if not (path / config.gguf_file).is_file():
+            raise EngineLoadError(f"option.gguf_file {config.gguf_file!r} is not a file in {path}.")
+        return Checkpoint(path, "gguf", config.gguf_file)
+    has_config = (path / "config.json").is_file()
+    if has_config and any(path.glob("*.safetensors")):
+        return Checkpoint(path, "safetensors")
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise EngineLoadError(f"{path} holds several GGUF files {ggufs}; choose one with option.gguf_file.")
+    if ggufs:
+        return Checkpoint(path, "gguf", ggufs[0])
+    pickles = sorted(
+        p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES + (".bin.index.json",))
+    )
+    if has_config and pickles:
+        return _pickle_checkpoint(path, pickles, config.allow_unsafe_weights)
+    found = sorted(p.name for p in path.iterdir())[:20]
+    raise EngineLoadError(
+        f"No loadable model in {path}: looked for config.json with *.safetensors weights, a *.gguf file, "
+        f"or config.json with *.bin/*.pt/*.pth weights (needs option.allow_unsafe_weights=true). "
+        f"Found: {found or 'an empty folder'}."
+    )
+
+
+def _pickle_checkpoint(path: Path, names: list[str], allowed: bool) -> Checkpoint:
+    if not allowed:
+        raise EngineLoadError(
+            f"{path} only has pickle checkpoints ({', '.join(names)}). Pickle checkpoints can execute "
+            "arbitrary code when loaded, so they are refused unless option.allow_unsafe_weights=true; "
+            "prefer converting them to safetensors."
+        )
+    if any(name in STANDARD_PICKLES for name in names):
+        return Checkpoint(path, "pickle")
+    weights = [name for name in names if not name.startswith(TRAINER_ARTIFACTS)]
+    if len(weights) != 1:
+        raise EngineLoadError(
+            f"Cannot tell which pickle file in {path} holds the weights: {weights or names}."
+        )
+    return Checkpoint(path, "pickle", weights[0])
+
+
+def _load_hf_config(checkpoint: Checkpoint, config: EngineConfig) -> Any:
+    from transformers import AutoConfig
+
+    kwargs = _common_kwargs(checkpoint, config)
+    try:
+        return AutoConfig.from_pretrained(str(checkpoint.directory), **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise EngineLoadError(f"Cannot read the model config of {checkpoint.describe()}: {error}") from error
+
+
+def _common_kwargs(checkpoint: Checkpoint, config: EngineConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code, "revision": config.revision}
+    if checkpoint.format == "gguf":
+        kwargs["gguf_file"] = checkpoint.file
+    return kwargs
+
+
+def resolve_dtype(name: str, hf_config: Any, device: str = "cpu") -> torch.dtype:
+    """The torch dtype for option.dtype; "auto" keeps the checkpoint's, except fp16 becomes fp32 on CPU."""
+    key = (name or "auto").strip().lower()
+    if key != "auto":
+        if key not in DTYPES:
+            allowed = ", ".join([*DTYPES, "auto"])
+            raise EngineLoadError(f"Unsupported option.dtype {name!r}; allowed values: {allowed}.")
+        return DTYPES[key]
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
+        return torch.float32
+    if stored == torch.float16 and device == "cpu":
+        return torch.float32
+    return stored
+
+
+def resolve_task(task: str | None, hf_config: Any, checkpoint: Checkpoint) -> str:
+    """The configured task (aliases resolved and validated), else one inferred from the architecture."""
+    if task:
+        name = canonical_task(task)
+        get_task(name)
+        return name
+    return infer_task(hf_config, checkpoint)
+
+
+def infer_task(hf_config: Any, checkpoint: Checkpoint) -> str:
+    """Task from sentence-transformers files, then `architectures`, then `model_type`."""
+    if (checkpoint.directory / "modules.json").is_file():
+        return "feature-extraction"
+    for architecture in getattr(hf_config, "architectures", None) or []:
+        task = _task_for_architecture(architecture, hf_config)
+        if task:
+            return task
+    model_type = getattr(hf_config, "model_type", None)
+    if getattr(hf_config, "is_encoder_decoder", False):
+        return "text2text-generation"
+    if model_type in ENCODER_MODEL_TYPES:
+        return "feature-extraction"
+    if checkpoint.format == "gguf":
+        return "text-generation"
+    raise EngineLoadError(
+        f"Cannot infer the task of {checkpoint.describe()} (architectures="
+        f"{getattr(hf_config, 'architectures', None)}, model_type={model_type!r}); set option.task."
+    )
+
+
+def _task_for_architecture(architecture: str, hf_config: Any) -> str | None:
+    if architecture.endswith("ForConditionalGeneration"):
+        return "text2text-generation" if getattr(hf_config, "is_encoder_decoder", False) else None
+    for suffix, task in ARCHITECTURE_SUFFIXES:
+        if architecture.endswith(suffix):
+            return task
+    return None
+
+
+def load_model(
+    spec: TaskSpec, checkpoint: Checkpoint, config: EngineConfig, dtype: torch.dtype, hf_config: Any
+) -> Any:
+    """Load the model with the task's Auto class, in `dtype`, on `config.device`, in eval mode."""
+    import transformers
+
+    auto_class = getattr(transformers, spec.auto_class)
+    try:
+        if checkpoint.format == "pickle" and checkpoint.file:
+            model = _load_pickle_file(auto_class, checkpoint, config, dtype, hf_config)
+        else:
+            kwargs = _common_kwargs(checkpoint, config)
+            if checkpoint.format != "gguf":
+                kwargs["use_safetensors"] = checkpoint.format == "safetensors"
+            model = auto_class.from_pretrained(str(checkpoint.directory), dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise EngineLoadError(f"Cannot load {checkpoint.describe()} as {spec.auto_class}: {error}") from error
+    if config.device != "cpu":
+        model.to(config.device)
+    return model.eval()
+
+
+def _load_pickle_file(
+    auto_class: Any, checkpoint: Checkpoint, config: EngineConfig, dtype: torch.dtype, hf_config: Any
+) -> Any:
+    """A state dict saved under a custom name (e.g. model.pt): build from config.json, then fill it."""
+    model = auto_class.from_config(hf_config, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    state = torch.load(checkpoint.directory / str(checkpoint.file), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    if result.missing_keys or result.unexpected_keys:
+        logger.warning(
+            "%s: %d missing and %d unexpected weights (missing: %s)",
+            checkpoint.describe(),
+            len(result.missing_keys),
+            len(result.unexpected_keys),
+            result.missing_keys[:5],
+        )
+    return model
+
+
+def load_tokenizer(checkpoint: Checkpoint, config: EngineConfig) -> Any:
+    """The tokenizer stored with the checkpoint (inside the GGUF file for GGUF models)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(checkpoint.directory), **_common_kwargs(checkpoint, config))
+    except (OSError, ValueError, KeyError) as error:
+        raise EngineLoadError(f"Cannot load the tokenizer of {checkpoint.describe()}: {error}") from error
