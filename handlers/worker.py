@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 
 import zmq
@@ -57,7 +58,9 @@ class Worker:
 
     def run_batch(self, requests: list[msg.InferRequest]) -> None:
         self.cancelled.clear()
+        started = time.perf_counter()
         outputs = self.service.handle_batch([to_input(r) for r in requests])
+        log.debug("batch of %d in %.1f ms", len(requests), (time.perf_counter() - started) * 1000)
         for request, output in zip(requests, outputs, strict=True):
             if output.stream_content is not None:
                 self.stream(request.request_id, output)

@@ -105,7 +105,7 @@ class Broker:
 
     def _poll_timeout_ms(self) -> int:
         deadline = self.queue.next_deadline()
-        if deadline is None or not self.queue.ready(deadline):
+        if deadline is None:
             return 50
         return max(0, min(50, int((deadline - time.monotonic()) * 1000) + 1))
 
@@ -140,8 +140,7 @@ class Broker:
             )
             self._reply_error(front, request.request_id, error)
         else:
-            idle = any(s.state == READY for s in self.slots)
-            self.queue.add(Pending(front, request, now + self.config.predict_timeout_s), now, idle)
+            self.queue.add(Pending(front, request, now + self.config.predict_timeout_s), now)
             self._dispatch(now)
 
     def _cancel(self, request_id: str) -> None:
@@ -164,6 +163,7 @@ class Broker:
             log.info("Model worker %d ready in %.1f s", slot.index, time.monotonic() - slot.started_at)
         elif kind == msg.DONE:
             slot.state, slot.batch, slot.overdue_since = READY, [], None
+            self.queue.batch_done(time.monotonic())
         else:
             self._relay(kind, frames[2].decode(), frames[3])
 
@@ -176,14 +176,16 @@ class Broker:
         self.front.send_multipart([inflight.front, kind, request_id.encode(), payload])
 
     def _dispatch(self, now: float) -> None:
+        any_busy = any(s.state == BUSY for s in self.slots)
         for slot in self.slots:
-            if slot.state != READY or not self.queue.ready(now):
+            if slot.state != READY or not self.queue.ready(now, any_busy):
                 continue
             batch = self.queue.take()
             slot.state, slot.batch, slot.batch_started = BUSY, [p.request.request_id for p in batch], now
             for pending in batch:
                 self.inflight[pending.request.request_id] = Inflight(pending.front, slot.index)
             self.back.send_multipart([slot.identity, msg.BATCH, msg.dumps([p.request for p in batch])])
+            any_busy = True
 
     # ---- failures and timeouts -------------------------------------------------------------
     def _fail_inflight(self, slot: WorkerSlot, error: ServingError) -> None:

@@ -51,6 +51,9 @@ class WorkerSlot:
             self.identity.decode(),
         ]
         env = dict(os.environ)
+        # Spinning OpenMP threads starve the HTTP front and broker on small machines and turn a
+        # 50 ms batch into 500 ms; sleep-waiting costs far less than it saves (see the README).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update(extra_env or {})
         env["LMI_WORKER_INDEX"] = str(self.index)
         self.process = subprocess.Popen(cmd, env=env, start_new_session=True)

@@ -130,7 +130,9 @@ class HuggingFaceHandler:
     def _format(self, results: list[Any], is_list: bool) -> Output:
         task = self.engine.task
         value: Any = results if is_list or task == "feature-extraction" else results[0]
-        return Output().add_as_json(value).add_property("Content-Type", "application/json")
+        # Compact JSON through the C encoder: DJL's indented add_as_json is ~10x slower on vectors.
+        body = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return Output().add(body).add_property("Content-Type", "application/json")
 
 
 def create_handler(properties: dict[str, str]) -> HuggingFaceHandler:

@@ -7,150 +7,143 @@ import pytest
 from serving.batching import BatchQueue
 
 
-def make_queue(batch_size: int = 4, delay_s: float = 0.1, capacity: int = 100) -> BatchQueue[str]:
+def make_queue(batch_size: int = 4, delay_s: float = 0.125, capacity: int = 100) -> BatchQueue[str]:
     return BatchQueue(batch_size=batch_size, max_batch_delay_s=delay_s, capacity=capacity)
+
+
+def fill(queue: BatchQueue, items: str, now: float) -> None:
+    for item in items:
+        queue.add(item, now=now)
 
 
 def test_empty_queue_is_never_ready_and_has_no_deadline():
     queue = make_queue()
-    assert len(queue) == 0
     assert not queue.ready(0.0)
-    assert not queue.ready(1e9)
+    assert not queue.ready(1e9, any_busy=True)
     assert queue.next_deadline() is None
     assert queue.take() == []
 
 
-def test_lone_request_with_an_idle_worker_is_ready_at_once():
+def test_lone_request_without_recent_load_goes_at_once():
     queue = make_queue(batch_size=8, delay_s=10.0)
-    queue.add("a", now=5.0, any_worker_idle=True)
+    queue.add("a", now=5.0)
     assert queue.ready(5.0)
     assert queue.take() == ["a"]
-    assert len(queue) == 0
 
 
-def test_requests_arriving_while_busy_wait_for_the_delay():
-    # Binary-exact times, so this test is about the policy and not about float rounding.
-    queue = make_queue(batch_size=4, delay_s=0.125)
-    queue.add("a", now=10.0, any_worker_idle=False)
-    queue.add("b", now=10.0625, any_worker_idle=False)
-    assert not queue.ready(10.0)
-    assert not queue.ready(10.1)
-    assert queue.next_deadline() == 10.125
-    assert queue.ready(10.125)
-    assert queue.ready(11.0)
-    assert queue.take() == ["a", "b"]
+def test_requests_held_while_another_worker_is_busy_wait_for_the_last_batch_size():
+    queue = make_queue(batch_size=8, delay_s=0.125)
+    fill(queue, "abcd", now=0.0)
+    assert queue.take() == ["a", "b", "c", "d"]  # a wave of 4
+    fill(queue, "ef", now=0.5)
+    assert not queue.ready(0.5, any_busy=True)  # 2 < 4 expected while the wave is on
+    fill(queue, "gh", now=0.5625)
+    assert queue.ready(0.5625, any_busy=True)
+    assert queue.take() == ["e", "f", "g", "h"]
+
+
+def test_held_requests_go_at_the_delay_even_if_the_wave_is_short():
+    queue = make_queue(batch_size=8, delay_s=0.125)
+    fill(queue, "abcd", now=0.0)
+    queue.take()
+    queue.batch_done(1.0)
+    queue.add("e", now=1.0)
+    assert not queue.ready(1.0)
+    assert queue.next_deadline() == 1.125
+    assert queue.ready(1.125)
+
+
+def test_wave_ends_after_an_idle_gap_longer_than_the_delay():
+    queue = make_queue(batch_size=8, delay_s=0.125)
+    fill(queue, "abcd", now=0.0)
+    queue.take()
+    queue.batch_done(1.0)
+    queue.add("e", now=1.5)  # arrived long after the last batch finished: nobody else is coming
+    assert queue.ready(1.5)
+
+
+def test_closed_loop_fleet_converges_to_full_batches():
+    # 16 clients that each resend 0.5 ms apart after their answers; a policy that dispatches the
+    # first arrival alone settles into alternating batches of 1 and 15.
+    queue = make_queue(batch_size=16, delay_s=0.01)
+    arrivals = [i * 0.0005 for i in range(16)]
+    now, sizes = 0.0, []
+    for _ in range(8):
+        while not queue.ready(now):
+            while arrivals and arrivals[0] <= now:
+                queue.add("r", now=arrivals.pop(0))
+            if not queue.ready(now):
+                now += 0.00025
+        batch = queue.take()
+        sizes.append(len(batch))
+        now += 0.05  # the forward pass
+        queue.batch_done(now)
+        arrivals = sorted(arrivals + [now + i * 0.0005 for i in range(len(batch))])
+    assert sizes[-3:] == [16, 16, 16], sizes
 
 
 @pytest.mark.parametrize("arrived", [10.0, 1234.567, 98765.4321])
 def test_held_batch_is_ready_at_its_own_next_deadline(arrived: float):
-    # serving/broker.py (_poll_timeout_ms) calls ready(next_deadline()) and expects True; with
-    # max_batch_delay=100 ms, (arrived + 0.1) - arrived < 0.1 for about half of all arrival times.
     queue = make_queue(batch_size=4, delay_s=0.1)
-    queue.add("a", now=arrived, any_worker_idle=False)
+    fill(queue, "abcd", now=arrived - 1)
+    queue.take()
+    queue.add("a", now=arrived)
     deadline = queue.next_deadline()
     assert deadline is not None
-    assert queue.ready(deadline)
+    assert not queue.ready(arrived, any_busy=True)
+    assert queue.ready(deadline, any_busy=True)
 
 
-def test_deadline_follows_the_oldest_request():
-    queue = make_queue(batch_size=4, delay_s=1.0)
-    queue.add("a", now=3.0, any_worker_idle=False)
-    queue.add("b", now=3.5, any_worker_idle=False)
-    assert queue.next_deadline() == pytest.approx(4.0)
-    queue.remove(lambda item: item == "a")
-    assert queue.next_deadline() == pytest.approx(4.5)
-    assert not queue.ready(4.2)
-    assert queue.ready(4.5)
-
-
-def test_requests_arriving_while_busy_go_as_soon_as_the_batch_is_full():
+def test_full_batch_goes_at_once():
     queue = make_queue(batch_size=3, delay_s=100.0)
-    queue.add("a", now=0.0, any_worker_idle=False)
-    queue.add("b", now=0.0, any_worker_idle=False)
-    assert not queue.ready(0.0)
-    queue.add("c", now=0.0, any_worker_idle=False)
-    assert queue.ready(0.0)
-    assert queue.take() == ["a", "b", "c"]
-    assert not queue.ready(0.0)
+    fill(queue, "abc", now=0.0)
+    queue.take()
+    fill(queue, "de", now=1.0)
+    assert not queue.ready(1.0, any_busy=True)
+    queue.add("f", now=1.0)
+    assert queue.ready(1.0, any_busy=True)
 
 
-def test_zero_delay_sends_held_requests_immediately():
+def test_zero_delay_never_holds():
     queue = make_queue(batch_size=8, delay_s=0.0)
-    queue.add("a", now=1.0, any_worker_idle=False)
-    assert queue.ready(1.0)
+    fill(queue, "abcd", now=0.0)
+    queue.take()
+    queue.add("e", now=1.0)
+    assert queue.ready(1.0, any_busy=True)
 
 
 def test_take_respects_batch_size_and_fifo_order():
     queue = make_queue(batch_size=2)
-    for i, item in enumerate("abcde"):
-        queue.add(item, now=float(i), any_worker_idle=False)
+    fill(queue, "abcde", now=0.0)
     assert queue.take() == ["a", "b"]
     assert queue.take() == ["c", "d"]
-    assert len(queue) == 1
     assert queue.take() == ["e"]
     assert queue.take() == []
 
 
-def test_batch_size_one_takes_one_at_a_time():
-    queue = make_queue(batch_size=1, delay_s=60.0)
-    queue.add("a", now=0.0, any_worker_idle=False)
-    queue.add("b", now=0.0, any_worker_idle=False)
-    assert queue.ready(0.0)
-    assert queue.take() == ["a"]
-    assert queue.take() == ["b"]
-
-
-def test_oldest_request_decides_readiness():
-    # The oldest arrived while a worker was idle: the queued batch goes at once, whatever came after.
-    queue = make_queue(batch_size=4, delay_s=60.0)
-    queue.add("a", now=0.0, any_worker_idle=True)
-    queue.add("b", now=0.0, any_worker_idle=False)
-    assert queue.ready(0.0)
-    assert queue.take() == ["a", "b"]
-    # Now the oldest was held while busy: wait for the delay.
-    queue.add("c", now=1.0, any_worker_idle=False)
-    queue.add("d", now=1.0, any_worker_idle=True)
-    assert not queue.ready(1.0)
-    assert queue.ready(61.0)
-
-
 def test_capacity_bound_raises_overflow_error():
     queue = make_queue(capacity=2)
-    queue.add("a", now=0.0, any_worker_idle=False)
-    assert not queue.is_full()
-    queue.add("b", now=0.0, any_worker_idle=False)
+    fill(queue, "ab", now=0.0)
     assert queue.is_full()
     with pytest.raises(OverflowError, match="queue full"):
-        queue.add("c", now=0.0, any_worker_idle=True)
-    assert len(queue) == 2
+        queue.add("c", now=0.0)
     assert queue.take() == ["a", "b"]
     assert not queue.is_full()
-    queue.add("c", now=1.0, any_worker_idle=True)
-    assert queue.take() == ["c"]
 
 
 def test_remove_by_predicate_returns_dropped_and_keeps_order():
     queue = make_queue(batch_size=10)
     for i in range(6):
-        queue.add(i, now=float(i), any_worker_idle=False)  # type: ignore[arg-type]
-    dropped = queue.remove(lambda item: item % 2 == 0)
-    assert dropped == [0, 2, 4]
-    assert len(queue) == 3
+        queue.add(i, now=float(i))  # type: ignore[arg-type]
+    assert queue.remove(lambda item: item % 2 == 0) == [0, 2, 4]
     assert queue.take() == [1, 3, 5]
 
 
-def test_remove_with_no_match_changes_nothing():
-    queue = make_queue()
-    queue.add("a", now=0.0, any_worker_idle=False)
-    assert queue.remove(lambda item: False) == []
-    assert len(queue) == 1
-    assert queue.next_deadline() == pytest.approx(0.1)
-
-
-def test_remove_frees_capacity():
-    queue = make_queue(capacity=1)
-    queue.add("a", now=0.0, any_worker_idle=False)
+def test_remove_updates_the_deadline_and_frees_capacity():
+    queue = make_queue(capacity=2, delay_s=1.0)
+    queue.add("a", now=3.0)
+    queue.add("b", now=3.5)
+    assert queue.next_deadline() == 4.0
     assert queue.remove(lambda item: item == "a") == ["a"]
+    assert queue.next_deadline() == 4.5
     assert not queue.is_full()
-    queue.add("b", now=0.0, any_worker_idle=False)
-    assert len(queue) == 1
