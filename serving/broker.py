@@ -105,8 +105,8 @@ class Broker:
 
     def _poll_timeout_ms(self) -> int:
         deadline = self.queue.next_deadline()
-        if deadline is None:
-            return 50
+        if deadline is None or not any(s.state == READY for s in self.slots):
+            return 50  # nothing could be dispatched before a message (DONE/READY) wakes us
         return max(0, min(50, int((deadline - time.monotonic()) * 1000) + 1))
 
     # ---- front side ------------------------------------------------------------------------
