@@ -114,6 +114,9 @@ class HandlerService:
             message = f"Invalid output type: {type(result).__name__}; handle() must return Output or None"
             return [Output().error(message) for _ in inputs]
         try:
-            return split_batch_output(result, len(inputs))
+            outputs = split_batch_output(result, len(inputs))
         except ValueError as exc:
             return [Output().error(str(exc), code=400, message="Bad request") for _ in inputs]
+        if outputs[-1] is not result and result.finalize_function is not None:
+            outputs[-1].finalize(result.finalize_function, *result.finalize_args)  # once, after the last
+        return outputs

@@ -42,6 +42,14 @@ def to_response(output: Output) -> msg.InferResponse:
     return msg.InferResponse(int(output.code), str(output.message), properties, bytes(body))
 
 
+def finalize(output: Output) -> None:
+    """Run the handler's finalize callback after the response left; its failure is only logged."""
+    try:
+        output.execute_finalize()
+    except Exception:
+        log.exception("Output.finalize callback failed")
+
+
 class Worker:
     def __init__(self, sock: zmq.Socket, service: HandlerService) -> None:
         self.sock = sock
@@ -66,6 +74,7 @@ class Worker:
                 self.stream(request.request_id, output)
             else:
                 self.send(msg.RESP, request.request_id, msg.dumps(to_response(output)))
+            finalize(output)
         self.sock.send_multipart([msg.DONE, b""])
 
     def send(self, kind: bytes, request_id: str, payload: bytes) -> None:
@@ -94,7 +103,6 @@ class Worker:
             log.exception("Streaming handler failed")
             error = str(exc).encode() or type(exc).__name__.encode()
         self.send(msg.END, request_id, error)
-        output.execute_finalize()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, args.identity.encode())
     sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
     sock.connect(args.address)
     model_dir = spec.get("model_dir")
     if model_dir:

@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from serving import messages as msg
@@ -24,6 +24,8 @@ NO_CACHE = {"Cache-Control": "no-cache; no-store, must-revalidate, private", "Pr
 
 
 def json_response(body: object, status: int, headers: dict[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
+    headers.setdefault("x-request-id", client_request_id())
     return Response(json.dumps(body), status=status, mimetype="application/json", headers=headers)
 
 
@@ -57,22 +59,28 @@ def check_json(body: bytes) -> None:
             ) from None
 
 
+def client_request_id() -> str:
+    """The id the client knows the request by (echoed back); routing uses an internal id."""
+    if "request_id" not in g:
+        g.request_id = (
+            request.headers.get("X-Amzn-SageMaker-Inference-Id")
+            or request.headers.get("x-request-id")
+            or uuid.uuid4().hex
+        )
+    return g.request_id
+
+
 def build_request() -> msg.InferRequest:
-    request_id = (
-        request.headers.get("X-Amzn-SageMaker-Inference-Id")
-        or request.headers.get("x-request-id")
-        or uuid.uuid4().hex
-    )
     body = request.get_data(cache=False)
     check_json(body)
     content = [(key, value.encode()) for key, value in request.args.items(multi=True)]
     content.append(("data", body))
-    return msg.InferRequest(request_id, request_properties(request_id), content)
+    return msg.InferRequest(uuid.uuid4().hex, request_properties(client_request_id()), content)
 
 
-def head_response(head: msg.InferResponse, request_id: str, body: bytes | Iterator[bytes]) -> Response:
+def head_response(head: msg.InferResponse, body: bytes | Iterator[bytes]) -> Response:
     headers = {k: v for k, v in head.properties.items() if k.lower() not in HOP_BY_HOP}
-    headers.setdefault("x-request-id", request_id)
+    headers.setdefault("x-request-id", client_request_id())
     headers.update(NO_CACHE)
     response = Response(body, status=head.code, headers=headers)
     if not any(k.lower() == "content-type" for k in headers):
@@ -98,11 +106,11 @@ def relay(client: BrokerClient, infer: msg.InferRequest) -> Response:
     kind, payload = next(events)
     if kind == msg.ERR:
         body = json.loads(payload)
-        return json_response(body, body["code"], {"x-request-id": infer.request_id})
+        return json_response(body, body["code"])
     head = msg.loads(payload)
     if kind == msg.RESP:
-        return head_response(head, infer.request_id, head.body)
-    return head_response(head, infer.request_id, stream_body(client, infer.request_id, events))
+        return head_response(head, head.body)
+    return head_response(head, stream_body(client, infer.request_id, events))
 
 
 def stream_body(

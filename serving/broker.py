@@ -58,6 +58,8 @@ class Broker:
         for sock, address in ((self.front, front_address), (self.back, back_address)):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # never drop a frame: queues are bounded by job_queue_size
+            sock.setsockopt(zmq.RCVHWM, 0)
             sock.bind(address)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -73,8 +75,9 @@ class Broker:
             self._thread.join(timeout=5)
         for slot in self.slots:
             slot.stop(worker_timeout_s)
-        self.front.close(0)
-        self.back.close(0)
+        if self._thread is None or not self._thread.is_alive():  # sockets belong to that thread
+            self.front.close(0)
+            self.back.close(0)
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -117,7 +120,7 @@ class Broker:
         elif kind == msg.CANCEL:
             self._cancel(payload.decode())
         elif kind == msg.STATUS:
-            self.front.send_multipart([front, msg.STATUS, b"", json.dumps(self.health()).encode()])
+            self.front.send_multipart([front, msg.STATUS, payload, json.dumps(self.health()).encode()])
 
     def _reply_error(self, front: bytes, request_id: str, error: ServingError) -> None:
         payload = msg.error_payload(error.status_code, error.error_type, error.message)
@@ -159,7 +162,8 @@ class Broker:
         elif slot is None or slot.state == DEAD:
             return  # a message from a worker generation we already gave up on
         elif kind == msg.READY:
-            slot.state, self.ever_ready = READY, True
+            slot.state, slot.loaded = READY, True
+            self.ever_ready = all(s.loaded for s in self.slots)
             log.info("Model worker %d ready in %.1f s", slot.index, time.monotonic() - slot.started_at)
         elif kind == msg.DONE:
             slot.state, slot.batch, slot.overdue_since = READY, [], None
@@ -171,6 +175,8 @@ class Broker:
         inflight = self.inflight.get(request_id)
         if inflight is None:
             return  # timed out or cancelled: the client already has its answer
+        if kind == msg.CHUNK:  # predict_timeout bounds the wait for each chunk, not a whole stream
+            self.slots[inflight.slot].batch_started = time.monotonic()
         if kind in msg.TERMINAL:
             del self.inflight[request_id]
         self.front.send_multipart([inflight.front, kind, request_id.encode(), payload])
@@ -220,14 +226,17 @@ class Broker:
                 "restarted. Retry the request."
             ),
         )
+        if was_loading and not self.ever_ready:
+            self._fail(f"model worker exited with code {code} while loading; see the log above")
+        self._restart(slot)
+
+    def _restart(self, slot: WorkerSlot) -> None:
+        """Count a crash or hang; restart until retry_threshold is exceeded, then FAILED."""
         self.crashes += 1
         if self.crashes > self.config.retry_threshold:
-            self._fail(
-                f"model workers crashed {self.crashes} times (retry_threshold={self.config.retry_threshold})"
-            )
-        elif was_loading and not self.ever_ready:
-            self._fail(f"model worker exited with code {code} while loading; see the log above")
-        elif not self._stop.is_set():
+            threshold = self.config.retry_threshold
+            self._fail(f"model workers crashed or hung {self.crashes} times (retry_threshold={threshold})")
+        if self.failed_reason is None and not self._stop.is_set():
             slot.start(self.spec_path, self.back_address, self.config.worker_env())
 
     def _check_overdue(self, slot: WorkerSlot, now: float) -> None:
@@ -244,8 +253,7 @@ class Broker:
         elif slot.overdue_since is not None and now - slot.overdue_since > max(5.0, timeout):
             log.error("Model worker %d is stuck past its timeout; restarting it", slot.index)
             slot.kill()
-            self.crashes += 1
-            slot.start(self.spec_path, self.back_address, self.config.worker_env())
+            self._restart(slot)
 
     def _expire(self, now: float) -> None:
         for pending in self.queue.remove(lambda p: p.deadline < now):
@@ -272,9 +280,9 @@ class Broker:
     def status(self) -> str:
         if self.failed_reason is not None:
             return "FAILED"
-        if any(s.state in (READY, BUSY) for s in self.slots):
-            return "Healthy"
-        return "Unhealthy" if self.ever_ready else "PENDING"
+        if not self.ever_ready:
+            return "PENDING"
+        return "Healthy" if any(s.state in (READY, BUSY) for s in self.slots) else "Unhealthy"
 
     def health(self) -> dict:
         return {

@@ -52,5 +52,8 @@ def sagemaker_serve() -> None:
     model_dir = os.environ.get("SM_MODEL_DIR", SAGEMAKER_MODEL_DIR)
     if not os.path.isdir(model_dir) or not os.listdir(model_dir):
         model_dir = None  # nothing mounted: HF_MODEL_ID / OPTION_MODEL_ID or the default model
-    port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
-    sys.exit(_serve(model_dir, "0.0.0.0", port))  # noqa: S104 - the container must listen externally
+    port_text = os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        log.error("Invalid SAGEMAKER_BIND_TO_PORT=%r: expected a TCP port number (1-65535).", port_text)
+        sys.exit(2)
+    sys.exit(_serve(model_dir, "0.0.0.0", int(port_text)))  # noqa: S104 - the container must listen externally

@@ -1,68 +1,84 @@
-"""The HTTP process's side of the broker connection: one DEALER socket per HTTP thread."""
+"""The HTTP process's side of the broker connection: one zmq socket per process, many requests.
+
+The HTTP front runs gunicorn's gevent worker, so thousands of connections (queued requests, long
+streams, health checks) cost a greenlet each and /ping never waits for a free thread. One reader
+greenlet routes the broker's frames to per-request queues by an internal id.
+"""
 
 from __future__ import annotations
 
 import json
-import threading
+import os
+import uuid
 from collections.abc import Iterator
 
-import zmq
+import gevent
+import zmq.green as zmq
+from gevent.queue import Empty, Queue
 
 from serving import messages as msg
 from serving.errors import PredictTimeout, ServingError
 
 
 class BrokerClient:
-    """Sends requests to the broker and yields the frames that answer them.
-
-    zmq sockets are not thread-safe, so each HTTP worker thread lazily gets its own socket.
-    """
-
     def __init__(self, address: str, reply_timeout_s: float) -> None:
         self.address = address
-        self.reply_timeout_ms = int(reply_timeout_s * 1000)
-        self._local = threading.local()
-        self._context = zmq.Context.instance()
+        self.reply_timeout_s = reply_timeout_s
+        self._pid: int | None = None
+        self._sock: zmq.Socket | None = None
+        self._waiting: dict[bytes, Queue] = {}
 
     def _socket(self) -> zmq.Socket:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            sock = self._context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.address)
-            self._local.sock = sock
-        return sock
+        """Created lazily in the serving process (after gunicorn forks), with its reader greenlet."""
+        if self._sock is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._sock = zmq.Context().socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.RCVHWM, 0)
+            self._sock.setsockopt(zmq.SNDHWM, 0)
+            self._sock.connect(self.address)
+            gevent.spawn(self._read_forever, self._sock)
+        return self._sock
 
-    def _reset(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        if sock is not None:
-            sock.close(0)
-            self._local.sock = None
+    def _read_forever(self, sock: zmq.Socket) -> None:
+        while True:
+            kind, key, payload = sock.recv_multipart()
+            queue = self._waiting.get(key)
+            if queue is not None:  # else: a late frame for a request that already ended
+                queue.put((kind, payload))
+
+    def _exchange(self, frames: list[bytes], key: bytes) -> Queue:
+        queue: Queue = Queue()
+        self._waiting[key] = queue
+        self._socket().send_multipart(frames)
+        return queue
 
     def events(self, request: msg.InferRequest) -> Iterator[tuple[bytes, bytes]]:
         """Yield (kind, payload) frames for this request until a terminal one."""
-        sock = self._socket()
-        sock.send_multipart([msg.REQ, msg.dumps(request)])
-        while True:
-            if not sock.poll(self.reply_timeout_ms):
-                self._reset()
-                raise PredictTimeout("No reply from the model within the server timeout.")
-            kind, request_id, payload = sock.recv_multipart()
-            if request_id.decode() != request.request_id:
-                continue  # a late frame for an earlier request on this thread's socket
-            yield kind, payload
-            if kind in msg.TERMINAL:
-                return
+        key = request.request_id.encode()
+        queue = self._exchange([msg.REQ, msg.dumps(request)], key)
+        try:
+            while True:
+                try:
+                    kind, payload = queue.get(timeout=self.reply_timeout_s)
+                except Empty:
+                    raise PredictTimeout("No reply from the model within the server timeout.") from None
+                yield kind, payload
+                if kind in msg.TERMINAL:
+                    return
+        finally:
+            self._waiting.pop(key, None)
 
     def cancel(self, request_id: str) -> None:
         self._socket().send_multipart([msg.CANCEL, request_id.encode()])
 
     def status(self, timeout_s: float = 1.5) -> dict:
-        sock = self._socket()
-        sock.send_multipart([msg.STATUS, b""])
-        while sock.poll(int(timeout_s * 1000)):
-            kind, _, payload = sock.recv_multipart()
-            if kind == msg.STATUS:
-                return json.loads(payload)
-        self._reset()
-        raise ServingError("The model broker did not answer the health check in time.", 503)
+        key = ("status-" + uuid.uuid4().hex).encode()
+        queue = self._exchange([msg.STATUS, key], key)
+        try:
+            _, payload = queue.get(timeout=timeout_s)
+        except Empty:
+            raise ServingError("The model broker did not answer the health check in time.", 503) from None
+        finally:
+            self._waiting.pop(key, None)
+        return json.loads(payload)

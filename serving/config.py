@@ -87,7 +87,6 @@ SPECS: dict[str, Spec] = {
     "predict_timeout_s": Spec(("option.predict_timeout",), _positive_float, "seconds, a number > 0"),
     "model_loading_timeout_s": Spec(("option.model_loading_timeout",), _positive_float, "seconds > 0"),
     "max_request_size": Spec(("max_request_size",), _positive_int, "bytes, a positive integer"),
-    "http_threads": Spec(("http_threads",), _positive_int, "a positive integer"),
     "http_workers": Spec(("http_workers",), _positive_int, "a positive integer"),
     "rolling_batch": Spec(
         ("option.rolling_batch",), _rolling_batch, "one of " + ", ".join(ROLLING_BATCH_CHOICES)
@@ -181,7 +180,6 @@ class ServingConfig:
     predict_timeout_s: float = 120.0
     model_loading_timeout_s: float = 240.0
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
-    http_threads: int = 64
     http_workers: int = 1
     rolling_batch: str = "disable"
     fail_fast: bool = False

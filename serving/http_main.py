@@ -31,11 +31,14 @@ class HttpServer(BaseApplication):
         settings = {
             "bind": f"{cfg.host}:{cfg.port}",
             "workers": cfg.http_workers,
-            "threads": cfg.http_threads,
-            "worker_class": "gthread",
+            # gevent: a queued request or a long stream costs a greenlet, not a thread, so the
+            # broker's job_queue_size is the only queue bound and /ping is always served.
+            "worker_class": "gevent",
+            "worker_connections": cfg.job_queue_size + cfg.max_workers * cfg.batch_size + 256,
             "graceful_timeout": DRAIN_TIMEOUT_S,
             "timeout": 0,
-            "keepalive": 75,
+            # Idle keep-alive connections hold a graceful shutdown open until they time out.
+            "keepalive": 2,
             "backlog": 2048,
             "loglevel": "warning",
             "proc_name": "lmi-http",

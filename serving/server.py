@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import time
 from serving.broker import Broker
 from serving.config import ServingConfig
 from serving.http_main import DRAIN_TIMEOUT_S
+from serving.workers import die_with_parent
 
 log = logging.getLogger("serving.server")
 
@@ -56,8 +58,17 @@ class Server:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            return self._supervise()
+        finally:
+            self.shutdown()
+
+    def _supervise(self) -> int:
         self.broker.start()
-        self.http = subprocess.Popen([sys.executable, "-m", "serving.http_main", self.runtime_dir])
+        self.http = subprocess.Popen(
+            [sys.executable, "-m", "serving.http_main", self.runtime_dir],
+            preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
+        )
         log.info("Serving %r on http://%s:%d", self.config.model_name, self.config.host, self.config.port)
         code = 0
         while not self._stopping.is_set():
@@ -70,12 +81,12 @@ class Server:
                 code = FAIL_FAST_EXIT_CODE
                 break
             self._stopping.wait(0.2)
-        self.shutdown()
         return code
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("Received signal %d: draining in-flight requests (up to %d s)", signum, DRAIN_TIMEOUT_S)
         self._stopping.set()
+        self.broker.draining = True  # requests still arriving on open connections get 503
 
     def shutdown(self) -> None:
         """Stop accepting, let gunicorn finish in-flight requests, then stop the model workers."""
@@ -85,7 +96,6 @@ class Server:
                 self.http.wait(timeout=DRAIN_TIMEOUT_S + 5)
             except subprocess.TimeoutExpired:
                 self.http.kill()
-        self.broker.draining = True
         started = time.monotonic()
         self.broker.stop(worker_timeout_s=5)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

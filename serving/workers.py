@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -13,6 +14,16 @@ from dataclasses import dataclass, field
 log = logging.getLogger("serving.workers")
 
 STARTING, READY, BUSY, DEAD = "starting", "ready", "busy", "dead"
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Run in the child before exec: the kernel kills it if the server process dies, so a crashed
+    or SIGKILLed server never leaves model workers (and their memory) behind. Linux only."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -27,7 +38,8 @@ class WorkerSlot:
     batch: list[str] = field(default_factory=list)
     batch_started: float = 0.0
     overdue_since: float | None = None
-    load_error: str | None = None
+    loaded: bool = False
+    """Whether this replica has finished loading at least once."""
 
     @property
     def identity(self) -> bytes:
@@ -57,7 +69,7 @@ class WorkerSlot:
         env.setdefault("GOMP_SPINCOUNT", "300000")
         env.update(extra_env or {})
         env["LMI_WORKER_INDEX"] = str(self.index)
-        self.process = subprocess.Popen(cmd, env=env, start_new_session=True)
+        self.process = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
         self.state, self.started_at = STARTING, time.monotonic()
         self.batch, self.overdue_since = [], None
         log.info("Started model worker %d (pid %d)", self.index, self.process.pid)

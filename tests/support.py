@@ -41,7 +41,9 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def ping(self) -> requests.Response:
-        return requests.get(self.url + "/ping", timeout=5)
+        resp = requests.get(self.url + "/ping", timeout=5)
+        resp.content  # noqa: B018 - read the body so the connection is released and closed
+        return resp
 
     def wait_ready(self, timeout_s: float = 120, expect: int = 200) -> requests.Response:
         deadline = time.monotonic() + timeout_s

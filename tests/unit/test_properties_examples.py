@@ -28,4 +28,4 @@ def test_example_properties_load_cleanly(example, caplog):
 
 def test_dynamic_batching_example_values():
     config = load_config(str(ROOT / "properties_examples" / "dynamic-batching"), environ={})
-    assert (config.batch_size, config.max_batch_delay_ms, config.job_queue_size) == (16, 10, 256)
+    assert (config.batch_size, config.max_batch_delay_ms, config.job_queue_size) == (8, 20, 256)
