@@ -28,6 +28,13 @@ def _create_hf_engine(config: EngineConfig) -> Engine:
     return HfEngine(config)
 
 
+@ENGINES.register("rolling")
+def _create_rolling_engine(config: EngineConfig) -> Engine:
+    from engines.rolling.factory import create_rolling_engine
+
+    return create_rolling_engine(config)  # type: ignore[return-value]
+
+
 def create_engine(name: str, config: EngineConfig) -> Engine:
     """Build the engine registered as `name`; unknown names fail listing the supported ones."""
     try:

@@ -43,6 +43,8 @@ class HandlerService:
         self.model_dir = model_dir
         self._handle: Callable[[Input], Any] | None = None
         self._handle_batch: Callable[[list[Input]], list[Output]] | None = None
+        self.rolling_handler: Any = None
+        """Set when the handler serves requests one by one through continuous batching."""
 
     def initialize(self) -> None:
         entry = loader.resolve_entry_point(self.model_dir, self.properties)
@@ -50,7 +52,11 @@ class HandlerService:
         module = loader.load_entry_point(entry)
         name = self.properties.get("handler", "handle")
         if callable(getattr(module, "create_handler", None)):
-            self._handle_batch = module.create_handler(self.properties).handle_batch
+            handler = module.create_handler(self.properties)
+            if hasattr(handler, "step"):
+                self.rolling_handler = handler
+            else:
+                self._handle_batch = handler.handle_batch
         elif callable(getattr(module, name, None)):
             self._handle = getattr(module, name)
             self._warm_up()

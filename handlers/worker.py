@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Any
 
 import zmq
 
@@ -105,6 +106,36 @@ class Worker:
         self.send(msg.END, request_id, error)
 
 
+class RollingWorker:
+    """Continuous batching: take requests whenever they come, run one engine step per loop."""
+
+    def __init__(self, sock: zmq.Socket, handler: Any) -> None:
+        self.sock = sock
+        self.handler = handler
+
+    def serve_forever(self) -> None:
+        while True:
+            if self.sock.poll(0 if self.handler.has_work() else 100):
+                self._receive()
+            if self.handler.has_work():
+                self._send(self.handler.step())
+
+    def _receive(self) -> None:
+        frames: list = []
+        while self.sock.poll(0):
+            parts = self.sock.recv_multipart()
+            if parts[0] == msg.BATCH:
+                for request in msg.loads(parts[1]):
+                    frames.extend(self.handler.submit(request))
+            elif parts[0] == msg.CANCEL:
+                self.handler.cancel(parts[1].decode())
+        self._send(frames)
+
+    def _send(self, frames: list) -> None:
+        for kind, request_id, payload in frames:
+            self.sock.send_multipart([kind, request_id.encode(), payload])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True)
@@ -134,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
         sock.send_multipart([msg.LOAD_FAILED, f"{type(exc).__name__}: {exc}".encode()])
         sock.close()
         sys.exit(3)
-    sock.send_multipart([msg.READY, b""])
+    rolling = service.rolling_handler
+    capacity = rolling.capacity if rolling is not None else 1
+    sock.send_multipart([msg.READY, json.dumps({"capacity": capacity}).encode()])
+    if rolling is not None:
+        RollingWorker(sock, rolling).serve_forever()
     Worker(sock, service).serve_forever()
 
 

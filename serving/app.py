@@ -70,12 +70,14 @@ def client_request_id() -> str:
     return g.request_id
 
 
-def build_request() -> msg.InferRequest:
+def build_request(api: str = "lmi") -> msg.InferRequest:
     body = request.get_data(cache=False)
     check_json(body)
     content = [(key, value.encode()) for key, value in request.args.items(multi=True)]
     content.append(("data", body))
-    return msg.InferRequest(uuid.uuid4().hex, request_properties(client_request_id()), content)
+    properties = request_properties(client_request_id())
+    properties[msg.API_PROPERTY] = api
+    return msg.InferRequest(uuid.uuid4().hex, properties, content)
 
 
 def head_response(head: msg.InferResponse, body: bytes | Iterator[bytes]) -> Response:
@@ -132,6 +134,14 @@ def stream_body(
             client.cancel(request_id)  # the client went away: free the model's work at once
 
 
+API_ROUTES = {
+    "/v1/completions": "openai-completion",
+    "/v1/chat/completions": "openai-chat",
+    "/generate": "tgi",
+    "/generate_stream": "tgi-stream",
+}
+
+
 def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
     app = Flask("lmi-serving")
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_size
@@ -144,12 +154,19 @@ def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
         return json_response(models, PING_STATUS.get(worst, 503))
 
     @app.post("/invocations")
-    @app.post("/v1/chat/completions")
     def invocations() -> Response:
         name = request.args.get("model_name")
         if name and name != config.model_name:
             raise NotFound(f"Model {name!r} is not served here; this server serves {config.model_name!r}.")
         return relay(client, build_request())
+
+    for path, api in API_ROUTES.items():
+        app.add_url_rule(path, api, lambda api=api: relay(client, build_request(api)), methods=["POST"])
+
+    @app.get("/v1/models")
+    def openai_models() -> Response:
+        model = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "lmi-serving"}
+        return json_response({"object": "list", "data": [model]}, 200)
 
     @app.post("/predictions/<model>")
     @app.post("/predictions/<model>/<version>")

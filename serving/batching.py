@@ -66,9 +66,9 @@ class BatchQueue(Generic[T]):
             return None
         return self._items[0].arrived + self.max_batch_delay_s
 
-    def take(self) -> list[T]:
+    def take(self, limit: int | None = None) -> list[T]:
         batch: list[T] = []
-        while self._items and len(batch) < self.batch_size:
+        while self._items and len(batch) < (limit or self.batch_size):
             batch.append(self._items.popleft().item)
         if batch:
             self._last_size = len(batch)

@@ -163,6 +163,7 @@ class Broker:
             return  # a message from a worker generation we already gave up on
         elif kind == msg.READY:
             slot.state, slot.loaded = READY, True
+            slot.capacity = int(json.loads(frames[2] or b"{}").get("capacity", 1))
             self.ever_ready = all(s.loaded for s in self.slots)
             log.info("Model worker %d ready in %.1f s", slot.index, time.monotonic() - slot.started_at)
         elif kind == msg.DONE:
@@ -175,23 +176,36 @@ class Broker:
         inflight = self.inflight.get(request_id)
         if inflight is None:
             return  # timed out or cancelled: the client already has its answer
-        if kind == msg.CHUNK:  # predict_timeout bounds the wait for each chunk, not a whole stream
-            self.slots[inflight.slot].batch_started = time.monotonic()
+        slot = self.slots[inflight.slot]
+        slot.batch_started = time.monotonic()  # predict_timeout bounds silence, not a whole stream
         if kind in msg.TERMINAL:
             del self.inflight[request_id]
+            if request_id in slot.batch:
+                slot.batch.remove(request_id)
         self.front.send_multipart([inflight.front, kind, request_id.encode(), payload])
 
     def _dispatch(self, now: float) -> None:
+        rolling = [s for s in self.slots if s.state == READY and s.capacity > 1]
+        while rolling and len(self.queue):
+            slot = min(rolling, key=lambda s: len(s.batch))  # least loaded replica
+            if len(slot.batch) >= slot.capacity:
+                break
+            self._send(slot, self.queue.take(limit=1), now, READY)
         any_busy = any(s.state == BUSY for s in self.slots)
         for slot in self.slots:
-            if slot.state != READY or not self.queue.ready(now, any_busy):
+            if slot.state != READY or slot.capacity > 1 or not self.queue.ready(now, any_busy):
                 continue
-            batch = self.queue.take()
-            slot.state, slot.batch, slot.batch_started = BUSY, [p.request.request_id for p in batch], now
-            for pending in batch:
-                self.inflight[pending.request.request_id] = Inflight(pending.front, slot.index)
-            self.back.send_multipart([slot.identity, msg.BATCH, msg.dumps([p.request for p in batch])])
+            self._send(slot, self.queue.take(), now, BUSY)
             any_busy = True
+
+    def _send(self, slot: WorkerSlot, batch: list[Pending], now: float, state: str) -> None:
+        if not slot.batch:
+            slot.batch_started = now
+        slot.state = state
+        slot.batch.extend(p.request.request_id for p in batch)
+        for pending in batch:
+            self.inflight[pending.request.request_id] = Inflight(pending.front, slot.index)
+        self.back.send_multipart([slot.identity, msg.BATCH, msg.dumps([p.request for p in batch])])
 
     # ---- failures and timeouts -------------------------------------------------------------
     def _fail_inflight(self, slot: WorkerSlot, error: ServingError) -> None:
@@ -212,7 +226,7 @@ class Broker:
                     f"model did not load within option.model_loading_timeout="
                     f"{self.config.model_loading_timeout_s:g} s"
                 )
-            elif slot.state == BUSY:
+            elif slot.batch:
                 self._check_overdue(slot, now)
 
     def _on_worker_death(self, slot: WorkerSlot, code: int) -> None:

@@ -181,7 +181,7 @@ class ServingConfig:
     model_loading_timeout_s: float = 240.0
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
     http_workers: int = 1
-    rolling_batch: str = "disable"
+    rolling_batch: str = "auto"
     fail_fast: bool = False
     safe_port_range: tuple[int, int] | None = None
     options: dict[str, str] = field(default_factory=dict)
@@ -203,6 +203,7 @@ class ServingConfig:
         props = dict(self.model_properties)
         props.update(self.options)
         props.pop("env", None)  # applied to the worker's environment instead (worker_env)
+        props.setdefault("model_name", self.model_name)
         if self.model_dir:
             props["model_dir"] = self.model_dir
         return props

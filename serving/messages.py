@@ -26,6 +26,9 @@ DONE = b"done"  # worker → broker: the current batch is finished, worker is id
 
 TERMINAL = (RESP, END, ERR)
 
+API_PROPERTY = "X-Lmi-Api"
+"""Request property naming the schema a request uses (lmi, openai-*, tgi*); set by the HTTP route."""
+
 
 @dataclass
 class InferRequest:

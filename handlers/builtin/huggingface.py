@@ -135,8 +135,28 @@ class HuggingFaceHandler:
         return Output().add(body).add_property("Content-Type", "application/json")
 
 
-def create_handler(properties: dict[str, str]) -> HuggingFaceHandler:
+ROLLING_CHOICES = ("auto", "lmi-dist", "scheduler", "vllm", "trtllm")
+
+
+def wants_rolling(properties: dict[str, str]) -> bool:
+    """Continuous batching unless disabled, or dynamic batching (batch_size > 1) was asked for (as DJL)."""
+    rolling = properties.get("rolling_batch", "auto").lower()
+    task = properties.get("task", "text-generation")
+    dynamic = properties.get("batch_size", "1") != "1"
+    return rolling in ROLLING_CHOICES and not dynamic and task == "text-generation"
+
+
+def create_handler(properties: dict[str, str]) -> Any:
     config = engine_config(properties)
+    if wants_rolling(properties):
+        from engines.rolling.factory import supports_rolling
+
+        reason = supports_rolling(config.model_path)
+        if reason is None:
+            from handlers.builtin.rolling import RollingTextHandler
+
+            return RollingTextHandler(create_engine("rolling", config), properties)
+        log.info("Rolling batch not available for this model (%s); using the Hugging Face handler", reason)
     return HuggingFaceHandler(create_engine("hf", config))
 
 

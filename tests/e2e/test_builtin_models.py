@@ -39,14 +39,22 @@ def test_default_model_answers_with_coherent_text(model_dir):
         resp = srv.post(json_body=body)
         assert resp.status_code == 200, resp.text
         assert "Paris" in resp.json()["generated_text"]
-        listed = srv.post(json_body={"inputs": ["The capital of France is", "1, 2, 3,"]})
-        assert [set(item) for item in listed.json()] == [{"generated_text"}, {"generated_text"}]
         bad = srv.post(json_body={"inputs": "x", "parameters": {"temperature": -1, "do_sample": True}})
         assert bad.status_code == 400
         assert "temperature" in bad.json()["error"]
         missing = srv.post(json_body={"prompt": "x"})
         assert missing.status_code == 400
         assert "inputs" in missing.json()["error"]
+
+
+def test_dynamic_batching_example_serves_list_inputs_with_the_hf_handler():
+    with ServerProcess(EXAMPLES / "dynamic-batching") as srv:
+        srv.wait_ready(timeout_s=240)
+        body = {"inputs": ["The capital of France is", "1, 2, 3,"], "parameters": {"max_new_tokens": 8}}
+        listed = srv.post(json_body=body)
+    assert listed.status_code == 200, listed.text
+    assert [set(item) for item in listed.json()] == [{"generated_text"}, {"generated_text"}]
+    assert "Paris" in listed.json()[0]["generated_text"]
 
 
 def test_tiny_t5_serves_text2text(tiny):

@@ -47,7 +47,7 @@ def test_defaults(tmp_path: Path):
     assert config.model_loading_timeout_s == 240.0
     assert config.max_request_size == DEFAULT_MAX_REQUEST_SIZE == 6 * 1024 * 1024
     assert config.http_workers == 1
-    assert config.rolling_batch == "disable"
+    assert config.rolling_batch == "auto"
     assert config.fail_fast is False
     assert config.safe_port_range is None
     assert config.options == {}
@@ -58,7 +58,7 @@ def test_no_model_dir_serves_the_default_model():
     config = load_config(None, {})
     assert config.model_dir is None
     assert config.model_name == "model"
-    assert config.handler_properties() == {}
+    assert config.handler_properties() == {"model_name": "model"}
 
 
 def test_host_and_port_are_passed_through(tmp_path: Path):
@@ -352,6 +352,7 @@ def test_handler_properties_strip_option_prefix_and_add_model_dir(tmp_path: Path
         "model_id": "gpt2",
         "dtype": "fp16",
         "model_dir": str(folder.resolve()),
+        "model_name": "mymodel",
     }
 
 

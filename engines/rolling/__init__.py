@@ -1,0 +1,1 @@
+"""Continuous-batching text generation: sequences, sampling, detokenisation and the engine loop."""

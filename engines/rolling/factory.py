@@ -1,0 +1,93 @@
+"""Build a RollingEngine from an EngineConfig: native Llama weights, tokenizer, a sized KV cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engines.base import EngineConfig, EngineLoadError
+from engines.rolling.engine import RollingEngine, eos_token_ids
+
+log = logging.getLogger("engines.rolling")
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def supports_rolling(model_path: str) -> str | None:
+    """None when the native engine can run this checkpoint, else the reason it cannot."""
+    from engines.llama.weights import check_supported
+
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file() or not list(Path(model_path).glob("*.safetensors")):
+        return "the native engine loads config.json + *.safetensors only"
+    try:
+        check_supported(json.loads(config_file.read_text()), DEFAULT_MAX_MODEL_LEN)
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
+def _dtype(name: str, checkpoint_dtype: str | None) -> torch.dtype:
+    if name == "auto":
+        return (
+            DTYPES.get(str(checkpoint_dtype), torch.float32)
+            if checkpoint_dtype != "float16"
+            else torch.float32
+        )
+    if name not in DTYPES:
+        raise EngineLoadError(f"Unsupported option.dtype={name!r}; use fp32, bf16, fp16 or auto.")
+    return DTYPES[name]
+
+
+def _int_option(config: EngineConfig, key: str, default: int) -> int:
+    raw = config.extra.get(key)
+    try:
+        value = int(raw) if raw is not None else default
+    except ValueError:
+        raise EngineLoadError(f"option.{key}={raw!r} must be a positive integer.") from None
+    if value < 1:
+        raise EngineLoadError(f"option.{key}={raw!r} must be a positive integer.")
+    return value
+
+
+def create_rolling_engine(config: EngineConfig) -> RollingEngine:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from engines.llama.weights import load_llama
+
+    started = time.perf_counter()
+    raw = json.loads((Path(config.model_path) / "config.json").read_text())
+    limit = int(raw.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
+    max_model_len = _int_option(config, "max_model_len", min(limit, DEFAULT_MAX_MODEL_LEN))
+    slots = _int_option(config, "max_rolling_batch_size", 32)
+    dtype = _dtype(config.dtype, raw.get("torch_dtype") or raw.get("dtype"))
+    model, cache, hf_config = load_llama(config.model_path, dtype, config.device, slots, max_model_len)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    try:
+        generation = GenerationConfig.from_pretrained(config.model_path)
+    except OSError:
+        generation = None
+    log.info(
+        "Rolling-batch engine: %s in %s, KV cache %d slots x %d tokens = %.0f MiB, loaded in %.1f s",
+        raw.get("architectures", ["?"])[0],
+        dtype,
+        slots,
+        max_model_len,
+        cache.total_bytes() / 2**20,
+        time.perf_counter() - started,
+    )
+    return RollingEngine(
+        model, cache, tokenizer, eos_token_ids(tokenizer, hf_config, generation), max_model_len
+    )

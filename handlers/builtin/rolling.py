@@ -1,0 +1,164 @@
+"""The rolling-batch text-generation handler: HTTP bodies in, token frames out, one engine step at a time.
+
+It lives in the model worker. Requests arrive whenever the broker sends them; `step()` runs one
+iteration of continuous batching and turns each TokenEvent into bytes for its client in the schema the
+client used (LMI, OpenAI, TGI), streaming or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from engines.rolling.types import GenerationRequest
+from handlers.builtin import formats
+from handlers.builtin.formats import ParsedRequest, RequestError
+from serving import messages as msg
+from serving.scheduler import RollingScheduler
+
+log = logging.getLogger("handlers.builtin.rolling")
+
+Frame = tuple[bytes, str, bytes]  # (kind, request id, payload)
+
+
+@dataclass
+class Job:
+    writer: Any
+    stream: bool
+    started: bool = False
+
+
+def error_frame(request_id: str, message: str, code: int) -> Frame:
+    body = json.dumps({"code": code, "message": message, "error": message}).encode()
+    head = msg.InferResponse(code, message, {"Content-Type": "application/json"}, body)
+    return msg.RESP, request_id, msg.dumps(head)
+
+
+class RollingTextHandler:
+    """Capability marker for the worker: serve requests one by one through a RollingScheduler."""
+
+    def __init__(self, engine: Any, properties: dict[str, str]) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = properties.get("model_name") or "model"
+        self.output_formatter = properties.get("output_formatter")
+        self.tgi_compat = properties.get("tgi_compat", "false").lower() == "true"
+        max_batch = int(properties.get("max_rolling_batch_size", "32"))
+        prefill = int(properties.get("max_rolling_batch_prefill_tokens", "4096"))
+        queue = int(properties.get("job_queue_size", "1000"))
+        timeout = float(properties.get("predict_timeout", "120"))
+        self.capacity = max_batch + queue
+        self.scheduler = RollingScheduler(engine, max_batch, prefill, queue, timeout)
+        self.jobs: dict[str, Job] = {}
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def submit(self, request: msg.InferRequest) -> list[Frame]:
+        try:
+            parsed = self._parse(request)
+            prompt_text, prompt_ids = self._tokenize(parsed)
+            error = self.engine.check_length(len(prompt_ids), parsed.params.max_new_tokens)
+            if error:
+                raise RequestError(error)
+            writer = formats.create_writer(
+                parsed,
+                request.request_id,
+                self.model_name,
+                prompt_text,
+                len(prompt_ids),
+                self.output_formatter,
+                self.tgi_compat,
+            )
+            self.scheduler.submit(
+                GenerationRequest(request.request_id, prompt_ids, parsed.params), len(prompt_ids)
+            )
+        except RequestError as exc:
+            return [error_frame(request.request_id, str(exc), 400)]
+        except OverflowError as exc:
+            return [error_frame(request.request_id, f"{exc}; retry later or raise job_queue_size", 503)]
+        self.jobs[request.request_id] = Job(writer, parsed.stream)
+        return []
+
+    def _parse(self, request: msg.InferRequest) -> ParsedRequest:
+        body_bytes = next((v for k, v in request.content if k == "data"), b"")
+        try:
+            body = json.loads(body_bytes or b"{}")
+        except ValueError as exc:
+            raise RequestError(f"Malformed JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise RequestError("The body must be a JSON object.")
+        return formats.parse_request(request.properties.get(msg.API_PROPERTY, "lmi"), body)
+
+    def _tokenize(self, parsed: ParsedRequest) -> tuple[str, list[int]]:
+        if parsed.messages is not None:
+            text = self.tokenizer.apply_chat_template(
+                parsed.messages, add_generation_prompt=True, tokenize=False
+            )
+            return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert parsed.prompt is not None
+        return parsed.prompt, self.tokenizer(parsed.prompt)["input_ids"]
+
+    def cancel(self, request_id: str) -> None:
+        if self.scheduler.cancel(request_id):
+            log.info("Request %s cancelled by the client", request_id)
+        self.jobs.pop(request_id, None)
+
+    def step(self) -> list[Frame]:
+        frames = [self._expired(r.request_id) for r in self.scheduler.expire()]
+        try:
+            events = self.scheduler.step()
+        except Exception as exc:  # a failed forward: end every sequence in-band, keep serving
+            log.exception("Engine step failed")
+            events = self.engine.abort_all(f"engine step failed: {exc}")
+            self.scheduler.running.clear()
+        for event in events:
+            frames.extend(self._on_event(event))
+        return frames
+
+    def _expired(self, request_id: str) -> Frame:
+        self.jobs.pop(request_id, None)
+        return error_frame(
+            request_id,
+            "Timed out waiting for room in the rolling batch (option.predict_timeout); retry later.",
+            503,
+        )
+
+    def _on_event(self, event: Any) -> list[Frame]:
+        job = self.jobs.get(event.request_id)
+        if job is None:
+            return []
+        if event.finish_reason in ("error", "cancelled"):
+            return self._end_with_error(event.request_id, job, event.error or event.finish_reason)
+        frames: list[Frame] = []
+        data = job.writer.on_event(event)
+        if job.stream:
+            frames.extend(self._start(event.request_id, job))
+            if data:
+                frames.append((msg.CHUNK, event.request_id, data))
+        if event.finish_reason is not None:
+            frames.extend(self._finish(event.request_id, job))
+        return frames
+
+    def _start(self, request_id: str, job: Job) -> list[Frame]:
+        if job.started:
+            return []
+        job.started = True
+        head = msg.InferResponse(200, "OK", {"Content-Type": job.writer.content_type()})
+        return [(msg.START, request_id, msg.dumps(head))]
+
+    def _finish(self, request_id: str, job: Job) -> list[Frame]:
+        del self.jobs[request_id]
+        tail = job.writer.finish()
+        if job.stream:
+            return ([(msg.CHUNK, request_id, tail)] if tail else []) + [(msg.END, request_id, b"")]
+        head = msg.InferResponse(200, "OK", {"Content-Type": job.writer.content_type()}, tail)
+        return [(msg.RESP, request_id, msg.dumps(head))]
+
+    def _end_with_error(self, request_id: str, job: Job, message: str) -> list[Frame]:
+        self.jobs.pop(request_id, None)
+        if not job.started:
+            return [error_frame(request_id, message, 400 if "too long" in message else 500)]
+        return [(msg.CHUNK, request_id, job.writer.error(message, 500)), (msg.END, request_id, b"")]
