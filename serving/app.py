@@ -70,7 +70,7 @@ def client_request_id() -> str:
     return g.request_id
 
 
-def build_request(api: str = "lmi") -> msg.InferRequest:
+def build_request(api: str = "invocations") -> msg.InferRequest:
     body = request.get_data(cache=False)
     check_json(body)
     content = [(key, value.encode()) for key, value in request.args.items(multi=True)]
@@ -135,10 +135,11 @@ def stream_body(
 
 
 API_ROUTES = {
-    "/v1/completions": "openai-completion",
-    "/v1/chat/completions": "openai-chat",
-    "/generate": "tgi",
-    "/generate_stream": "tgi-stream",
+    "/v1/completions": "v1/completions",
+    "/v1/chat/completions": "v1/chat/completions",
+    "/generate": "generate",
+    "/generate_stream": "generate_stream",
+    "/": "tgi-compat",  # TGI's root route (its Python client posts here): LMI body, TGI-shaped answers
 }
 
 

@@ -27,7 +27,7 @@ DONE = b"done"  # worker → broker: the current batch is finished, worker is id
 TERMINAL = (RESP, END, ERR)
 
 API_PROPERTY = "X-Lmi-Api"
-"""Request property naming the schema a request uses (lmi, openai-*, tgi*); set by the HTTP route."""
+"""Request property naming the API route a request came by (invocations, v1/completions, generate...)."""
 
 
 @dataclass

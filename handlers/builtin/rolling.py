@@ -7,7 +7,6 @@ client used (LMI, OpenAI, TGI), streaming or not.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -21,18 +20,25 @@ from serving.scheduler import RollingScheduler
 log = logging.getLogger("handlers.builtin.rolling")
 
 Frame = tuple[bytes, str, bytes]  # (kind, request id, payload)
+TGI_COMPAT_ROUTE = "tgi-compat"
+
+
+def _body(request: msg.InferRequest) -> bytes:
+    return next((v for k, v in request.content if k == "data"), b"") or b"{}"
 
 
 @dataclass
 class Job:
     writer: Any
     stream: bool
+    route: str
     started: bool = False
 
 
-def error_frame(request_id: str, message: str, code: int) -> Frame:
-    body = json.dumps({"code": code, "message": message, "error": message}).encode()
-    head = msg.InferResponse(code, message, {"Content-Type": "application/json"}, body)
+def error_frame(request_id: str, message: str, code: int, route: str = "invocations") -> Frame:
+    """An error before any token: the HTTP status plus the body the route's clients parse."""
+    body, content_type = formats.error_response(route, message, code)
+    head = msg.InferResponse(code, message, {"Content-Type": content_type}, body)
     return msg.RESP, request_id, msg.dumps(head)
 
 
@@ -57,8 +63,11 @@ class RollingTextHandler:
         return self.scheduler.has_work()
 
     def submit(self, request: msg.InferRequest) -> list[Frame]:
+        route = request.properties.get(msg.API_PROPERTY, "invocations")
+        tgi_compat = self.tgi_compat or route == TGI_COMPAT_ROUTE
+        route = "invocations" if route == TGI_COMPAT_ROUTE else route
         try:
-            parsed = self._parse(request)
+            parsed = formats.parse_request(route, _body(request))
             prompt_text, prompt_ids = self._tokenize(parsed)
             error = self.engine.check_length(len(prompt_ids), parsed.params.max_new_tokens)
             if error:
@@ -70,27 +79,19 @@ class RollingTextHandler:
                 prompt_text,
                 len(prompt_ids),
                 self.output_formatter,
-                self.tgi_compat,
+                tgi_compat,
             )
             self.scheduler.submit(
                 GenerationRequest(request.request_id, prompt_ids, parsed.params), len(prompt_ids)
             )
         except RequestError as exc:
-            return [error_frame(request.request_id, str(exc), 400)]
+            return [error_frame(request.request_id, str(exc), 400, route)]
         except OverflowError as exc:
-            return [error_frame(request.request_id, f"{exc}; retry later or raise job_queue_size", 503)]
-        self.jobs[request.request_id] = Job(writer, parsed.stream)
+            return [
+                error_frame(request.request_id, f"{exc}; retry later or raise job_queue_size", 503, route)
+            ]
+        self.jobs[request.request_id] = Job(writer, parsed.stream, route)
         return []
-
-    def _parse(self, request: msg.InferRequest) -> ParsedRequest:
-        body_bytes = next((v for k, v in request.content if k == "data"), b"")
-        try:
-            body = json.loads(body_bytes or b"{}")
-        except ValueError as exc:
-            raise RequestError(f"Malformed JSON body: {exc}") from None
-        if not isinstance(body, dict):
-            raise RequestError("The body must be a JSON object.")
-        return formats.parse_request(request.properties.get(msg.API_PROPERTY, "lmi"), body)
 
     def _tokenize(self, parsed: ParsedRequest) -> tuple[str, list[int]]:
         if parsed.messages is not None:
@@ -119,11 +120,12 @@ class RollingTextHandler:
         return frames
 
     def _expired(self, request_id: str) -> Frame:
-        self.jobs.pop(request_id, None)
+        job = self.jobs.pop(request_id, None)
         return error_frame(
             request_id,
             "Timed out waiting for room in the rolling batch (option.predict_timeout); retry later.",
             503,
+            job.route if job else "invocations",
         )
 
     def _on_event(self, event: Any) -> list[Frame]:
@@ -160,5 +162,5 @@ class RollingTextHandler:
     def _end_with_error(self, request_id: str, job: Job, message: str) -> list[Frame]:
         self.jobs.pop(request_id, None)
         if not job.started:
-            return [error_frame(request_id, message, 400 if "too long" in message else 500)]
+            return [error_frame(request_id, message, 400 if "too long" in message else 500, job.route)]
         return [(msg.CHUNK, request_id, job.writer.error(message, 500)), (msg.END, request_id, b"")]

@@ -1,0 +1,1 @@
+"""A native Llama-family model (Llama, Mistral, Qwen2, SmolLM) for batched decoding over a slot KV cache."""

@@ -1,0 +1,71 @@
+"""Attention over the slot KV cache for a packed batch mixing prefill and decode sequences.
+
+Decode sequences share one batched attention call over a view of the cache rows they occupy (no
+copy, no gather); prefill sequences each get causal attention over their own cache prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional
+
+from engines.llama.batch import DecodePlan, ForwardBatch, PrefillPlan
+
+
+def write_kv(
+    cache_k: torch.Tensor, cache_v: torch.Tensor, batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store this step's k, v [T, kv_heads, head_dim] at (slot, position) of each token, in place."""
+    cache_k[batch.token_slots, :, batch.positions] = k
+    cache_v[batch.token_slots, :, batch.positions] = v
+
+
+def attend(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, batch: ForwardBatch
+) -> torch.Tensor:
+    """Attention output [T, heads * head_dim] for queries q [T, heads, head_dim] (K/V already written)."""
+    plan = batch.decode
+    if plan is not None and plan.all_tokens:
+        return decode_attention(q, cache_k, cache_v, plan).flatten(1)
+    out = q.new_empty(q.shape)  # [T, heads, head_dim]
+    if plan is not None:
+        out.index_copy_(0, plan.token_rows, decode_attention(q[plan.token_rows], cache_k, cache_v, plan))
+    for prefill in batch.prefills:
+        out[prefill.start : prefill.end] = prefill_attention(q, cache_k, cache_v, prefill)
+    return out.flatten(1)
+
+
+def decode_attention(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, plan: DecodePlan
+) -> torch.Tensor:
+    """q [B, heads, head_dim] (one token per sequence) -> [B, heads, head_dim].
+
+    With one query token, the query heads sharing a kv head become that kv head's query rows
+    ([R, kv_heads, group, head_dim]): SDPA then needs no GQA expansion, and on CPU this is several
+    times faster than `enable_gqa=True` with a single query row (measured in scripts/bench_llama_step.py).
+    """
+    rows, heads, head_dim = plan.slot_hi - plan.slot_lo, q.shape[1], q.shape[2]
+    kv_heads = cache_k.shape[1]
+    keys = cache_k[plan.slot_lo : plan.slot_hi, :, : plan.kv_len]  # [R, kv_heads, kv_len, head_dim] view
+    values = cache_v[plan.slot_lo : plan.slot_hi, :, : plan.kv_len]
+    if plan.in_slot_order:
+        queries = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    else:  # place each sequence's query on its slot's row; other rows compute garbage, discarded
+        queries = q.new_zeros(rows, kv_heads, heads // kv_heads, head_dim)
+        queries.index_copy_(0, plan.slot_rows, q.view(-1, kv_heads, heads // kv_heads, head_dim))
+    out = functional.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.mask)
+    out = out.view(rows, heads, head_dim)
+    return out if plan.in_slot_order else out[plan.slot_rows]
+
+
+def prefill_attention(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, plan: PrefillPlan
+) -> torch.Tensor:
+    """Causal attention of one sequence's chunk over its cache prefix -> [chunk_len, heads, head_dim]."""
+    queries = q[plan.start : plan.end].transpose(0, 1).unsqueeze(0)  # [1, heads, chunk_len, head_dim]
+    keys = cache_k[plan.slot : plan.slot + 1, :, : plan.context_len]  # [1, kv_heads, context_len, head_dim]
+    values = cache_v[plan.slot : plan.slot + 1, :, : plan.context_len]
+    out = functional.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=plan.mask, is_causal=plan.mask is None, enable_gqa=True
+    )
+    return out.squeeze(0).transpose(0, 1)  # [chunk_len, heads, head_dim]

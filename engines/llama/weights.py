@@ -1,0 +1,129 @@
+"""Load a Llama/Mistral/Qwen2 safetensors checkpoint straight into `LlamaModel`'s fused parameters.
+
+No transformers model is built: each tensor is read with `safe_open` and copied (converting dtype)
+into its slice of the fused qkv / gate_up matrices, so peak memory is the model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from engines.llama.kv_cache import SlotKVCache
+from engines.llama.model import LlamaModel
+from engines.llama.spec import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES, LlamaSpec
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+"""Old checkpoints saved these buffers; they are recomputed, never loaded."""
+
+
+def load_llama(
+    model_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    num_slots: int = 8,
+    max_model_len: int = 2048,
+    pack: bool = True,
+) -> tuple[LlamaModel, SlotKVCache, Any]:
+    """Model, a cache of `num_slots` sequences and the HF config; NotImplementedError if unsupported.
+
+    `pack` pre-packs the projection weights for oneDNN on CPU (faster; see `linear.Linear.pack`)."""
+    directory = Path(model_path)
+    check_supported(json.loads((directory / "config.json").read_text()), max_model_len)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    model = LlamaModel(LlamaSpec.from_hf(hf_config), dtype=dtype, device=device, max_model_len=max_model_len)
+    load_weights(model, directory)
+    if pack:
+        model.pack()
+    model.eval()
+    return model, model.make_cache(num_slots), hf_config
+
+
+def check_supported(raw_config: dict[str, Any], max_model_len: int) -> None:
+    """Raise NotImplementedError naming the architecture unless this engine computes it exactly."""
+    architectures = raw_config.get("architectures") or []
+    model_type = raw_config.get("model_type")
+    name = architectures[0] if architectures else model_type
+    if model_type not in SUPPORTED_MODEL_TYPES or not set(architectures) <= SUPPORTED_ARCHITECTURES:
+        raise NotImplementedError(
+            f"Architecture {name!r} (model_type {model_type!r}) is not supported by the native Llama engine; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    window = raw_config.get("sliding_window")
+    uses_window = raw_config.get("use_sliding_window", model_type == "mistral")
+    if uses_window and window is not None and window < max_model_len:
+        raise NotImplementedError(
+            f"{name} uses sliding-window attention (window {window} < max_model_len {max_model_len}), "
+            "which the native Llama engine does not implement; lower max_model_len to at most the window"
+        )
+
+
+def load_weights(model: LlamaModel, directory: Path) -> None:
+    """Fill every parameter of `model` from the `*.safetensors` files (all shards) in `directory`."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors files in {directory}")
+    targets = weight_targets(model)
+    pending = set(targets)
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and name not in targets):
+                    continue  # a tied checkpoint may still store lm_head; the embedding is used
+                if name not in targets:
+                    raise ValueError(
+                        f"Unexpected tensor {name!r} in {file.name}: not a supported Llama layout"
+                    )
+                _copy_into(targets[name], handle.get_tensor(name), name)
+                pending.discard(name)
+    if pending:
+        raise ValueError(f"Checkpoint {directory} lacks {len(pending)} tensors, e.g. {sorted(pending)[:3]}")
+
+
+def _copy_into(target: tuple[torch.Tensor, int], tensor: torch.Tensor, name: str) -> None:
+    destination, offset = target
+    rows = destination.narrow(0, offset, tensor.shape[0])
+    if rows.shape != tensor.shape:
+        raise ValueError(f"Tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}")
+    rows.copy_(tensor)  # converts dtype and moves to the parameter's device
+
+
+def weight_targets(model: LlamaModel) -> dict[str, tuple[torch.Tensor, int]]:
+    """HF tensor name -> (our parameter, first row): fused matrices take several HF tensors each."""
+    spec = model.spec
+    targets: dict[str, tuple[torch.Tensor, int]] = {
+        "model.embed_tokens.weight": (model.embed_tokens.data, 0),
+        "model.norm.weight": (model.norm.weight.data, 0),
+    }
+    if not spec.tie_word_embeddings:
+        targets["lm_head.weight"] = (model.lm_head.weight.data, 0)
+    for index, layer in enumerate(model.layers):
+        prefix = f"model.layers.{index}."
+        parts = {
+            "input_layernorm.weight": (layer.input_norm.weight, 0),
+            "post_attention_layernorm.weight": (layer.post_norm.weight, 0),
+            "self_attn.q_proj.weight": (layer.qkv.weight, 0),
+            "self_attn.k_proj.weight": (layer.qkv.weight, spec.q_size),
+            "self_attn.v_proj.weight": (layer.qkv.weight, spec.q_size + spec.kv_size),
+            "self_attn.q_proj.bias": (layer.qkv.bias, 0),
+            "self_attn.k_proj.bias": (layer.qkv.bias, spec.q_size),
+            "self_attn.v_proj.bias": (layer.qkv.bias, spec.q_size + spec.kv_size),
+            "self_attn.o_proj.weight": (layer.o_proj.weight, 0),
+            "self_attn.o_proj.bias": (layer.o_proj.bias, 0),
+            "mlp.gate_proj.weight": (layer.gate_up.weight, 0),
+            "mlp.up_proj.weight": (layer.gate_up.weight, spec.intermediate_size),
+            "mlp.gate_proj.bias": (layer.gate_up.bias, 0),
+            "mlp.up_proj.bias": (layer.gate_up.bias, spec.intermediate_size),
+            "mlp.down_proj.weight": (layer.down.weight, 0),
+            "mlp.down_proj.bias": (layer.down.bias, 0),
+        }
+        targets.update(
+            {prefix + key: (param.data, row) for key, (param, row) in parts.items() if param is not None}
+        )
+    return targets

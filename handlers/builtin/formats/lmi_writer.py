@@ -1,0 +1,117 @@
+"""LMI responses: ``json`` (non-stream), ``jsonlines`` and ``sse`` (stream), with the tgi_compat variants."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from handlers.builtin.formats.tgi_writer import tgi_error, tgi_finish, tgi_token
+from handlers.builtin.formats.writer import (
+    PLACEHOLDER,
+    ResponseWriter,
+    Tok,
+    WriterContext,
+    dumps,
+    jsonline,
+    sse,
+)
+
+ERROR_TOKEN = {"id": -1, "text": "", "log_prob": -1, "special_token": True}
+"""The token LMI puts on the in-band error line of a stream."""
+
+
+def lmi_token(tok: Tok) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": tok.id, "text": tok.text, "log_prob": tok.logprob}
+    if tok.special:
+        out["special_token"] = True
+    return out
+
+
+class _LmiWriter(ResponseWriter):
+    """Details shared by both LMI shapes; tgi_compat switches token/finish vocabularies to TGI's."""
+
+    def _token(self, tok: Tok) -> dict[str, Any]:
+        return tgi_token(tok) if self.ctx.tgi_compat else lmi_token(tok)
+
+    def _details(self, with_tokens: bool) -> dict[str, Any] | None:
+        compat = self.ctx.tgi_compat
+        if not (self.parsed.details or (compat and not self.parsed.details_explicit)):
+            return None
+        reason = tgi_finish(self.finish_reason) if compat else self.finish_reason
+        details: dict[str, Any] = {
+            "finish_reason": reason,
+            "generated_tokens": len(self.tokens),
+            "inputs": self.ctx.prompt_text,
+        }
+        if with_tokens:
+            details["tokens"] = [self._token(t) for t in self.tokens]
+        if self.parsed.decoder_input_details or (compat and with_tokens):
+            details["prefill"] = []  # prompt-token log-probabilities are not computed by the rolling engine
+        if compat:
+            details["seed"] = self.parsed.params.seed if self.parsed.params.do_sample else None
+        return details
+
+    def _error_details(self) -> dict[str, Any]:
+        return {
+            "finish_reason": "error",
+            "generated_tokens": len(self.tokens),
+            "inputs": self.ctx.prompt_text,
+        }
+
+
+class LmiJsonWriter(_LmiWriter):
+    """``{"generated_text", "details"?}``, held until the end; a one-element list under tgi_compat."""
+
+    def content_type(self) -> str:
+        return "application/json"
+
+    def _token_bytes(self, tok: Tok | None, last: bool) -> bytes:
+        return b""
+
+    def _final_bytes(self) -> bytes:
+        result: dict[str, Any] = {"generated_text": self.full_text}
+        details = self._details(with_tokens=True)
+        if details is not None:
+            result["details"] = details
+        return dumps([result] if self.ctx.tgi_compat else result)
+
+    def _error_bytes(self, message: str, code: int) -> bytes:
+        if self.ctx.tgi_compat:
+            return dumps(tgi_error(message, code))
+        body = {"generated_text": None, "error": message, "code": code, "details": self._error_details()}
+        return dumps(body)
+
+
+class LmiStreamWriter(_LmiWriter):
+    """One line per token (``{"token": ...}``); the last line adds generated_text and details."""
+
+    def __init__(self, ctx: WriterContext, use_sse: bool) -> None:
+        super().__init__(ctx)
+        self.use_sse = use_sse
+        self._frame = sse if use_sse else jsonline
+
+    def content_type(self) -> str:
+        return "text/event-stream" if self.use_sse else "application/jsonlines"
+
+    def _token_bytes(self, tok: Tok | None, last: bool) -> bytes:
+        line: dict[str, Any] = {"token": self._token(tok or PLACEHOLDER)}
+        if last:
+            line["generated_text"] = self.full_text
+            details = self._details(with_tokens=False)
+            if details is not None:
+                line["details"] = details
+        return self._frame(line)
+
+    def _final_bytes(self) -> bytes:
+        return b""
+
+    def _error_bytes(self, message: str, code: int) -> bytes:
+        if self.ctx.tgi_compat:
+            return self._frame(tgi_error(message, code))
+        line = {
+            "token": ERROR_TOKEN,
+            "generated_text": "",
+            "details": self._error_details(),
+            "error": message,
+            "code": code,
+        }
+        return self._frame(line)

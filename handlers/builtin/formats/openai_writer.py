@@ -1,0 +1,95 @@
+"""OpenAI responses shared by completions and chat: envelope, usage, finish reasons, errors, framing."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+from handlers.builtin.formats.writer import SSE_DONE, ResponseWriter, Tok, WriterContext, dumps, jsonline, sse
+
+OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+"""OpenAI knows only stop/length here; a cut-short ("cancelled") generation reports "length"."""
+MISSING_LOGPROB = -9999.0
+"""What OpenAI reports for a log-probability too small to represent; its schema does not allow null."""
+
+
+def openai_finish(reason: str | None) -> str:
+    return OPENAI_FINISH.get(reason or "", "length")
+
+
+def openai_error(message: str, code: int) -> dict[str, Any]:
+    """The error object the openai SDK raises from (also in-stream: ``data: {"error": ...}``)."""
+    kind = "invalid_request_error" if 400 <= code < 500 and code != 424 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class OpenAIWriter(ResponseWriter):
+    """Non-stream: one object. Stream: a chunk per token, a usage chunk if asked, then ``[DONE]`` (SSE).
+
+    ``use_sse`` False gives LMI's jsonlines framing of the same chunks (chat through /invocations).
+    """
+
+    object_name = ""
+    chunk_object_name = ""
+    id_prefix = ""
+
+    def __init__(self, ctx: WriterContext, stream: bool, use_sse: bool = True) -> None:
+        super().__init__(ctx)
+        self.stream, self.use_sse = stream, use_sse
+        self._frame = sse if use_sse else jsonline
+        self._chunks_sent = 0
+
+    def content_type(self) -> str:
+        if not self.stream:
+            return "application/json"
+        return "text/event-stream" if self.use_sse else "application/jsonlines"
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        return {
+            "id": f"{self.id_prefix}{self.ctx.request_id}",
+            "object": self.chunk_object_name if chunk else self.object_name,
+            "created": self.ctx.created,
+            "model": self.ctx.model_name,
+        }
+
+    def _usage(self) -> dict[str, int]:
+        prompt, completion = self.ctx.prompt_tokens, len(self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _token_bytes(self, tok: Tok | None, last: bool) -> bytes:
+        if not self.stream:
+            return b""
+        choice = self._delta_choice(tok, last)
+        if choice is None:
+            return b""
+        self._chunks_sent += 1
+        chunk = {**self._envelope(chunk=True), "choices": [choice]}
+        if self.parsed.include_usage:
+            chunk["usage"] = None
+        return self._frame(chunk)
+
+    def _final_bytes(self) -> bytes:
+        if not self.stream:
+            return dumps(
+                {**self._envelope(chunk=False), "choices": [self._full_choice()], "usage": self._usage()}
+            )
+        out = b""
+        if self.parsed.include_usage:
+            out += self._frame({**self._envelope(chunk=True), "choices": [], "usage": self._usage()})
+        return out + (SSE_DONE if self.use_sse else b"")
+
+    def _error_bytes(self, message: str, code: int) -> bytes:
+        if not self.stream:
+            return dumps(openai_error(message, code))
+        return self._frame(openai_error(message, code)) + (SSE_DONE if self.use_sse else b"")
+
+    def _finish_or_none(self, last: bool) -> str | None:
+        return openai_finish(self.finish_reason) if last else None
+
+    @abstractmethod
+    def _delta_choice(self, tok: Tok | None, last: bool) -> dict[str, Any] | None:
+        """The choice of one stream chunk, or None when there is nothing worth a chunk."""
+
+    @abstractmethod
+    def _full_choice(self) -> dict[str, Any]:
+        """The single choice of the non-stream response."""

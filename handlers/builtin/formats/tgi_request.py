@@ -1,0 +1,66 @@
+"""TGI ``/generate`` and ``/generate_stream`` bodies, including the None-filled ones text_generation sends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from handlers.builtin.formats.lmi_request import IGNORED, NEUTRAL
+from handlers.builtin.formats.request import API_TGI, ROUTE_TGI, ParsedRequest
+from handlers.builtin.formats.sampling import build_params, read_knobs
+from handlers.builtin.formats.validate import (
+    check_fields,
+    get_bool,
+    get_int,
+    get_object,
+    get_prompt,
+    get_stop,
+)
+
+TGI_DEFAULT_MAX_NEW_TOKENS = 20
+"""TGI's classic default (and the text_generation client's)."""
+TOP_LEVEL = ("inputs", "parameters", "stream")
+PARAMETERS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "details",
+    "return_full_text",
+    "decoder_input_details",
+)
+
+
+def parse_tgi(body: dict[str, Any], stream: bool | None = None) -> ParsedRequest:
+    """Parse a TGI request; ``stream`` comes from the route (/generate_stream) and overrides the body."""
+    check_fields(body, "", TOP_LEVEL)
+    prompt = get_prompt(body)
+    p = get_object(body, "parameters", "")
+    where = "parameters"
+    check_fields(p, where, PARAMETERS, IGNORED, NEUTRAL)
+    knobs = read_knobs(p, where, min_temperature_exclusive=True)
+    max_new = get_int(p, "max_new_tokens", where, None, minimum=1)
+    params = build_params(
+        knobs,
+        do_sample=get_bool(p, "do_sample", where, False) or knobs.any_warper(),
+        max_new_tokens=TGI_DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new,
+        min_new_tokens=0,
+        stop=get_stop(p, "stop", where),
+        ignore_eos=False,
+        names=(where, "max_new_tokens", "max_new_tokens"),
+    )
+    return ParsedRequest(
+        api=API_TGI,
+        params=params,
+        prompt=prompt,
+        stream=get_bool(body, "stream", "", False) if stream is None else stream,
+        details=get_bool(p, "details", where, False),
+        details_explicit=p.get("details") is not None,
+        return_full_text=get_bool(p, "return_full_text", where, False),
+        decoder_input_details=get_bool(p, "decoder_input_details", where, False),
+        route=ROUTE_TGI,
+        max_new_tokens_set=max_new is not None,
+    )
