@@ -36,14 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--log-level", default=os.environ.get("SERVING_LOG_LEVEL", "info"))
+    from serving.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(getattr(args, "log_level", "info"))
     if args.command == "serve":
         sys.exit(_serve(args.model_dir, args.host, args.port))
+    if args.command == "bench":
+        from serving.bench.cli import run as run_bench
+
+        sys.exit(run_bench(args))
 
 
 def sagemaker_serve() -> None:

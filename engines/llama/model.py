@@ -80,7 +80,8 @@ class DecoderLayer(nn.Module):
 
     def pack(self) -> bool:
         """Pre-pack the four projections for oneDNN (see `Linear.pack`)."""
-        return all([self.qkv.pack(), self.o_proj.pack(), self.gate_up.pack(), self.down.pack()])
+        packed = [self.qkv.pack(), self.o_proj.pack(), self.gate_up.pack(), self.down.pack()]
+        return all(packed)
 
 
 class LlamaModel(nn.Module):
@@ -136,5 +137,6 @@ class LlamaModel(nn.Module):
         """Pre-pack every projection for oneDNN once weights are loaded; True if all were packed.
 
         A tied LM head keeps the embedding (lookups need it), so it costs one extra packed copy."""
-        layers = all([layer.pack() for layer in self.layers])
-        return self.lm_head.pack(keep_weight=self.spec.tie_word_embeddings) and layers
+        packed = [layer.pack() for layer in self.layers]  # every layer, even after a failure
+        packed.append(self.lm_head.pack(keep_weight=self.spec.tie_word_embeddings))
+        return all(packed)

@@ -169,3 +169,18 @@ def test_disconnect_mid_stream_frees_the_slot(tmp_path):
     assert quick.status_code == 200
     assert "cancelled by the client" in log
     assert elapsed < 5.0
+
+
+def test_default_model_greedy_parity_with_hf_generate():
+    from engines.hf.default_model import ensure_default_model
+
+    path = ensure_default_model()
+    prompts = ["The capital of France is", "List three colours:", "def fibonacci(n):\n    "]
+    expected = hf_greedy(path, prompts, 16)
+    env = {"OPTION_MAX_ROLLING_BATCH_SIZE": "4", "OPTION_MAX_MODEL_LEN": "512", "OPTION_DTYPE": "fp32"}
+    with ServerProcess(None, env) as srv:
+        srv.wait_ready(timeout_s=240)
+        with cf.ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(stream_ids, srv, p, 16, 0.3 * i) for i, p in enumerate(prompts)]
+            got = [f.result()[0] for f in futures]
+    assert got == expected
