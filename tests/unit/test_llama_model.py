@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from engines.llama.attention import attend
 from engines.llama.batch import ForwardBatch
 from engines.llama.kv_cache import SlotKVCache
+from engines.llama.linear import mkldnn_packing_available
 from engines.llama.model import LlamaModel
 from engines.llama.rope import inverse_frequencies
 from engines.llama.spec import LlamaSpec
@@ -111,6 +113,19 @@ def test_packed_prefill_matches_hf_logits(tiny: tuple[Path, object]) -> None:
             torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=0)
 
 
+def test_unpacked_weights_give_the_same_logits(tiny: tuple[Path, object]) -> None:
+    """The plain F.linear fallback (no oneDNN packing) computes the same model."""
+    path, _ = tiny
+    packed, packed_cache, config = load_llama(str(path), torch.float32, "cpu", num_slots=2, max_model_len=64)
+    plain, plain_cache, _ = load_llama(
+        str(path), torch.float32, "cpu", num_slots=2, max_model_len=64, pack=False
+    )
+    assert plain.layers[0].qkv.packed is None
+    assert (packed.layers[0].qkv.packed is not None) == mkldnn_packing_available()
+    batch = ForwardBatch.build([(0, p, 0) for p in _prompts(config.vocab_size, [6])] + [(1, [5, 6], 0)])
+    torch.testing.assert_close(packed(batch, packed_cache), plain(batch, plain_cache), atol=1e-5, rtol=0)
+
+
 def test_chunked_prefill_continues_a_prefix(tiny: tuple[Path, object]) -> None:
     path, hf_model = tiny
     model, cache, config = load_llama(str(path), torch.float32, "cpu", num_slots=2, max_model_len=64)
@@ -183,6 +198,31 @@ def test_bf16_agrees_with_fp32(tiny: tuple[Path, object]) -> None:
         top5 = fp32(batch, cache32).topk(5, dim=-1).indices
         predicted = bf16(batch, cache16).argmax(-1)
         assert all(predicted[row] in top5[row] for row in range(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [[0, 1, 2], [4, 1, 2]])
+def test_decode_attention_matches_per_sequence_reference(dtype: torch.dtype, slots: list[int]) -> None:
+    """Both decode layouts (heads as rows in bf16, enable_gqa in fp32), in and out of slot order,
+    next to a prefill chunk, against plain per-sequence attention over each sequence's prefix."""
+    heads, kv_heads, dim = 6, 2, 8
+    generator = torch.Generator().manual_seed(0)
+    cache_k = torch.randn(6, kv_heads, 16, dim, generator=generator).to(dtype)
+    cache_v = torch.randn(6, kv_heads, 16, dim, generator=generator).to(dtype)
+    starts = [9, 3, 12]
+    batch = ForwardBatch.build(
+        [(slot, [1], start) for slot, start in zip(slots, starts, strict=True)] + [(3, [1, 1], 0)]
+    )
+    q = torch.randn(batch.token_ids.numel(), heads, dim, generator=generator).to(dtype)
+    out = attend(q, cache_k, cache_v, batch).view(-1, heads, dim)
+    for row, (slot, start) in enumerate(zip(slots, starts, strict=True)):
+        keys = cache_k[slot, :, : start + 1].float().repeat_interleave(heads // kv_heads, 0)
+        values = cache_v[slot, :, : start + 1].float().repeat_interleave(heads // kv_heads, 0)
+        weights = (q[row].float().unsqueeze(1) @ keys.transpose(1, 2) / dim**0.5).softmax(-1)
+        expected = (weights @ values).squeeze(1)  # [heads, dim]
+        torch.testing.assert_close(
+            out[row].float(), expected, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0
+        )
 
 
 def test_unsupported_architectures_raise(tmp_path: Path) -> None:
