@@ -62,6 +62,31 @@ def _int_option(config: EngineConfig, key: str, default: int) -> int:
     return value
 
 
+def _cache_slots(config: EngineConfig, raw: dict, max_model_len: int, dtype: torch.dtype) -> int:
+    """max_rolling_batch_size slots, fewer if option.kv_cache_memory_bytes cannot hold that many."""
+    from engines.llama.kv_cache import SlotKVCache
+
+    slots = _int_option(config, "max_rolling_batch_size", 32)
+    if "kv_cache_memory_bytes" not in config.extra:
+        return slots
+    budget = _int_option(config, "kv_cache_memory_bytes", 1)
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    kv_heads = raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    shape = (raw["num_hidden_layers"], max_model_len, kv_heads, head_dim, dtype)
+    fitting = SlotKVCache.slots_for_budget(budget, *shape)
+    if fitting < 1:
+        raise EngineLoadError(
+            f"option.kv_cache_memory_bytes={budget} cannot hold one sequence of option.max_model_len="
+            f"{max_model_len} tokens ({SlotKVCache.slot_bytes(*shape)} bytes). Raise the budget or lower "
+            "max_model_len."
+        )
+    if fitting < slots:
+        log.warning(
+            "KV cache budget holds %d sequences, fewer than max_rolling_batch_size=%d", fitting, slots
+        )
+    return min(slots, fitting)
+
+
 def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -71,8 +96,8 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     raw = json.loads((Path(config.model_path) / "config.json").read_text())
     limit = int(raw.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
     max_model_len = _int_option(config, "max_model_len", min(limit, DEFAULT_MAX_MODEL_LEN))
-    slots = _int_option(config, "max_rolling_batch_size", 32)
     dtype = _dtype(config.dtype, raw.get("torch_dtype") or raw.get("dtype"))
+    slots = _cache_slots(config, raw, max_model_len, dtype)
     model, cache, hf_config = load_llama(config.model_path, dtype, config.device, slots, max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     try:

@@ -1,0 +1,61 @@
+"""RollingEngine on a tiny seeded Llama: KV budget sizing, cancellation frees slots, stop handling."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from support import ROOT
+
+from engines.base import EngineConfig, EngineLoadError
+from engines.rolling.factory import create_rolling_engine
+from engines.rolling.sequence import held_back
+from engines.rolling.types import GenerationRequest, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts" / "make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0))
+
+
+def engine_for(path, **extra):
+    options = {"max_model_len": "64", "max_rolling_batch_size": "4", **extra}
+    return create_rolling_engine(EngineConfig(model_path=path, dtype="fp32", extra=options))
+
+
+def test_kv_budget_limits_slots_and_names_the_numbers(tiny):
+    one_slot = engine_for(tiny).cache.bytes_per_slot()
+    assert engine_for(tiny, kv_cache_memory_bytes=str(2 * one_slot)).free_slots() == 2
+    with pytest.raises(EngineLoadError, match="kv_cache_memory_bytes=10 cannot hold one sequence"):
+        engine_for(tiny, kv_cache_memory_bytes="10")
+
+
+def test_cancel_frees_the_slot_and_finished_sequences_retire(tiny):
+    engine = engine_for(tiny)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    engine.step([GenerationRequest("a", [1, 2, 3], params), GenerationRequest("b", [4, 5], params)], [])
+    assert engine.free_slots() == 2
+    events = engine.step([], ["a"])
+    assert [e.finish_reason for e in events if e.request_id == "a"] == ["cancelled"]
+    assert engine.free_slots() == 3
+    short = SamplingParams(max_new_tokens=1)
+    done = engine.step([GenerationRequest("c", [7], short)], [])
+    assert any(e.request_id == "c" and e.finish_reason == "length" for e in done)
+    assert engine.free_slots() == 3  # c came and went in one step; b still holds its slot
+
+
+def test_too_long_request_is_an_error_event(tiny):
+    engine = engine_for(tiny)
+    events = engine.step([GenerationRequest("x", list(range(1, 60)), SamplingParams(max_new_tokens=10))], [])
+    assert events[0].finish_reason == "error"
+    assert "59 prompt tokens + max_new_tokens=10 = 69 exceeds option.max_model_len=64" in events[0].error
+    assert engine.free_slots() == 4
+
+
+def test_held_back_text_that_may_start_a_stop_sequence():
+    assert held_back("hello wor", ("world",)) == 3
+    assert held_back("hello", ("xyz",)) == 0
+    assert held_back("abc", ()) == 0
