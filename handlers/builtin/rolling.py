@@ -90,6 +90,9 @@ class RollingTextHandler:
             return [
                 error_frame(request.request_id, f"{exc}; retry later or raise job_queue_size", 503, route)
             ]
+        except Exception as exc:  # e.g. a chat template rejecting the messages: answer, keep serving
+            log.exception("Cannot prepare request %s", request.request_id)
+            return [error_frame(request.request_id, f"Cannot prepare the request: {exc}", 400, route)]
         self.jobs[request.request_id] = Job(writer, parsed.stream, route)
         return []
 

@@ -184,3 +184,13 @@ def test_default_model_greedy_parity_with_hf_generate():
             futures = [pool.submit(stream_ids, srv, p, 16, 0.3 * i) for i, p in enumerate(prompts)]
             got = [f.result()[0] for f in futures]
     assert got == expected
+
+
+def test_bad_chat_and_bad_parameters_get_400_and_the_server_keeps_serving(tiny):
+    srv, _ = tiny
+    bad_role = srv.post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
+    assert 400 <= bad_role.status_code < 500
+    bad_param = srv.post(json_body={"inputs": "hi", "parameters": {"temprature": 0.5}})
+    assert bad_param.status_code == 400
+    assert "temprature" in bad_param.text
+    assert srv.post(json_body={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
