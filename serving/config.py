@@ -84,6 +84,9 @@ SPECS: dict[str, Spec] = {
     "min_workers": Spec(("minWorkers", "cpu.minWorkers", "min_workers"), _positive_int, "a positive integer"),
     "max_workers": Spec(("maxWorkers", "cpu.maxWorkers", "max_workers"), _positive_int, "a positive integer"),
     "retry_threshold": Spec(("retry_threshold",), _non_negative_int, "an integer >= 0"),
+    "max_rolling_batch_prefill_tokens": Spec(
+        ("option.max_rolling_batch_prefill_tokens",), _positive_int, "a positive integer"
+    ),
     "predict_timeout_s": Spec(("option.predict_timeout",), _positive_float, "seconds, a number > 0"),
     "model_loading_timeout_s": Spec(("option.model_loading_timeout",), _positive_float, "seconds > 0"),
     "max_request_size": Spec(("max_request_size",), _positive_int, "bytes, a positive integer"),
@@ -182,6 +185,8 @@ class ServingConfig:
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
     http_workers: int = 1
     rolling_batch: str = "auto"
+    max_rolling_batch_prefill_tokens: int = 4096
+    """Prompt tokens the rolling batch admits per step (a lone longer prompt still goes alone)."""
     fail_fast: bool = False
     safe_port_range: tuple[int, int] | None = None
     options: dict[str, str] = field(default_factory=dict)

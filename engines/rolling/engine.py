@@ -38,6 +38,10 @@ class RollingEngine:
         self.device = next(model.parameters()).device
         self.running: dict[str, Sequence] = {}
 
+    @property
+    def num_slots(self) -> int:
+        return self.cache.num_slots
+
     def free_slots(self) -> int:
         return self.cache.num_free()
 

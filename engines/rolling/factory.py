@@ -14,14 +14,6 @@ from engines.rolling.engine import RollingEngine, eos_token_ids
 
 log = logging.getLogger("engines.rolling")
 
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 DEFAULT_MAX_MODEL_LEN = 2048
 
 
@@ -37,18 +29,6 @@ def supports_rolling(model_path: str) -> str | None:
     except NotImplementedError as exc:
         return str(exc)
     return None
-
-
-def _dtype(name: str, checkpoint_dtype: str | None) -> torch.dtype:
-    if name == "auto":
-        return (
-            DTYPES.get(str(checkpoint_dtype), torch.float32)
-            if checkpoint_dtype != "float16"
-            else torch.float32
-        )
-    if name not in DTYPES:
-        raise EngineLoadError(f"Unsupported option.dtype={name!r}; use fp32, bf16, fp16 or auto.")
-    return DTYPES[name]
 
 
 def _int_option(config: EngineConfig, key: str, default: int) -> int:
@@ -88,15 +68,16 @@ def _cache_slots(config: EngineConfig, raw: dict, max_model_len: int, dtype: tor
 
 
 def create_rolling_engine(config: EngineConfig) -> RollingEngine:
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from engines.hf.loading import resolve_dtype
     from engines.llama.weights import load_llama
 
     started = time.perf_counter()
     raw = json.loads((Path(config.model_path) / "config.json").read_text())
     limit = int(raw.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
     max_model_len = _int_option(config, "max_model_len", min(limit, DEFAULT_MAX_MODEL_LEN))
-    dtype = _dtype(config.dtype, raw.get("torch_dtype") or raw.get("dtype"))
+    dtype = resolve_dtype(config.dtype, AutoConfig.from_pretrained(config.model_path), config.device)
     slots = _cache_slots(config, raw, max_model_len, dtype)
     model, cache, hf_config = load_llama(config.model_path, dtype, config.device, slots, max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)

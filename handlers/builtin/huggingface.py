@@ -135,15 +135,12 @@ class HuggingFaceHandler:
         return Output().add(body).add_property("Content-Type", "application/json")
 
 
-ROLLING_CHOICES = ("auto", "lmi-dist", "scheduler", "vllm", "trtllm")
-
-
 def wants_rolling(properties: dict[str, str]) -> bool:
     """Continuous batching unless disabled, or dynamic batching (batch_size > 1) was asked for (as DJL)."""
     rolling = properties.get("rolling_batch", "auto").lower()
     task = properties.get("task", "text-generation")
     dynamic = properties.get("batch_size", "1") != "1"
-    return rolling in ROLLING_CHOICES and not dynamic and task == "text-generation"
+    return rolling != "disable" and not dynamic and task == "text-generation"
 
 
 def create_handler(properties: dict[str, str]) -> Any:

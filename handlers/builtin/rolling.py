@@ -15,6 +15,7 @@ from engines.rolling.types import GenerationRequest
 from handlers.builtin import formats
 from handlers.builtin.formats import ParsedRequest, RequestError
 from serving import messages as msg
+from serving.config import ServingConfig
 from serving.scheduler import RollingScheduler
 
 log = logging.getLogger("handlers.builtin.rolling")
@@ -51,12 +52,15 @@ class RollingTextHandler:
         self.model_name = properties.get("model_name") or "model"
         self.output_formatter = properties.get("output_formatter")
         self.tgi_compat = properties.get("tgi_compat", "false").lower() == "true"
-        max_batch = int(properties.get("max_rolling_batch_size", "32"))
-        prefill = int(properties.get("max_rolling_batch_prefill_tokens", "4096"))
-        queue = int(properties.get("job_queue_size", "1000"))
-        timeout = float(properties.get("predict_timeout", "120"))
-        self.capacity = max_batch + queue
-        self.scheduler = RollingScheduler(engine, max_batch, prefill, queue, timeout)
+        # Server keys were validated at start-up (serving.config); the engine already sized its
+        # slots from max_rolling_batch_size and the KV budget, so the batch limit is its slot count.
+        prefill = int(
+            properties.get("max_rolling_batch_prefill_tokens", ServingConfig.max_rolling_batch_prefill_tokens)
+        )
+        queue = int(properties.get("job_queue_size", ServingConfig.job_queue_size))
+        timeout = float(properties.get("predict_timeout", ServingConfig.predict_timeout_s))
+        self.capacity = engine.num_slots + queue
+        self.scheduler = RollingScheduler(engine, engine.num_slots, prefill, queue, timeout)
         self.jobs: dict[str, Job] = {}
 
     def has_work(self) -> bool:

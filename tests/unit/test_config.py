@@ -186,6 +186,7 @@ def test_relative_model_dir_becomes_absolute(tmp_path: Path, monkeypatch: pytest
     ("key", "value", "expected"),
     [
         ("job_queue_size", "0", "a positive integer"),
+        ("option.max_rolling_batch_prefill_tokens", "0", "a positive integer"),
         ("batch_size", "abc", "a positive integer"),
         ("max_dynamic_batch_size", "-1", "a positive integer"),
         ("max_batch_delay", "-5", "milliseconds, an integer >= 0"),

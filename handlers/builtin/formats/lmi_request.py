@@ -6,7 +6,7 @@ from typing import Any
 
 from handlers.builtin.formats.openai_request import parse_chat
 from handlers.builtin.formats.request import API_LMI, ROUTE_INVOCATIONS, ParsedRequest
-from handlers.builtin.formats.sampling import build_params, read_knobs
+from handlers.builtin.formats.sampling import KNOB_FIELDS, build_params, read_knobs
 from handlers.builtin.formats.validate import (
     check_fields,
     get_bool,
@@ -21,11 +21,7 @@ TOP_LEVEL = ("inputs", "parameters", "stream")
 PARAMETERS = (
     "max_new_tokens",
     "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "seed",
+    *KNOB_FIELDS,
     "stop_sequences",
     "stop",
     "ignore_eos",

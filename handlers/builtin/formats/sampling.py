@@ -10,6 +10,9 @@ from engines.rolling.types import SamplingParams
 from handlers.builtin.formats.errors import RequestError
 from handlers.builtin.formats.validate import SEED_LIMIT, get_float, get_int, qualified
 
+KNOB_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+"""The fields read_knobs reads; every API's field list includes them under these names."""
+
 
 @dataclass
 class Knobs:

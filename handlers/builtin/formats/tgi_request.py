@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers.builtin.formats.lmi_request import IGNORED, NEUTRAL
+from handlers.builtin.formats.lmi_request import IGNORED, NEUTRAL, TOP_LEVEL
 from handlers.builtin.formats.request import API_TGI, ROUTE_TGI, ParsedRequest
-from handlers.builtin.formats.sampling import build_params, read_knobs
+from handlers.builtin.formats.sampling import KNOB_FIELDS, build_params, read_knobs
 from handlers.builtin.formats.validate import (
     check_fields,
     get_bool,
@@ -18,15 +18,10 @@ from handlers.builtin.formats.validate import (
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 20
 """TGI's classic default (and the text_generation client's)."""
-TOP_LEVEL = ("inputs", "parameters", "stream")
 PARAMETERS = (
     "max_new_tokens",
     "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "seed",
+    *KNOB_FIELDS,
     "stop",
     "details",
     "return_full_text",
