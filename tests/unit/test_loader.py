@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,16 +18,7 @@ from handlers.loader import (
 )
 from serving.config import load_config
 
-
-@pytest.fixture(autouse=True)
-def isolated_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The loader puts model folders on sys.path and modules in sys.modules; undo both."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        if name.startswith(("model_", "lmi_test")):  # only what the tests' own files defined
-            del sys.modules[name]
+pytestmark = pytest.mark.usefixtures("isolated_imports")
 
 
 def write(path: Path, source: str) -> Path:

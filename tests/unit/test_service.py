@@ -4,9 +4,7 @@ and SageMaker-style modules."""
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +14,7 @@ from handlers.loader import HandlerLoadError
 from handlers.service import HandlerService, error_output, is_out_of_memory
 from serving.config import load_config
 
-
-@pytest.fixture(autouse=True)
-def isolated_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Loading a model.py changes sys.path and sys.modules; undo both after each test."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        if name.startswith(("model_", "lmi_test")):  # only what the tests' own files defined
-            del sys.modules[name]
+pytestmark = pytest.mark.usefixtures("isolated_imports")
 
 
 def service_for(tmp_path: Path, source: str, properties: dict[str, str] | None = None) -> HandlerService:

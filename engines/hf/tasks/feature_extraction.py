@@ -17,6 +17,7 @@ import torch
 
 from engines.base import EngineLoadError, TaskRequest
 from engines.hf.loading import LoadedModel
+from engines.hf.tasks.packing import all_inputs, split_per_request
 from engines.hf.tasks.params import as_bool, reject_unknown
 
 logger = logging.getLogger("engines.hf")
@@ -88,12 +89,10 @@ class EmbeddingRunner:
     def run(self, requests: list[TaskRequest]) -> list[list[list[float]]]:
         """All inputs of all requests in one forward pass; normalisation is applied per request."""
         normalize = [self._normalize(request.parameters) for request in requests]
-        texts = [text for request in requests for text in request.inputs]
+        texts = all_inputs(requests)
         embeddings = self.embed(texts) if texts else torch.empty(0)
-        results, offset = [], 0
-        for request, unit in zip(requests, normalize, strict=True):
-            vectors = embeddings[offset : offset + len(request.inputs)]
-            offset += len(request.inputs)
+        results = []
+        for vectors, unit in zip(split_per_request(requests, embeddings), normalize, strict=True):
             if unit and len(vectors):
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             results.append(vectors.tolist())

@@ -12,6 +12,7 @@ import torch
 
 from engines.base import EngineLoadError, RequestError, TaskRequest
 from engines.hf.loading import LoadedModel
+from engines.hf.tasks.packing import all_inputs, split_per_request
 from engines.hf.tasks.params import as_int, reject_unknown
 
 DEFAULT_TOP_K = 5
@@ -26,14 +27,10 @@ class FillMaskRunner:
 
     def run(self, requests: list[TaskRequest]) -> list[list[Any]]:
         top_ks = [self._top_k(request.parameters) for request in requests]
-        texts = [text for request in requests for text in request.inputs]
+        texts = all_inputs(requests)
         per_text_k = [k for request, k in zip(requests, top_ks, strict=True) for _ in request.inputs]
         predictions = self.predict(texts, per_text_k) if texts else []
-        results, offset = [], 0
-        for request in requests:
-            results.append(predictions[offset : offset + len(request.inputs)])
-            offset += len(request.inputs)
-        return results
+        return [list(rows) for rows in split_per_request(requests, predictions)]
 
     def _top_k(self, parameters: dict[str, Any]) -> int:
         reject_unknown(parameters, ("top_k",), "fill-mask")

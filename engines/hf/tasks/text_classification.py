@@ -12,6 +12,7 @@ import torch
 
 from engines.base import TaskRequest
 from engines.hf.loading import LoadedModel
+from engines.hf.tasks.packing import all_inputs, split_per_request
 from engines.hf.tasks.params import as_int, reject_unknown
 
 
@@ -24,14 +25,10 @@ class ClassificationRunner:
 
     def run(self, requests: list[TaskRequest]) -> list[list[Any]]:
         top_ks = [self._top_k(request.parameters) for request in requests]
-        texts = [text for request in requests for text in request.inputs]
+        texts = all_inputs(requests)
         scores = self.scores(texts) if texts else torch.empty(0)
-        results, offset = [], 0
-        for request, top_k in zip(requests, top_ks, strict=True):
-            rows = scores[offset : offset + len(request.inputs)]
-            offset += len(request.inputs)
-            results.append([self._format(row, top_k) for row in rows])
-        return results
+        per_request = split_per_request(requests, scores)
+        return [[self._format(row, k) for row in rows] for rows, k in zip(per_request, top_ks, strict=True)]
 
     def _top_k(self, parameters: dict[str, Any]) -> int | None:
         reject_unknown(parameters, ("top_k",), "text-classification")
