@@ -151,6 +151,8 @@ class Broker:
         inflight = self.inflight.pop(request_id, None)
         if inflight is not None:
             slot = self.slots[inflight.slot]
+            if slot.capacity > 1 and request_id in slot.batch:
+                slot.batch.remove(request_id)  # a rolling worker sends nothing more for it
             self.back.send_multipart([slot.identity, msg.CANCEL, request_id.encode()])
 
     # ---- worker side -----------------------------------------------------------------------
@@ -170,14 +172,14 @@ class Broker:
             slot.state, slot.batch, slot.overdue_since = READY, [], None
             self.queue.batch_done(time.monotonic())
         else:
-            self._relay(kind, frames[2].decode(), frames[3])
+            self._relay(slot, kind, frames[2].decode(), frames[3])
 
-    def _relay(self, kind: bytes, request_id: str, payload: bytes) -> None:
+    def _relay(self, slot: WorkerSlot, kind: bytes, request_id: str, payload: bytes) -> None:
+        # Any frame shows the worker is alive: predict_timeout bounds silence, not a whole stream.
+        slot.batch_started, slot.overdue_since = time.monotonic(), None
         inflight = self.inflight.get(request_id)
         if inflight is None:
             return  # timed out or cancelled: the client already has its answer
-        slot = self.slots[inflight.slot]
-        slot.batch_started = time.monotonic()  # predict_timeout bounds silence, not a whole stream
         if kind in msg.TERMINAL:
             del self.inflight[request_id]
             if request_id in slot.batch:
@@ -264,7 +266,13 @@ class Broker:
                     "Raise option.predict_timeout or send smaller requests."
                 ),
             )
-        elif slot.overdue_since is not None and now - slot.overdue_since > max(5.0, timeout):
+            if slot.capacity > 1:  # rolling: free the sequences; new work then shows if it is stuck
+                for request_id in slot.batch:
+                    self.back.send_multipart([slot.identity, msg.CANCEL, request_id.encode()])
+                slot.batch = []
+        elif slot.overdue_since is not None and now - max(slot.overdue_since, slot.batch_started) > max(
+            5.0, timeout
+        ):  # still silent a grace period after the timeout (or after new work reached it)
             log.error("Model worker %d is stuck past its timeout; restarting it", slot.index)
             slot.kill()
             self._restart(slot)

@@ -154,7 +154,11 @@ def test_tgi_client_generate_and_stream(tiny):
 def test_disconnect_mid_stream_frees_the_slot(tmp_path):
     # One slot: if the cancelled sequence kept it, the next request would wait for ~4000 more tokens.
     path = _tiny_llama(tmp_path / "llama")
-    env = {"OPTION_MAX_ROLLING_BATCH_SIZE": "1", "OPTION_MAX_MODEL_LEN": "4096"}
+    env = {
+        "OPTION_MAX_ROLLING_BATCH_SIZE": "1",
+        "OPTION_MAX_MODEL_LEN": "4096",
+        "OPTION_PREDICT_TIMEOUT": "1",
+    }
     with ServerProcess(path, env) as srv:
         srv.wait_ready(timeout_s=180)
         body = {"inputs": "hello", "parameters": {"max_new_tokens": 4000, "ignore_eos": True}, "stream": True}
@@ -165,9 +169,13 @@ def test_disconnect_mid_stream_frees_the_slot(tmp_path):
         started = time.monotonic()
         quick = srv.post(json_body={"inputs": "hello", "parameters": {"max_new_tokens": 4}}, timeout=60)
         elapsed = time.monotonic() - started
+        time.sleep(7)  # past predict_timeout + grace: a cancelled request must not look like a hang
+        after = srv.post(json_body={"inputs": "hello", "parameters": {"max_new_tokens": 4}}, timeout=60)
         log = srv.output()
     assert quick.status_code == 200
+    assert after.status_code == 200
     assert "cancelled by the client" in log
+    assert "stuck" not in log
     assert elapsed < 5.0
 
 
