@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         sock.close()
         sys.exit(3)
     rolling = service.rolling_handler
-    capacity = rolling.capacity if rolling is not None else 1
-    sock.send_multipart([msg.READY, json.dumps({"capacity": capacity}).encode()])
+    capacity = rolling.capacity if rolling is not None else 0
+    sock.send_multipart([msg.READY, json.dumps({"rolling_capacity": capacity}).encode()])
     if rolling is not None:
         RollingWorker(sock, rolling).serve_forever()
     Worker(sock, service).serve_forever()

@@ -151,7 +151,7 @@ class Broker:
         inflight = self.inflight.pop(request_id, None)
         if inflight is not None:
             slot = self.slots[inflight.slot]
-            if slot.capacity > 1 and request_id in slot.batch:
+            if slot.rolling_capacity and request_id in slot.batch:
                 slot.batch.remove(request_id)  # a rolling worker sends nothing more for it
             self.back.send_multipart([slot.identity, msg.CANCEL, request_id.encode()])
 
@@ -165,7 +165,7 @@ class Broker:
             return  # a message from a worker generation we already gave up on
         elif kind == msg.READY:
             slot.state, slot.loaded = READY, True
-            slot.capacity = int(json.loads(frames[2] or b"{}").get("capacity", 1))
+            slot.rolling_capacity = int(json.loads(frames[2] or b"{}").get("rolling_capacity", 0))
             self.ever_ready = all(s.loaded for s in self.slots)
             log.info("Model worker %d ready in %.1f s", slot.index, time.monotonic() - slot.started_at)
         elif kind == msg.DONE:
@@ -187,15 +187,15 @@ class Broker:
         self.front.send_multipart([inflight.front, kind, request_id.encode(), payload])
 
     def _dispatch(self, now: float) -> None:
-        rolling = [s for s in self.slots if s.state == READY and s.capacity > 1]
+        rolling = [s for s in self.slots if s.state == READY and s.rolling_capacity]
         while rolling and len(self.queue):
             slot = min(rolling, key=lambda s: len(s.batch))  # least loaded replica
-            if len(slot.batch) >= slot.capacity:
+            if len(slot.batch) >= slot.rolling_capacity:
                 break
             self._send(slot, self.queue.take(limit=1), now, READY)
         any_busy = any(s.state == BUSY for s in self.slots)
         for slot in self.slots:
-            if slot.state != READY or slot.capacity > 1 or not self.queue.ready(now, any_busy):
+            if slot.state != READY or slot.rolling_capacity or not self.queue.ready(now, any_busy):
                 continue
             self._send(slot, self.queue.take(), now, BUSY)
             any_busy = True
@@ -266,7 +266,7 @@ class Broker:
                     "Raise option.predict_timeout or send smaller requests."
                 ),
             )
-            if slot.capacity > 1:  # rolling: free the sequences; new work then shows if it is stuck
+            if slot.rolling_capacity:  # rolling: free the sequences; new work then shows if it is stuck
                 for request_id in slot.batch:
                     self.back.send_multipart([slot.identity, msg.CANCEL, request_id.encode()])
                 slot.batch = []

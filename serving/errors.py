@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 
 class ServingError(Exception):
     """An error with an HTTP status and a message that tells the client what to do."""
@@ -19,9 +17,6 @@ class ServingError(Exception):
 
     def body(self) -> dict:
         return {"code": self.status_code, "type": self.error_type, "message": self.message}
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.body()).encode()
 
 
 class ConfigError(ServingError):
@@ -40,26 +35,11 @@ class NotFound(ServingError):
     error_type = "ResourceNotFoundException"
 
 
-class MethodNotAllowed(ServingError):
-    status_code = 405
-    error_type = "MethodNotAllowedException"
-
-
-class PayloadTooLarge(ServingError):
-    status_code = 413
-    error_type = "PayloadTooLarge"
-
-
 class QueueFull(ServingError):
     """The bounded job queue is full: refuse at once rather than queue without limit."""
 
     status_code = 503
     error_type = "WlmCapacityException"
-
-
-class ModelNotReady(ServingError):
-    status_code = 503
-    error_type = "ModelNotReadyException"
 
 
 class WorkerDied(ServingError):

@@ -69,6 +69,11 @@ class RollingScheduler:
             return True
         return False
 
+    def reset(self) -> None:
+        """After the engine aborted every sequence: nothing is running any more."""
+        self.running.clear()
+        self._cancelled.clear()
+
     def expire(self) -> list[Any]:
         """Requests that waited longer than the timeout without getting room; the caller answers them."""
         now = self.clock()

@@ -38,8 +38,8 @@ class WorkerSlot:
     batch: list[str] = field(default_factory=list)
     batch_started: float = 0.0
     overdue_since: float | None = None
-    capacity: int = 1
-    """Requests the worker takes at once: 1 batch (dynamic batching) or N sequences (rolling batch)."""
+    rolling_capacity: int = 0
+    """Sequences a rolling-batch worker runs at once; 0 for a dynamic-batching worker (one batch)."""
     loaded: bool = False
     """Whether this replica has finished loading at least once."""
 
@@ -73,7 +73,7 @@ class WorkerSlot:
         env["LMI_WORKER_INDEX"] = str(self.index)
         self.process = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
         self.state, self.started_at = STARTING, time.monotonic()
-        self.batch, self.overdue_since, self.capacity = [], None, 1
+        self.batch, self.overdue_since, self.rolling_capacity = [], None, 0
         log.info("Started model worker %d (pid %d)", self.index, self.process.pid)
 
     def exit_code(self) -> int | None:

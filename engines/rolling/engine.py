@@ -102,7 +102,12 @@ class RollingEngine:
         plain = [not s.params.do_sample and s.params.repetition_penalty == 1.0 for s in seqs]
         if all(plain):
             return select_greedy(logits)
-        picks = [select_token(logits[i], s.params, s.history(), s.generator) for i, s in enumerate(seqs)]
+        picks = [
+            select_token(
+                logits[i], s.params, s.history() if s.params.repetition_penalty != 1.0 else None, s.generator
+            )
+            for i, s in enumerate(seqs)
+        ]
         return [p[0] for p in picks], [p[1] for p in picks]
 
     def abort_all(self, reason: str) -> list[TokenEvent]:

@@ -31,6 +31,7 @@ class Sequence:
         self.num_cached = 0
         self.text = ""
         self.emitted = 0
+        self.scanned = 0  # text before this offset holds no stop sequence
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
         self.generator: torch.Generator | None = None
         if self.params.do_sample and self.params.seed is not None:
@@ -64,12 +65,12 @@ class Sequence:
         return TokenEvent(self.request_id, token_id, self._take_text(reason is not None), logprob, reason)
 
     def _finish_reason(self, is_eos: bool) -> str | None:
-        stops = self.params.stop_sequences
-        for stop in stops:
-            index = self.text.find(stop)
+        for stop in self.params.stop_sequences:  # only new text can complete one: no rescans
+            index = self.text.find(stop, max(0, self.scanned - len(stop) + 1))
             if index >= 0:
                 self.text = self.text[:index]
                 return "stop_sequence"
+        self.scanned = len(self.text)
         if is_eos:
             return "eos_token"
         if len(self.output_ids) >= self.params.max_new_tokens:

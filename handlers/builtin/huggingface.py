@@ -139,7 +139,7 @@ def wants_rolling(properties: dict[str, str]) -> bool:
     """Continuous batching unless disabled, or dynamic batching (batch_size > 1) was asked for (as DJL)."""
     rolling = properties.get("rolling_batch", "auto").lower()
     task = properties.get("task", "text-generation")
-    dynamic = properties.get("batch_size", "1") != "1"
+    dynamic = any(properties.get(key, "1") != "1" for key in ("batch_size", "max_dynamic_batch_size"))
     return rolling != "disable" and not dynamic and task == "text-generation"
 
 
@@ -163,8 +163,8 @@ _handler: HuggingFaceHandler | None = None
 def handle(inputs: Input) -> Output | None:
     """DJL-style module entry point (djl_python.huggingface.handle)."""
     global _handler
-    if _handler is None:
-        _handler = create_handler(inputs.get_properties())
+    if _handler is None:  # handle() answers whole batches, so never the rolling-batch handler
+        _handler = create_handler({**inputs.get_properties(), "rolling_batch": "disable"})
     if inputs.is_empty():
         return None
     batches = inputs.get_batches()

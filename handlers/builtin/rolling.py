@@ -7,11 +7,12 @@ client used (LMI, OpenAI, TGI), streaming or not.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from engines.rolling.types import GenerationRequest
+from engines.rolling.types import GenerationRequest, SamplingParams
 from handlers.builtin import formats
 from handlers.builtin.formats import ParsedRequest, RequestError
 from serving import messages as msg
@@ -59,7 +60,7 @@ class RollingTextHandler:
         )
         queue = int(properties.get("job_queue_size", ServingConfig.job_queue_size))
         timeout = float(properties.get("predict_timeout", ServingConfig.predict_timeout_s))
-        self.capacity = engine.num_slots + queue
+        self.capacity = engine.num_slots  # the broker holds the waiting requests (job_queue_size)
         self.scheduler = RollingScheduler(engine, engine.num_slots, prefill, queue, timeout)
         self.jobs: dict[str, Job] = {}
 
@@ -73,7 +74,8 @@ class RollingTextHandler:
         try:
             parsed = formats.parse_request(route, _body(request))
             prompt_text, prompt_ids = self._tokenize(parsed)
-            error = self.engine.check_length(len(prompt_ids), parsed.params.max_new_tokens)
+            params = self._fit_default_length(parsed, len(prompt_ids))
+            error = self.engine.check_length(len(prompt_ids), params.max_new_tokens)
             if error:
                 raise RequestError(error)
             writer = formats.create_writer(
@@ -85,9 +87,7 @@ class RollingTextHandler:
                 self.output_formatter,
                 tgi_compat,
             )
-            self.scheduler.submit(
-                GenerationRequest(request.request_id, prompt_ids, parsed.params), len(prompt_ids)
-            )
+            self.scheduler.submit(GenerationRequest(request.request_id, prompt_ids, params), len(prompt_ids))
         except RequestError as exc:
             return [error_frame(request.request_id, str(exc), 400, route)]
         except OverflowError as exc:
@@ -99,6 +99,13 @@ class RollingTextHandler:
             return [error_frame(request.request_id, f"Cannot prepare the request: {exc}", 400, route)]
         self.jobs[request.request_id] = Job(writer, parsed.stream, route)
         return []
+
+    def _fit_default_length(self, parsed: ParsedRequest, prompt_len: int) -> SamplingParams:
+        """A default max_new_tokens (the client sent none) shrinks to the room left in the context."""
+        room = self.engine.max_model_len - prompt_len
+        if parsed.max_new_tokens_set or parsed.params.max_new_tokens <= room or room < 1:
+            return parsed.params
+        return dataclasses.replace(parsed.params, max_new_tokens=room)
 
     def _tokenize(self, parsed: ParsedRequest) -> tuple[str, list[int]]:
         if parsed.messages is not None:
@@ -121,7 +128,7 @@ class RollingTextHandler:
         except Exception as exc:  # a failed forward: end every sequence in-band, keep serving
             log.exception("Engine step failed")
             events = self.engine.abort_all(f"engine step failed: {exc}")
-            self.scheduler.running.clear()
+            self.scheduler.reset()
         for event in events:
             frames.extend(self._on_event(event))
         return frames
@@ -169,5 +176,5 @@ class RollingTextHandler:
     def _end_with_error(self, request_id: str, job: Job, message: str) -> list[Frame]:
         self.jobs.pop(request_id, None)
         if not job.started:
-            return [error_frame(request_id, message, 400 if "too long" in message else 500, job.route)]
+            return [error_frame(request_id, message, 500, job.route)]
         return [(msg.CHUNK, request_id, job.writer.error(message, 500)), (msg.END, request_id, b"")]

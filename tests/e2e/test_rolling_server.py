@@ -202,3 +202,13 @@ def test_bad_chat_and_bad_parameters_get_400_and_the_server_keeps_serving(tiny):
     assert bad_param.status_code == 400
     assert "temprature" in bad_param.text
     assert srv.post(json_body={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_chat_without_max_tokens_fits_the_context(tiny):
+    # OpenAI's chat default (1024 new tokens) exceeds max_model_len=256: it shrinks instead of failing.
+    srv, _ = tiny
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    resp = srv.post("/v1/chat/completions", body)
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 256

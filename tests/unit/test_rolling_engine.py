@@ -59,3 +59,18 @@ def test_held_back_text_that_may_start_a_stop_sequence():
     assert held_back("hello wor", ("world",)) == 3
     assert held_back("hello", ("xyz",)) == 0
     assert held_back("abc", ()) == 0
+
+
+def test_djl_module_handle_serves_a_llama_with_the_dynamic_batch_handler(tiny):
+    import djl_python.huggingface as module
+    from djl_python import Input
+
+    init = Input()
+    init.properties.update({"model_id": tiny, "dtype": "fp32"})
+    assert module.handle(init) is None  # warm-up: loads, never the rolling handler (it has no batches)
+    request = Input()
+    request.properties["Content-Type"] = "application/json"
+    request.content.add("data", b'{"inputs": "hello", "parameters": {"max_new_tokens": 3}}')
+    output = module.handle(request)
+    assert output.code == 200
+    assert "generated_text" in output.content.get("data").decode()
