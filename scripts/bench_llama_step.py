@@ -21,6 +21,7 @@ from torch.nn import functional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.hf.default_model import ensure_default_model  # noqa: E402
+from engines.kernels.decode_attention import BACKENDS, select_decode_attention  # noqa: E402
 from engines.llama.batch import ForwardBatch  # noqa: E402
 from engines.llama.weights import load_llama  # noqa: E402
 
@@ -50,8 +51,9 @@ def decode_batch(batch_size: int, context: int) -> ForwardBatch:
 def bench_model(args: argparse.Namespace, name: str) -> None:
     max_len = max(args.context, args.prefill_len) + 8
     slots = max(max(args.batch_sizes), args.prefill_seqs)
+    kernel = select_decode_attention(args.attention_backend, "cpu")
     model, cache, _ = load_llama(
-        ensure_default_model(), DTYPES[name], "cpu", slots, max_len, pack=not args.no_pack
+        ensure_default_model(), DTYPES[name], "cpu", slots, max_len, not args.no_pack, kernel
     )
     for batch_size in args.batch_sizes:
         batch = decode_batch(batch_size, args.context)
@@ -76,9 +78,12 @@ def bench_attention(args: argparse.Namespace, name: str) -> None:
     q = torch.randn(batch, heads, 1, dim, dtype=dtype)
     mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
     slots = torch.arange(batch)
+    kv_lens = torch.full((batch,), length, dtype=torch.int64)
     group = heads // kv_heads
+    native = select_decode_attention("native", "cpu")
     variants = {
-        "view, query heads as rows (used)": lambda: functional.scaled_dot_product_attention(
+        "native kernel (default)": lambda: native(q.view(-1, heads, dim), cache_k, cache_v, slots, kv_lens),
+        "view, query heads as rows (sdpa backend)": lambda: functional.scaled_dot_product_attention(
             q.view(batch, kv_heads, group, dim), keys, values, attn_mask=mask
         ),
         "view, enable_gqa": lambda: functional.scaled_dot_product_attention(
@@ -113,9 +118,13 @@ def main(argv: list[str] | None = None) -> None:
         "--no-pack", action="store_true", help="plain F.linear instead of packed oneDNN weights"
     )
     parser.add_argument("--attention", action="store_true", help="also time decode-attention variants")
+    parser.add_argument("--attention-backend", choices=BACKENDS, default="auto")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, pack={not args.no_pack}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, pack={not args.no_pack}, "
+        f"attention backend {args.attention_backend}\n"
+    )
     print("| dtype | step | batch | context | ms/step | tok/s |\n|---|---|---|---|---|---|")
     for name in args.dtype:
         bench_model(args, name)

@@ -1,7 +1,8 @@
 """Attention over the slot KV cache for a packed batch mixing prefill and decode sequences.
 
-Decode sequences share one batched attention call over a view of the cache rows they occupy (no
-copy, no gather); prefill sequences each get causal attention over their own cache prefix.
+Decode sequences share one attention call: the native kernel when the model has one (each sequence
+reads only its own cache prefix), else batched SDPA over a view of the cache rows they occupy (no copy,
+no gather). Prefill sequences each get causal attention over their own cache prefix.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from engines.kernels.decode_attention import DecodeAttention
 from engines.llama.batch import DecodePlan, ForwardBatch, PrefillPlan
 
 
@@ -21,18 +23,35 @@ def write_kv(
 
 
 def attend(
-    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, batch: ForwardBatch
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    batch: ForwardBatch,
+    decode_kernel: DecodeAttention | None = None,
 ) -> torch.Tensor:
     """Attention output [T, heads * head_dim] for queries q [T, heads, head_dim] (K/V already written)."""
     plan = batch.decode
     if plan is not None and plan.all_tokens:
-        return decode_attention(q, cache_k, cache_v, plan).flatten(1)
+        return _decode(q, cache_k, cache_v, plan, decode_kernel).flatten(1)
     out = q.new_empty(q.shape)  # [T, heads, head_dim]
     if plan is not None:
-        out.index_copy_(0, plan.token_rows, decode_attention(q[plan.token_rows], cache_k, cache_v, plan))
+        decoded = _decode(q[plan.token_rows], cache_k, cache_v, plan, decode_kernel)
+        out.index_copy_(0, plan.token_rows, decoded)
     for prefill in batch.prefills:
         out[prefill.start : prefill.end] = prefill_attention(q, cache_k, cache_v, prefill)
     return out.flatten(1)
+
+
+def _decode(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    plan: DecodePlan,
+    decode_kernel: DecodeAttention | None,
+) -> torch.Tensor:
+    if decode_kernel is None:
+        return decode_attention(q, cache_k, cache_v, plan)
+    return decode_kernel(q, cache_k, cache_v, plan.slots, plan.kv_lens)
 
 
 def decode_attention(

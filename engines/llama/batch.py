@@ -18,6 +18,10 @@ class DecodePlan:
 
     token_rows: torch.Tensor
     """[B] rows of these tokens in the packed batch."""
+    slots: torch.Tensor
+    """[B] int64 cache slot of each sequence (CPU: read by the native kernel)."""
+    kv_lens: torch.Tensor
+    """[B] int64 tokens in the cache of each sequence, this step's included (CPU)."""
     slot_rows: torch.Tensor
     """[B] slot - slot_lo of each sequence: its row in the cache view."""
     slot_lo: int
@@ -120,12 +124,16 @@ def _decode_plan(batch: ForwardBatch, device: torch.device) -> DecodePlan | None
     lo, hi = min(slots), max(slots) + 1
     kv_len = max(batch.context_lens[i] for i in picked)
     lengths = torch.ones(hi - lo, dtype=torch.int64)  # slots not decoding now: attend position 0 only
-    rows = torch.tensor(slots, dtype=torch.int64) - lo
-    lengths[rows] = torch.tensor([batch.context_lens[i] for i in picked], dtype=torch.int64)
+    slot_ids = torch.tensor(slots, dtype=torch.int64)
+    kv_lens = torch.tensor([batch.context_lens[i] for i in picked], dtype=torch.int64)
+    rows = slot_ids - lo
+    lengths[rows] = kv_lens
     mask = torch.arange(kv_len).unsqueeze(0) < lengths.unsqueeze(1)  # [R, kv_len]
     token_rows = (torch.cumsum(torch.tensor(batch.query_lens), 0) - 1)[picked]
     return DecodePlan(
         token_rows=token_rows.to(device),
+        slots=slot_ids,
+        kv_lens=kv_lens,
         slot_rows=rows.to(device),
         slot_lo=lo,
         slot_hi=hi,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from engines.kernels.decode_attention import DecodeAttention
 from engines.llama.attention import attend, write_kv
 from engines.llama.batch import ForwardBatch
 from engines.llama.kv_cache import SlotKVCache
@@ -36,10 +37,16 @@ class RMSNorm(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU MLP block with fused qkv and gate_up projections."""
 
-    def __init__(self, spec: LlamaSpec, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        spec: LlamaSpec,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        decode_kernel: DecodeAttention | None = None,
+    ) -> None:
         super().__init__()
         hidden, inter = spec.hidden_size, spec.intermediate_size
-        self.spec = spec
+        self.spec, self.decode_kernel = spec, decode_kernel
         self.input_norm = RMSNorm(hidden, spec.rms_norm_eps, dtype, device)
         self.post_norm = RMSNorm(hidden, spec.rms_norm_eps, dtype, device)
         self.qkv = Linear(hidden, spec.q_size + 2 * spec.kv_size, spec.qkv_bias, dtype, device)
@@ -76,7 +83,8 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qkv[:, : spec.q_size + spec.kv_size].view(tokens, -1, spec.head_dim), cos, sin)
         v = qkv[:, spec.q_size + spec.kv_size :].view(tokens, spec.num_kv_heads, spec.head_dim)
         write_kv(cache_k, cache_v, batch, qk[:, spec.num_heads :], v)
-        return self.o_proj(attend(qk[:, : spec.num_heads], cache_k, cache_v, batch))  # [T, hidden]
+        out = attend(qk[:, : spec.num_heads], cache_k, cache_v, batch, self.decode_kernel)
+        return self.o_proj(out)  # [T, hidden]
 
     def pack(self) -> bool:
         """Pre-pack the four projections for oneDNN (see `Linear.pack`)."""
@@ -93,12 +101,16 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_model_len: int = 2048,
+        decode_kernel: DecodeAttention | None = None,
     ) -> None:
+        """decode_kernel: see engines.kernels.decode_attention; None uses batched SDPA."""
         super().__init__()
         self.spec, self.dtype, self.max_model_len = spec, dtype, max_model_len
         embed = torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.embed_tokens = nn.Parameter(embed, requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(spec, dtype, device) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, dtype, device, decode_kernel) for _ in range(spec.num_layers)
+        )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False, dtype, device)
         if spec.tie_word_embeddings:

@@ -71,6 +71,7 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from engines.hf.loading import resolve_dtype
+    from engines.kernels.decode_attention import select_decode_attention
     from engines.llama.weights import load_llama
 
     started = time.perf_counter()
@@ -79,16 +80,25 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     max_model_len = _int_option(config, "max_model_len", min(limit, DEFAULT_MAX_MODEL_LEN))
     dtype = resolve_dtype(config.dtype, AutoConfig.from_pretrained(config.model_path), config.device)
     slots = _cache_slots(config, raw, max_model_len, dtype)
-    model, cache, hf_config = load_llama(config.model_path, dtype, config.device, slots, max_model_len)
+    backend = config.extra.get("attention_backend", "auto")
+    try:
+        decode_kernel = select_decode_attention(backend, config.device)
+    except (ValueError, RuntimeError) as exc:
+        raise EngineLoadError(str(exc)) from exc
+    model, cache, hf_config = load_llama(
+        config.model_path, dtype, config.device, slots, max_model_len, decode_kernel=decode_kernel
+    )
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     try:
         generation = GenerationConfig.from_pretrained(config.model_path)
     except OSError:
         generation = None
     log.info(
-        "Rolling-batch engine: %s in %s, KV cache %d slots x %d tokens = %.0f MiB, loaded in %.1f s",
+        "Rolling-batch engine: %s in %s, %s decode attention, KV cache %d slots x %d tokens = %.0f MiB, "
+        "loaded in %.1f s",
         raw.get("architectures", ["?"])[0],
         dtype,
+        "native" if decode_kernel else "SDPA",
         slots,
         max_model_len,
         cache.total_bytes() / 2**20,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engines.kernels.decode_attention import native_decode_attention
 from engines.llama.attention import attend
 from engines.llama.batch import ForwardBatch
 from engines.llama.kv_cache import SlotKVCache
@@ -138,9 +139,15 @@ def test_chunked_prefill_continues_a_prefix(tiny: tuple[Path, object]) -> None:
         )
 
 
-def test_staggered_greedy_decoding_matches_hf_generate(tiny: tuple[Path, object]) -> None:
+KERNELS = {"sdpa": None, "native": native_decode_attention}
+
+
+@pytest.mark.parametrize("backend", sorted(KERNELS))
+def test_staggered_greedy_decoding_matches_hf_generate(tiny: tuple[Path, object], backend: str) -> None:
     path, hf_model = tiny
-    model, cache, config = load_llama(str(path), torch.float32, "cpu", num_slots=6, max_model_len=64)
+    model, cache, config = load_llama(
+        str(path), torch.float32, "cpu", num_slots=6, max_model_len=64, decode_kernel=KERNELS[backend]
+    )
     prompts = _prompts(config.vocab_size, [7, 3, 12], seed=1)
     driver = Greedy(model, cache)
     driver.add(5, prompts[0])  # non-contiguous slots, not in slot order
@@ -155,9 +162,12 @@ def test_staggered_greedy_decoding_matches_hf_generate(tiny: tuple[Path, object]
     assert driver.generated(3) == _hf_greedy(hf_model, prompts[2], 10)
 
 
-def test_freed_slot_is_reused_without_stale_cache(tiny: tuple[Path, object]) -> None:
+@pytest.mark.parametrize("backend", sorted(KERNELS))
+def test_freed_slot_is_reused_without_stale_cache(tiny: tuple[Path, object], backend: str) -> None:
     path, hf_model = tiny
-    model, cache, config = load_llama(str(path), torch.float32, "cpu", num_slots=3, max_model_len=64)
+    model, cache, config = load_llama(
+        str(path), torch.float32, "cpu", num_slots=3, max_model_len=64, decode_kernel=KERNELS[backend]
+    )
     long_prompt, short_prompt, other = _prompts(config.vocab_size, [30, 4, 6], seed=2)
     first, second = cache.allocate(), cache.allocate()
     driver = Greedy(model, cache)
@@ -200,11 +210,14 @@ def test_bf16_agrees_with_fp32(tiny: tuple[Path, object]) -> None:
         assert all(predicted[row] in top5[row] for row in range(2))
 
 
+@pytest.mark.parametrize("backend", sorted(KERNELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("slots", [[0, 1, 2], [4, 1, 2]])
-def test_decode_attention_matches_per_sequence_reference(dtype: torch.dtype, slots: list[int]) -> None:
-    """Both decode layouts (heads as rows in bf16, enable_gqa in fp32), in and out of slot order,
-    next to a prefill chunk, against plain per-sequence attention over each sequence's prefix."""
+def test_decode_attention_matches_per_sequence_reference(
+    dtype: torch.dtype, slots: list[int], backend: str
+) -> None:
+    """Both SDPA decode layouts (heads as rows in bf16, enable_gqa in fp32) and the native kernel, in
+    and out of slot order, next to a prefill chunk, against plain attention over each prefix."""
     heads, kv_heads, dim = 6, 2, 8
     generator = torch.Generator().manual_seed(0)
     cache_k = torch.randn(6, kv_heads, 16, dim, generator=generator).to(dtype)
@@ -214,7 +227,7 @@ def test_decode_attention_matches_per_sequence_reference(dtype: torch.dtype, slo
         [(slot, [1], start) for slot, start in zip(slots, starts, strict=True)] + [(3, [1, 1], 0)]
     )
     q = torch.randn(batch.token_ids.numel(), heads, dim, generator=generator).to(dtype)
-    out = attend(q, cache_k, cache_v, batch).view(-1, heads, dim)
+    out = attend(q, cache_k, cache_v, batch, KERNELS[backend]).view(-1, heads, dim)
     for row, (slot, start) in enumerate(zip(slots, starts, strict=True)):
         keys = cache_k[slot, :, : start + 1].float().repeat_interleave(heads // kv_heads, 0)
         values = cache_v[slot, :, : start + 1].float().repeat_interleave(heads // kv_heads, 0)
@@ -291,7 +304,9 @@ def test_default_model_greedy_matches_hf(default_model_path: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path)
     hf_model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
-    model, cache, _ = load_llama(default_model_path, torch.float32, "cpu", num_slots=2, max_model_len=128)
+    model, cache, _ = load_llama(
+        default_model_path, torch.float32, "cpu", 2, 128, decode_kernel=native_decode_attention
+    )
     texts = ["The capital of France is", "Write a short poem about the sea. Here it is:"]
     driver = Greedy(model, cache)
     for slot, text in enumerate(texts):
