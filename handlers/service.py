@@ -47,6 +47,9 @@ class HandlerService:
         """Set when the handler serves requests one by one through continuous batching."""
 
     def initialize(self) -> None:
+        from handlers.artifacts import localize_model
+
+        self.properties = localize_model(self.properties, self.model_dir)
         entry = loader.resolve_entry_point(self.model_dir, self.properties)
         log.info("Loading entry point %s", entry)
         module = loader.load_entry_point(entry)

@@ -36,10 +36,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--log-level", default=os.environ.get("SERVING_LOG_LEVEL", "info"))
+    pull = sub.add_parser("pull", help="download and verify a model ahead of time; prints its local folder")
+    pull.add_argument("source", help="s3://bucket/prefix/, a Hub id (org/name), or a .tar.gz/.tar archive")
+    pull.add_argument("--dest", help="fill exactly this folder (default: the download cache)")
+    pull.add_argument("--download-dir", default=os.environ.get("SERVING_DOWNLOAD_DIR"), help="cache root")
+    pull.add_argument("--revision", help="Hub revision")
+    pull.add_argument("--allow-patterns", help="comma-separated patterns to fetch (overrides the default)")
+    pull.add_argument("--ignore-patterns", help="comma-separated file patterns to skip")
+    pull.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole download (3600)")
+    pull.add_argument("--workers", type=int, default=32, help="parallel transfers (32)")
+    pull.add_argument("--log-level", default=os.environ.get("SERVING_LOG_LEVEL", "info"))
     from serving.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
     return parser
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from serving.artifacts import ArtifactError, FetchOptions, fetch, is_fetchable
+
+    keys = {
+        "download_dir": args.download_dir,
+        "revision": args.revision,
+        "allow_patterns": args.allow_patterns,
+        "ignore_patterns": args.ignore_patterns,
+        "download_timeout": str(args.timeout),
+        "download_workers": str(args.workers),
+    }
+    try:
+        options = replace(FetchOptions.from_properties({k: v for k, v in keys.items() if v}), dest=args.dest)
+        if not is_fetchable(args.source):
+            raise ArtifactError(f"{args.source!r} is a local folder or not a model source; nothing to pull.")
+        path = fetch(args.source, options)
+    except (ArtifactError, ValueError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging(getattr(args, "log_level", "info"))
     if args.command == "serve":
         sys.exit(_serve(args.model_dir, args.host, args.port))
+    if args.command == "pull":
+        sys.exit(_pull(args))
     if args.command == "bench":
         from serving.bench.cli import run as run_bench
 

@@ -154,6 +154,10 @@ KNOWN_OPTIONS = {
     "enforce_eager",
     "max_num_seqs",
     "kv_cache_memory_bytes",
+    "attention_backend",
+    "download_timeout",
+    "download_workers",
+    "download_retries",
     "allow_patterns",
     "ignore_patterns",
     "chat_template",
@@ -258,6 +262,16 @@ def _validate(values: dict[str, Any]) -> None:
         )
 
 
+def _check_download_keys(props: dict[str, str]) -> None:
+    """Bad download settings stop start-up here, not minutes later inside a model worker."""
+    from serving.artifacts import FetchOptions
+
+    try:
+        FetchOptions.from_properties(props)
+    except ValueError as exc:
+        raise ConfigError(f"Invalid download setting: {exc}. Fix or remove it.") from None
+
+
 def load_config(
     model_dir: str | None,
     environ: Mapping[str, str] | None = None,
@@ -286,6 +300,7 @@ def load_config(
         os.path.basename(os.path.abspath(model_dir)) if model_dir else "model"
     )
     known = {f.name for f in fields(ServingConfig)}
+    _check_download_keys({**model_props, **options})
     return ServingConfig(
         model_dir=os.path.abspath(model_dir) if model_dir else None,
         model_name=re.sub(r"\W", "_", name),

@@ -23,7 +23,9 @@ DEFAULT_MODEL_ID = "lmi-serving/default"
 
 
 def resolve_model_path(properties: dict[str, str]) -> tuple[str, str | None]:
-    """Where the weights are: option.model_id (local folder or Hub id), the model folder, or the default."""
+    """Where the weights are: option.model_id (local folder or Hub id), the model folder, or the default.
+
+    S3 and archive sources were already made local by handlers.artifacts before the handler loaded."""
     model_id = properties.get("model_id") or properties.get("s3url")
     model_dir = properties.get("model_dir")
     if model_id == DEFAULT_MODEL_ID:
@@ -35,9 +37,9 @@ def resolve_model_path(properties: dict[str, str]) -> tuple[str, str | None]:
             return model_id, None
         if model_dir and os.path.isdir(os.path.join(model_dir, model_id)):
             return os.path.join(model_dir, model_id), None
-        from huggingface_hub import snapshot_download
+        from serving.artifacts import FetchOptions, fetch
 
-        return snapshot_download(model_id, revision=properties.get("revision")), None
+        return str(fetch(model_id, FetchOptions.from_properties(properties))), None
     if model_dir and os.path.isdir(model_dir):
         ggufs = sorted(f for f in os.listdir(model_dir) if f.endswith(".gguf"))
         has_config = os.path.isfile(os.path.join(model_dir, "config.json"))

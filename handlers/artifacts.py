@@ -1,0 +1,45 @@
+"""Before any handler loads: S3 and archive models become local folders, and model_id points there.
+
+DJL's front end downloads an s3:// model_id and rewrites it to the local folder before Python starts,
+so user `model.py` code only ever sees a path; this does the same inside the model worker, where the
+loading timeout and /ping's FAILED state cover it. Hub ids stay as they are for user handlers (their
+code may call from_pretrained itself); the built-in handler fetches them through the same module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from serving.artifacts import FetchOptions, fetch
+from serving.artifacts.fetch import ARCHIVE_SUFFIXES
+
+log = logging.getLogger("handlers.artifacts")
+
+
+def _archive_in(model_dir: str | None) -> str | None:
+    """A model folder holding only a model archive (no config.json): the archive to extract."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return None
+    if os.path.exists(os.path.join(model_dir, "config.json")):
+        return None
+    archives = sorted(f for f in os.listdir(model_dir) if f.endswith(ARCHIVE_SUFFIXES))
+    return os.path.join(model_dir, archives[0]) if len(archives) == 1 else None
+
+
+def localize_model(properties: dict[str, str], model_dir: str | None) -> dict[str, str]:
+    """`properties` with model_id naming a local folder whenever the model came from S3 or an archive."""
+    source = properties.get("model_id") or properties.get("s3url")
+    if source and not source.startswith("s3://") and model_dir and not os.path.isabs(source):
+        relative = os.path.join(model_dir, source)
+        if os.path.isfile(relative) and source.endswith(ARCHIVE_SUFFIXES):
+            source = relative
+    if not source:
+        source = _archive_in(model_dir)
+    if not source or not (
+        source.startswith("s3://") or (source.endswith(ARCHIVE_SUFFIXES) and os.path.isfile(source))
+    ):
+        return properties
+    local = fetch(source, FetchOptions.from_properties(properties))
+    log.info("Model %s is at %s", source, local)
+    return {**properties, "model_id": str(local)}

@@ -1,0 +1,105 @@
+"""Hugging Face Hub ids (org/name): huggingface_hub.snapshot_download into the HF cache (HF_HOME).
+
+Online, the repository listing goes through the same file selection as S3, so only the files needed
+are fetched. With HF_HUB_OFFLINE=1 the cached snapshot is used without any network access, and a
+model that was never cached gets a message saying so. HF_TOKEN is read by huggingface_hub itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from serving.artifacts.errors import AccessDenied, ArtifactError, DownloadTimeout, NoWeights, SourceNotFound
+from serving.artifacts.fetch import FetchOptions
+from serving.artifacts.selection import has_weights, select_files
+
+log = logging.getLogger("serving.artifacts")
+
+
+def _describe(exc: Exception, repo_id: str, revision: str | None) -> ArtifactError:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, GatedRepoError):
+        return AccessDenied(f"{repo_id} is gated: accept its terms on huggingface.co and set HF_TOKEN.")
+    if isinstance(exc, RevisionNotFoundError):
+        return SourceNotFound(f"{repo_id} has no revision {revision!r}. Fix option.revision.")
+    if isinstance(exc, RepositoryNotFoundError):
+        return SourceNotFound(f"{repo_id} was not found on the Hub (or is private: set HF_TOKEN).")
+    if isinstance(exc, LocalEntryNotFoundError):
+        where = constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            return SourceNotFound(
+                f"{repo_id} (revision {revision or 'main'}) is not in the local Hugging Face cache {where} "
+                "and HF_HUB_OFFLINE=1 forbids downloading it. Pre-fetch it (`lmi pull` with network, or "
+                "mount a populated HF_HOME) or unset HF_HUB_OFFLINE."
+            )
+        return ArtifactError(f"Could not reach the Hub for {repo_id} and it is not cached in {where}: {exc}")
+    return ArtifactError(f"Fetching {repo_id} from the Hub failed: {exc}")
+
+
+def _allow_patterns(repo_id: str, options: FetchOptions) -> list[str] | None:
+    """Exact file names to fetch (online); None when offline (the cached snapshot is what it is)."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return list(options.allow_patterns) if options.allow_patterns else None
+    names = HfApi().list_repo_files(repo_id, revision=options.revision)
+    chosen = select_files(names, options.allow_patterns, options.ignore_patterns)
+    if "config.json" in chosen and not has_weights(chosen):
+        raise NoWeights(f"{repo_id} has config.json but no weights among {', '.join(chosen[:10])}.")
+    return chosen
+
+
+def _run_with_deadline(fn: Any, timeout_s: float, what: str) -> Any:
+    """snapshot_download has no overall timeout; wait for it in a daemon thread."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except Exception as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name="hub-download")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise DownloadTimeout(
+            f"Downloading {what} from the Hub did not finish within {timeout_s:g} s. "
+            "Raise option.download_timeout or pre-fetch it with `lmi pull`."
+        )
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def fetch_hub(source: str, options: FetchOptions) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    def download() -> str:
+        allow = _allow_patterns(source, options)
+        return snapshot_download(
+            source,
+            revision=options.revision,
+            allow_patterns=allow,
+            ignore_patterns=None if allow is not None else list(options.ignore_patterns or ()) or None,
+            local_dir=options.dest,
+            max_workers=min(options.workers, 16),
+        )
+
+    try:
+        path = _run_with_deadline(download, options.timeout_s, source)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
+        raise _describe(exc, source, options.revision) from None
+    log.info("Hub model %s is at %s", source, path)
+    return Path(path)

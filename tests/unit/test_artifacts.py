@@ -1,0 +1,277 @@
+"""serving.artifacts without S3: file selection, the cache's atomicity and validation, archive safety,
+verification of downloaded files, Hub offline mode, and `lmi pull` for an archive."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from support import ROOT
+
+from serving.artifacts import ArtifactError, FetchOptions, fetch
+from serving.artifacts.archive import extract_archive
+from serving.artifacts.cache import FileRecord, Manifest, materialize, problem
+from serving.artifacts.errors import IntegrityError, UnsafeArchive
+from serving.artifacts.fetch import source_kind
+from serving.artifacts.selection import parse_patterns, select_files
+from serving.artifacts.verify import check_safetensors, verify_files
+
+
+def _safetensors(path: Path, payload: bytes = b"\0" * 16) -> Path:
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [len(payload) // 4], "data_offsets": [0, len(payload)]}}
+    )
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + payload)
+    return path
+
+
+# ---- selection -----------------------------------------------------------------------------
+
+
+def test_selection_skips_pickle_copies_only_when_safetensors_exist():
+    repo = [
+        "config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "tokenizer.json",
+        "tf_model.h5",
+        "README.md",
+    ]
+    assert select_files(repo) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    pickle_only = ["config.json", "pytorch_model.bin", "tokenizer.json"]
+    assert select_files(pickle_only) == pickle_only  # the loader decides (allow_unsafe_weights)
+
+
+def test_allow_and_ignore_patterns_override_the_default():
+    repo = ["config.json", "model.safetensors", "pytorch_model.bin", "sub/extra.txt"]
+    assert select_files(repo, allow=("*.json", "*.bin")) == ["config.json", "pytorch_model.bin"]
+    assert select_files(repo, ignore=("*.txt",)) == ["config.json", "model.safetensors"]
+    assert select_files(repo, allow=("sub/*",)) == ["sub/extra.txt"]
+
+
+def test_patterns_parse_from_csv_or_json_and_bad_values_name_the_key():
+    assert parse_patterns("*.json, *.safetensors") == ("*.json", "*.safetensors")
+    assert parse_patterns('["*.json"]') == ("*.json",)
+    assert parse_patterns("") is None
+    with pytest.raises(ValueError, match="not a JSON list"):
+        parse_patterns("[*.json")
+    with pytest.raises(ValueError, match="download_timeout='soon' must be a positive number"):
+        FetchOptions.from_properties({"download_timeout": "soon"})
+    assert FetchOptions.from_properties({"model_loading_timeout": "100"}).timeout_s == pytest.approx(90)
+
+
+def test_source_kinds(tmp_path):
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(b"")
+    assert source_kind("s3://bucket/prefix/") == "s3"
+    assert source_kind(str(archive)) == "archive"
+    assert source_kind(str(tmp_path)) is None  # a folder is used in place
+    assert source_kind("HuggingFaceTB/SmolLM2-135M") == "hub"
+    assert fetch(str(tmp_path)) == tmp_path
+    with pytest.raises(ArtifactError, match="is not a folder, an archive"):
+        fetch(str(tmp_path / "missing" / "dir"))
+
+
+# ---- cache ---------------------------------------------------------------------------------
+
+
+def test_failed_produce_leaves_nothing_and_a_trusted_folder_is_reused(tmp_path):
+    target = tmp_path / "cache" / "abc"
+
+    def broken(staging: Path) -> Manifest:
+        (staging / "half.bin").write_bytes(b"x" * 10)
+        raise ArtifactError("network went away")
+
+    with pytest.raises(ArtifactError, match="network went away"):
+        materialize(target, "s3://b/p/", broken, 5)
+    assert not target.exists()
+    assert list(target.parent.glob(".abc.staging-*")) == []
+
+    calls = []
+
+    def good(staging: Path) -> Manifest:
+        calls.append(1)
+        (staging / "a.txt").write_bytes(b"hello")
+        return Manifest("s3://b/p/", files={"a.txt": FileRecord(5)})
+
+    assert materialize(target, "s3://b/p/", good, 5) == target
+    assert materialize(target, "s3://b/p/", good, 5) == target
+    assert calls == [1]
+    assert problem(target, "s3://b/p/") is None
+    assert "holds s3://b/p/, not s3://other/" in problem(target, "s3://other/")
+
+
+def test_truncated_or_unlisted_cache_is_not_trusted_and_is_refetched(tmp_path):
+    target = tmp_path / "folder"
+
+    def produce(staging: Path) -> Manifest:
+        (staging / "w.bin").write_bytes(b"0123456789")
+        return Manifest("src", files={"w.bin": FileRecord(10)})
+
+    materialize(target, "src", produce, 5)
+    (target / "w.bin").write_bytes(b"01234")  # the disk lost the tail
+    assert problem(target, "src") == f"w.bin in {target} is 5 bytes, expected 10"
+    materialize(target, "src", produce, 5)
+    assert (target / "w.bin").read_bytes() == b"0123456789"
+    (target / ".lmi-manifest.json").unlink()  # e.g. a folder copied in by hand, half done
+    assert "has no readable .lmi-manifest.json" in problem(target, "src")
+
+
+def test_stale_staging_of_a_killed_download_is_removed(tmp_path):
+    target = tmp_path / "t"
+    stale = tmp_path / ".t.staging-dead"
+    stale.mkdir()
+    (stale / "partial").write_bytes(b"x")
+    materialize(target, "src", lambda s: Manifest("src"), 5)
+    assert not stale.exists()
+
+
+# ---- archives ------------------------------------------------------------------------------
+
+
+def _tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("members", "links"),
+    [
+        ({"../escape.txt": b"x"}, None),
+        ({"/etc/owned.txt": b"x"}, None),
+        ({"config.json": b"{}"}, {"evil": "/etc/passwd"}),
+        ({"config.json": b"{}"}, {"up": "../../outside"}),
+    ],
+    ids=["dotdot", "absolute", "absolute-link", "relative-link-outside"],
+)
+def test_unsafe_archive_entries_are_rejected(tmp_path, members, links):
+    archive = _tar(tmp_path / "model.tar.gz", members, links)
+    options = FetchOptions(download_dir=str(tmp_path / "cache"))
+    with pytest.raises(UnsafeArchive, match="unsafe entry"):
+        fetch(str(archive), options)
+    assert not (tmp_path / "escape.txt").exists()
+    assert not Path("/etc/owned.txt").exists()
+    cache = tmp_path / "cache"
+    assert not cache.exists() or all(p.name.endswith(".lock") for p in cache.iterdir())
+
+
+def test_archive_is_extracted_once_into_the_cache(tmp_path):
+    weights = _safetensors(tmp_path / "m.safetensors")
+    archive = _tar(
+        tmp_path / "model.tar.gz", {"model/config.json": b"{}", "model/m.safetensors": weights.read_bytes()}
+    )
+    options = FetchOptions(download_dir=str(tmp_path / "cache"))
+    folder = fetch(str(archive), options)
+    assert folder.name == "model"  # the single top-level folder of the archive
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "m.safetensors"]
+    mtime = (folder / "config.json").stat().st_mtime_ns
+    assert fetch(str(archive), options) == folder
+    assert (folder / "config.json").stat().st_mtime_ns == mtime  # reused, not extracted again
+
+
+def test_extract_archive_reports_a_damaged_file(tmp_path):
+    bad = tmp_path / "broken.tar.gz"
+    bad.write_bytes(b"\x1f\x8b\x08not really gzip")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ArtifactError, match="is not a readable tar archive"):
+        extract_archive(bad, tmp_path / "out")
+
+
+# ---- verification --------------------------------------------------------------------------
+
+
+def test_verify_names_short_corrupt_and_malformed_files(tmp_path):
+    good = _safetensors(tmp_path / "model.safetensors")
+    size = good.stat().st_size
+    import hashlib
+
+    md5 = hashlib.md5(good.read_bytes()).hexdigest()  # noqa: S324 - S3 ETag semantics
+    verify_files(tmp_path, {"model.safetensors": FileRecord(size, md5)}, "s3://b/p/")
+    with pytest.raises(
+        IntegrityError, match=r"model.safetensors from s3://b/p/ is \d+ bytes, but the listing"
+    ):
+        verify_files(tmp_path, {"model.safetensors": FileRecord(size + 1)}, "s3://b/p/")
+    data = bytearray(good.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit-flipped byte
+    good.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.safetensors from s3://b/p/ is corrupt: its MD5") as info:
+        verify_files(tmp_path, {"model.safetensors": FileRecord(size, md5)}, "s3://b/p/")
+    assert info.value.name == "model.safetensors"
+    good.write_bytes(bytes(data[:-4]))  # truncated: caught by the header check without an MD5
+    with pytest.raises(IntegrityError, match="not a valid safetensors file: its tensors end at byte"):
+        verify_files(tmp_path, {"model.safetensors": FileRecord(size - 4, "abc-2")}, "s3://b/p/")
+    with pytest.raises(IntegrityError, match="missing.bin from s3://b/p/ was not downloaded"):
+        verify_files(tmp_path, {"missing.bin": FileRecord(1)}, "s3://b/p/")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 7)
+    assert check_safetensors(tmp_path / "junk.safetensors") == "shorter than a safetensors header"
+
+
+# ---- Hub offline and lmi pull ----------------------------------------------------------------
+
+
+def _populate_hf_cache(hf_home: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """The layout huggingface_hub writes: refs/main -> a commit, snapshots/<commit>/<files>."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+
+
+def test_hub_offline_uses_the_populated_cache_and_explains_a_miss(tmp_path):
+    snapshot = _populate_hf_cache(tmp_path, "acme/tiny", {"config.json": b"{}", "model.safetensors": b"x"})
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    code = "from serving.artifacts import fetch; print(fetch('acme/tiny'))"
+    result = _run(code, env)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == snapshot
+    missing = _run("from serving.artifacts import fetch; fetch('acme/absent')", env)
+    assert missing.returncode != 0
+    assert "acme/absent (revision main) is not in the local Hugging Face cache" in missing.stderr
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in missing.stderr
+
+
+def test_lmi_pull_extracts_an_archive_into_dest_and_prints_it(tmp_path):
+    archive = _tar(
+        tmp_path / "model.tar.gz",
+        {"config.json": b"{}", "m.safetensors": _safetensors(tmp_path / "w.st").read_bytes()},
+    )
+    dest = tmp_path / "baked"
+    result = subprocess.run(
+        [sys.executable, "-m", "serving", "pull", str(archive), "--dest", str(dest)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(dest)
+    assert (dest / "m.safetensors").is_file()
+    assert json.loads((dest / ".lmi-manifest.json").read_text())["files"]["config.json"]["size"] == 2
+    failed = subprocess.run(
+        [sys.executable, "-m", "serving", "pull", str(tmp_path / "nothing.tar.gz")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert failed.returncode == 1
+    assert "nothing to pull" in failed.stderr
