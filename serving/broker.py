@@ -307,8 +307,11 @@ class Broker:
         return "Healthy" if any(s.state in (READY, BUSY) for s in self.slots) else "Unhealthy"
 
     def health(self) -> dict:
+        model = {"status": self.status()}
+        if self.failed_reason is not None:  # /ping says why, so nobody has to find the log line
+            model["reason"] = self.failed_reason
         return {
-            "models": {self.config.model_name: {"status": self.status()}},
+            "models": {self.config.model_name: model},
             "workers": [{"index": s.index, "state": s.state, "pid": s.pid} for s in self.slots],
             "queue": len(self.queue),
             "inflight": len(self.inflight),
