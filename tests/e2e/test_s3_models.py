@@ -262,3 +262,25 @@ def test_ping_reports_a_failed_download_instead_of_hanging(s3, tiny_in_s3, tmp_p
         answer = srv.post(json_body={"inputs": "hi"})
         assert answer.status_code == 503
         assert "No objects under s3://models/absent/" in answer.json()["message"]
+
+
+def test_a_transfer_that_dies_is_retried_and_only_the_rest_fetched(s3, big_in_s3, tmp_path):
+    """Kill the s5cmd process mid-transfer (a real transient failure): the pull retries and succeeds."""
+    env = _env(s3, tmp_path / "dl")
+    proc = subprocess.Popen(
+        _pull_cmd(big_in_s3), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None and not killed:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid), "s5cmd"], capture_output=True, text=True)
+        staged = sum(f.stat().st_size for f in (tmp_path / "dl").glob(".*.staging-*/**/*") if f.is_file())
+        if children.stdout.strip() and staged > 1024 * 1024:
+            subprocess.run(["kill", "-9", *children.stdout.split()], check=False)
+            killed = True
+        time.sleep(0.01)
+    assert killed, "the transfer finished before it could be interrupted"
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err.decode()
+    assert "Download attempt 1 of s3://models/big/ failed" in err.decode()
+    assert problem(Path(out.decode().strip()), big_in_s3) is None
