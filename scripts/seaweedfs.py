@@ -70,7 +70,11 @@ class SeaweedS3:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
         self.endpoint = f"http://127.0.0.1:{s3}"
-        self._wait(timeout_s)
+        try:
+            self._wait(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait(self, timeout_s: float) -> None:
@@ -85,7 +89,6 @@ class SeaweedS3:
                 return  # 403 for an anonymous request: the S3 API is up
             except OSError:
                 time.sleep(0.25)
-        self.stop()
         raise RuntimeError(f"SeaweedFS S3 did not come up within {timeout_s:g} s:\n{self.log()}")
 
     def log(self) -> str:

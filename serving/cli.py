@@ -70,7 +70,7 @@ def _pull(args: argparse.Namespace) -> int:
         if not is_fetchable(args.source):
             raise ArtifactError(f"{args.source!r} is a local folder or not a model source; nothing to pull.")
         path = fetch(args.source, options)
-    except (ArtifactError, ValueError) as exc:
+    except (ArtifactError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return 1
     print(path)

@@ -18,6 +18,7 @@ log = logging.getLogger("serving.config")
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 DEFAULT_MAX_REQUEST_SIZE = 6 * 1024 * 1024
+DEFAULT_MODEL_LOADING_TIMEOUT_S = 240.0
 
 
 def _positive_int(text: str) -> int:
@@ -185,7 +186,7 @@ class ServingConfig:
     retry_threshold: int = 10
     """Worker crashes tolerated before the model is marked FAILED (ping → 500)."""
     predict_timeout_s: float = 120.0
-    model_loading_timeout_s: float = 240.0
+    model_loading_timeout_s: float = DEFAULT_MODEL_LOADING_TIMEOUT_S
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
     http_workers: int = 1
     rolling_batch: str = "auto"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+import time
 from pathlib import Path
 
 from serving.artifacts.cache import FileRecord, Manifest, materialize
@@ -64,5 +65,6 @@ def fetch_archive(source: str, options: FetchOptions) -> Path:
         log.info("Extracting %s (%.1f MB) into %s", archive, stat.st_size / 1e6, staging)
         return Manifest(source=key, files=extract_archive(archive, staging))
 
-    folder = materialize(target_folder(key, options), key, produce, options.timeout_s)
+    deadline = time.monotonic() + options.timeout_s
+    folder = materialize(target_folder(key, options), key, produce, deadline, owned=options.dest is None)
     return single_top_folder(folder)

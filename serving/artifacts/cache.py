@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from serving.artifacts.errors import ArtifactError, DownloadTimeout
+
 log = logging.getLogger("serving.artifacts")
 
 MANIFEST = ".lmi-manifest.json"
@@ -71,6 +73,13 @@ class Manifest:
         return sum(record.size for record in self.files.values())
 
 
+def size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def problem(folder: Path, source: str) -> str | None:
     """Why `folder` cannot be trusted as a complete copy of `source`; None when it can."""
     if not folder.is_dir():
@@ -81,10 +90,8 @@ def problem(folder: Path, source: str) -> str | None:
     if manifest.source != source:
         return f"{folder} holds {manifest.source}, not {source}"
     for name, record in manifest.files.items():
-        path = folder / name
-        try:
-            size = path.stat().st_size
-        except OSError:
+        size = size_of(folder / name)
+        if size is None:
             return f"{name} is missing from {folder}"
         if size != record.size:
             return f"{name} in {folder} is {size} bytes, expected {record.size}"
@@ -101,8 +108,6 @@ def locked(target: Path, timeout_s: float) -> Iterator[None]:
     try:
         lock.acquire(timeout=timeout_s)
     except Timeout:
-        from serving.artifacts.errors import DownloadTimeout
-
         raise DownloadTimeout(
             f"Waited {timeout_s:g} s for another process downloading into {target}. If none is "
             f"running, delete {target}.lock."
@@ -120,26 +125,68 @@ def _clear_stale(target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _check_replaceable(target: Path, source: str, owned: bool) -> None:
+    """A folder we may overwrite: ours (the cache), empty, or an earlier download of the same source."""
+    if owned or not target.exists():
+        return
+    if not target.is_dir():
+        raise ArtifactError(f"{target} exists and is not a folder. Choose another destination.")
+    manifest = Manifest.read(target)
+    if manifest is None and any(target.iterdir()):
+        raise ArtifactError(
+            f"{target} already holds files that are not a download of {source}; nothing was changed. "
+            "Choose an empty or new folder."
+        )
+    if manifest is not None and manifest.source != source:
+        raise ArtifactError(
+            f"{target} holds a download of {manifest.source}, not {source}. Choose another folder."
+        )
+
+
+def _install(staging: Path, target: Path, owned: bool) -> None:
+    """Move the finished staging folder to `target`. A user's folder (not `owned`) keeps any files
+    the old manifest does not list; only the previous download's own files are replaced."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; other users must read the weights
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if owned:
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.rename(staging, target)
+        return
+    old = Manifest.read(target)
+    for name in [*(old.files if old else ()), MANIFEST]:
+        (target / name).unlink(missing_ok=True)
+    for entry in staging.iterdir():
+        os.replace(entry, target / entry.name)
+    staging.rmdir()
+
+
 def materialize(
-    target: Path, source: str, produce: Callable[[Path], Manifest], lock_timeout_s: float
+    target: Path, source: str, produce: Callable[[Path], Manifest], deadline: float, owned: bool = True
 ) -> Path:
-    """`target` holding `source`: reused when trusted, else produced into staging and renamed in."""
+    """`target` holding `source`: reused when trusted, else produced into staging and moved in.
+
+    `owned` folders (the cache) may be replaced wholesale; any other folder (lmi pull --dest) must be
+    empty, new, or an earlier download of the same source. `deadline` (monotonic) bounds the wait for
+    another process's download as well as our own."""
     if problem(target, source) is None:
         return target
-    with locked(target, lock_timeout_s):
+    with locked(target, max(deadline - time.monotonic(), 0.1)):
         reason = problem(target, source)
         if reason is None:  # another process finished it while we waited
             return target
-        if target.exists():
+        _check_replaceable(target, source, owned)
+        if target.exists() and Manifest.read(target) is not None:
             log.warning("Not using %s: %s; fetching %s again", target, reason, source)
         _clear_stale(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
         try:
             manifest = produce(staging)
             manifest.write(staging)
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            os.rename(staging, target)
+            _install(staging, target, owned)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

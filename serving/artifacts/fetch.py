@@ -43,6 +43,15 @@ class FetchOptions:
     """Parallel transfers (s5cmd --numworkers, boto3 max_concurrency)."""
     retries: int = 3
     """Attempts per download, with back-off; each retry fetches only what is missing or wrong."""
+    allow_unsafe_weights: bool = False
+    """Accept a checkpoint whose only weights are pickle files (*.bin, *.pt)."""
+
+    def identity(self, url: str) -> str:
+        """What a cached folder must have been fetched as: the URL plus any file-selection override,
+        so changing the patterns never serves a folder selected under the old ones."""
+        parts = [f"allow={','.join(self.allow_patterns)}"] if self.allow_patterns is not None else []
+        parts += [f"ignore={','.join(self.ignore_patterns)}"] if self.ignore_patterns else []
+        return url + ("?" + "&".join(parts) if parts else "")
 
     @classmethod
     def from_properties(cls, props: dict[str, str]) -> FetchOptions:
@@ -60,7 +69,9 @@ class FetchOptions:
                 raise ValueError(f"{key}={raw!r} must be a positive number")
             return value
 
-        loading = number("model_loading_timeout", 240.0, float)
+        from serving.config import DEFAULT_MODEL_LOADING_TIMEOUT_S
+
+        loading = number("model_loading_timeout", DEFAULT_MODEL_LOADING_TIMEOUT_S, float)
         return cls(
             download_dir=props.get("download_dir") or None,
             allow_patterns=parse_patterns(props.get("allow_patterns")),
@@ -69,6 +80,8 @@ class FetchOptions:
             timeout_s=number("download_timeout", 0.9 * loading, float),
             workers=int(number("download_workers", 32, int)),
             retries=int(number("download_retries", 3, int)),
+            allow_unsafe_weights=props.get("allow_unsafe_weights", "false").strip().lower()
+            in ("true", "1", "yes"),
         )
 
 

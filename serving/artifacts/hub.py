@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from serving.artifacts.errors import AccessDenied, ArtifactError, DownloadTimeout, NoWeights, SourceNotFound
+from serving.artifacts.errors import AccessDenied, ArtifactError, DownloadTimeout, SourceNotFound
 from serving.artifacts.fetch import FetchOptions
-from serving.artifacts.selection import has_weights, select_files
+from serving.artifacts.selection import check_weights, select_files
 
 log = logging.getLogger("serving.artifacts")
 
@@ -46,17 +46,28 @@ def _describe(exc: Exception, repo_id: str, revision: str | None) -> ArtifactErr
     return ArtifactError(f"Fetching {repo_id} from the Hub failed: {exc}")
 
 
-def _allow_patterns(repo_id: str, options: FetchOptions) -> list[str] | None:
-    """Exact file names to fetch (online); None when offline (the cached snapshot is what it is)."""
-    from huggingface_hub import HfApi, constants
+def _allow_patterns(repo_id: str, options: FetchOptions) -> tuple[list[str] | None, bool]:
+    """(exact file names to fetch, or None for the cached snapshot as it is; whether to stay offline).
 
+    Without HF_HUB_OFFLINE, an unreachable Hub still leaves a cached snapshot usable, as
+    snapshot_download itself would."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    offline_patterns = list(options.allow_patterns) if options.allow_patterns else None
     if constants.HF_HUB_OFFLINE:
-        return list(options.allow_patterns) if options.allow_patterns else None
-    names = HfApi().list_repo_files(repo_id, revision=options.revision)
+        return offline_patterns, True
+    try:
+        names = HfApi().list_repo_files(repo_id, revision=options.revision)
+    except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - network errors come from several HTTP stacks
+        log.warning("Cannot list %s on the Hub (%s); using the cached snapshot if there is one", repo_id, exc)
+        return offline_patterns, True
     chosen = select_files(names, options.allow_patterns, options.ignore_patterns)
-    if "config.json" in chosen and not has_weights(chosen):
-        raise NoWeights(f"{repo_id} has config.json but no weights among {', '.join(chosen[:10])}.")
-    return chosen
+    if "config.json" in chosen and options.allow_patterns is None:
+        check_weights(chosen, repo_id, options)  # explicit allow_patterns: the user chose
+    return chosen, False
 
 
 def _run_with_deadline(fn: Any, timeout_s: float, what: str) -> Any:
@@ -87,10 +98,11 @@ def fetch_hub(source: str, options: FetchOptions) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     def download() -> str:
-        allow = _allow_patterns(source, options)
+        allow, local_only = _allow_patterns(source, options)
         return snapshot_download(
             source,
             revision=options.revision,
+            local_files_only=local_only,
             allow_patterns=allow,
             ignore_patterns=None if allow is not None else list(options.ignore_patterns or ()) or None,
             local_dir=options.dest,

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.artifacts.cache import FileRecord, Manifest, materialize
-from serving.artifacts.errors import AccessDenied, ArtifactError, EmptySource, NoWeights, SourceNotFound
+from serving.artifacts.cache import FileRecord, Manifest, materialize, size_of
+from serving.artifacts.errors import AccessDenied, ArtifactError, EmptySource, SourceNotFound
 from serving.artifacts.fetch import ARCHIVE_SUFFIXES, FetchOptions, target_folder
-from serving.artifacts.selection import has_weights, select_files
+from serving.artifacts.selection import check_weights, select_files
 
 log = logging.getLogger("serving.artifacts")
 
@@ -102,6 +102,18 @@ def describe_client_error(exc: Exception, what: str) -> ArtifactError:
     return ArtifactError(f"Reading {what} failed: {exc}")
 
 
+def _safe_name(key: str, location: S3Location) -> str:
+    """The object's path inside the model folder; keys that would land outside it are refused."""
+    name = key[len(location.prefix) :]
+    parts = name.split("/")
+    if not name or name.startswith("/") or ".." in parts or "" in parts or "\n" in name:
+        raise ArtifactError(
+            f"s3://{location.bucket}/{key} cannot be stored safely inside the model folder (an empty, "
+            "absolute or '..' path component). Rename the object."
+        )
+    return name
+
+
 def list_objects(client: Any, location: S3Location) -> list[S3Object]:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -115,7 +127,7 @@ def list_objects(client: Any, location: S3Location) -> list[S3Object]:
                 if key.endswith("/"):
                     continue  # a "folder" marker object
                 etag = item.get("ETag", "").strip('"')
-                objects.append(S3Object(key, key[len(location.prefix) :], item["Size"], etag))
+                objects.append(S3Object(key, _safe_name(key, location), item["Size"], etag))
     except (ClientError, BotoCoreError) as exc:
         raise describe_client_error(exc, location.url) from None
     return objects
@@ -136,72 +148,94 @@ def plan_download(objects: list[S3Object], location: S3Location, options: FetchO
             f"{options.allow_patterns} / ignore_patterns={options.ignore_patterns}."
         )
     archives = [o for o in chosen if o.name.endswith(ARCHIVE_SUFFIXES)]
-    if "config.json" in names and not has_weights(names) and not archives:
-        raise NoWeights(
-            f"{location.url} has config.json but no weights (*.safetensors, *.gguf, *.bin): found "
-            f"{', '.join(sorted(names)[:10])}. Upload the weights (safetensors preferred) to this prefix."
-        )
+    if "config.json" in names and not archives and options.allow_patterns is None:
+        check_weights(names, location.url, options)  # explicit allow_patterns: the user chose
     return chosen
 
 
 def fetch_s3(source: str, options: FetchOptions) -> Path:
-    location = S3Location.parse(source)
-    target = target_folder(location.url, options)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from serving.artifacts.archive import single_top_folder
     from serving.artifacts.cache import problem
 
-    if problem(target, location.url) is None:  # trusted cache: no network at all
+    deadline = time.monotonic() + options.timeout_s  # listing, lock wait and transfer share it
+    location = S3Location.parse(source)
+    identity = options.identity(location.url)
+    target = target_folder(identity, options)
+    if problem(target, identity) is None:  # trusted cache: no network at all
         log.info("Using cached %s from %s", location.url, target)
-        return target
-    client = make_client(options.workers)
-    objects = plan_download(list_objects(client, location), location, options)
+        return single_top_folder(target)
+    try:
+        client = make_client(options.workers)
+        objects = plan_download(list_objects(client, location), location, options)
+    except (BotoCoreError, ClientError) as exc:  # e.g. an unknown AWS_PROFILE
+        raise describe_client_error(exc, location.url) from None
     expected = {o.name: FileRecord(o.size, o.etag) for o in objects}
 
     def produce(staging: Path) -> Manifest:
-        download_with_retries(client, location, objects, staging, options)
-        return finish_folder(staging, expected, location.url)
+        download_with_retries(client, location, objects, staging, options, deadline)
+        return finish_folder(staging, expected, identity)
 
-    return materialize(target, location.url, produce, options.timeout_s)
+    folder = materialize(target, identity, produce, deadline, owned=options.dest is None)
+    return single_top_folder(folder)
 
 
 def download_with_retries(
-    client: Any, location: S3Location, objects: list[S3Object], staging: Path, options: FetchOptions
+    client: Any,
+    location: S3Location,
+    objects: list[S3Object],
+    staging: Path,
+    options: FetchOptions,
+    deadline: float,
 ) -> None:
-    """s5cmd (or boto3) transfers, then verification; retried with back-off, each time only for the
-    files that are still missing or wrong, within one overall deadline."""
-    from serving.artifacts.errors import DownloadTimeout, IntegrityError
+    """s5cmd (or boto3) transfers, then verification of every file; retried with back-off, each time
+    only for the files that are still missing or wrong, within the one deadline."""
+    from serving.artifacts.errors import DownloadTimeout
     from serving.artifacts.transfer import transfer
     from serving.artifacts.verify import verify_files
 
-    deadline = time.monotonic() + options.timeout_s
+    by_name = {o.name: o for o in objects}
+    expected = {o.name: FileRecord(o.size, o.etag) for o in objects}
     pending = objects
     for attempt in range(1, options.retries + 1):
         try:
             transfer(client, location, pending, staging, options, deadline)
-            verify_files(staging, {o.name: FileRecord(o.size, o.etag) for o in pending}, location.url)
-            return
+            etag_check = lambda name: etag_is_md5(client, location.bucket, by_name[name])  # noqa: E731
+            problems = verify_files(staging, expected, location.url, etag_check)
+            if not problems:
+                return
+            for bad in problems:  # full-size but corrupt files too: fetch them again
+                (staging / bad.name).unlink(missing_ok=True)
+            if attempt == options.retries:
+                raise problems[0]
+            error: ArtifactError = problems[0]
         except (DownloadTimeout, AccessDenied, SourceNotFound):
             raise  # retrying cannot help
         except ArtifactError as exc:
-            if attempt == options.retries or time.monotonic() + 2**attempt > deadline:
+            if attempt == options.retries:
                 raise
-            log.warning(
-                "Download attempt %d of %s failed (%s); retrying in %d s",
-                attempt,
-                location.url,
-                exc,
-                2**attempt,
-            )
-            if isinstance(exc, IntegrityError) and exc.name:  # full-size but corrupt: fetch it again
-                (staging / exc.name).unlink(missing_ok=True)
-            time.sleep(2**attempt)
-            pending = [o for o in objects if not _complete(staging / o.name, o)]
+            error = exc
+        if time.monotonic() + 2**attempt > deadline:
+            raise error
+        log.warning(
+            "Download attempt %d of %s failed (%s); retrying in %d s",
+            attempt,
+            location.url,
+            error,
+            2**attempt,
+        )
+        time.sleep(2**attempt)
+        pending = [o for o in objects if size_of(staging / o.name) != o.size]
 
 
-def _complete(path: Path, obj: S3Object) -> bool:
+def etag_is_md5(client: Any, bucket: str, obj: S3Object) -> bool:
+    """False for SSE-KMS and SSE-C objects, whose ETags look like MD5s but are not."""
     try:
-        return path.stat().st_size == obj.size
-    except OSError:
-        return False
+        head = client.head_object(Bucket=bucket, Key=obj.key)
+    except Exception:  # noqa: BLE001 - cannot tell: keep the check
+        return True
+    return head.get("ServerSideEncryption") != "aws:kms" and not head.get("SSECustomerAlgorithm")
 
 
 def finish_folder(staging: Path, expected: dict[str, FileRecord], source: str) -> Manifest:

@@ -57,3 +57,23 @@ def select_files(
 
 def has_weights(names: Iterable[str]) -> bool:
     return any(_matches(n, WEIGHT_PATTERNS) for n in names)
+
+
+def check_weights(names: list[str], source: str, options: object) -> None:
+    """A transformers checkpoint (config.json) needs weights this server will load: safetensors or
+    GGUF, or pickle files when option.allow_unsafe_weights=true. Raises NoWeights saying which."""
+    from serving.artifacts.errors import NoWeights
+
+    listing = ", ".join(sorted(names)[:10])
+    if not has_weights(names):
+        raise NoWeights(
+            f"{source} has config.json but no weights (*.safetensors, *.gguf, *.bin): found "
+            f"{listing}. Upload the weights (safetensors preferred)."
+        )
+    safe = any(_matches(n, ("*.safetensors", "*.gguf")) for n in names)
+    if not safe and not getattr(options, "allow_unsafe_weights", False):
+        raise NoWeights(
+            f"{source} has no *.safetensors weights, only pickle files ({listing}), which can "
+            "run code when loaded. Convert them to safetensors, or set "
+            "option.allow_unsafe_weights=true if you trust them."
+        )

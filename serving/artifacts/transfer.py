@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,9 +57,14 @@ def transfer(
 
 
 def _die_with_parent() -> None:
-    """s5cmd must not outlive a model worker killed for loading too long."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    """s5cmd must not outlive a model worker killed for loading too long (Linux only)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _quote(text: str) -> str:
+    """A double-quoted argument for an s5cmd run file (its parser honours \\ and \")."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _command_file(location: Any, objects: list[Any], dest: Path) -> str:
@@ -66,7 +72,8 @@ def _command_file(location: Any, objects: list[Any], dest: Path) -> str:
     for obj in objects:
         target = dest / obj.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        lines.append(f'cp "s3://{location.bucket}/{obj.key}" "{target}"')
+        # --raw: keys are literal, so *, ? and [ in a key are not wildcards
+        lines.append(f"cp --raw {_quote(f's3://{location.bucket}/{obj.key}')} {_quote(str(target))}")
     handle, path = tempfile.mkstemp(prefix="lmi-s5cmd-", suffix=".txt")
     with os.fdopen(handle, "w") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -125,10 +132,10 @@ def _timeout_message(location: Any, progress: Progress) -> str:
 
 
 def _s5cmd_error(text: str, location: Any) -> ArtifactError:
-    from serving.artifacts.s3 import CREDENTIALS_HINT
+    from serving.artifacts.s3 import CREDENTIALS_HINT, DENIED_CODES
 
     tail = text.strip()[-1500:]
-    if "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+    if any(code in text for code in DENIED_CODES if not code.isdigit()):
         return AccessDenied(
             f"Access denied downloading {location.url}. {CREDENTIALS_HINT} s5cmd said: {tail}"
         )

@@ -236,8 +236,11 @@ def test_each_failure_has_its_own_message(s3, tiny_in_s3, tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text("{}")
     s3.upload_folder(tmp_path / "cfg", "models", "noweights")
+    (tmp_path / "cfg" / "pytorch_model.bin").write_bytes(b"pickle")
+    s3.upload_folder(tmp_path / "cfg", "models", "pickled")
     env = _env(s3, tmp_path / "dl")
     cases = {
+        "s3://models/pickled/": "has no *.safetensors weights, only pickle files",
         "s3://models/absent/": "No objects under s3://models/absent/",
         "s3://no-bucket-here/x/": "S3 bucket 'no-bucket-here' does not exist",
         "s3://models/noweights/": "has config.json but no weights",
@@ -284,3 +287,32 @@ def test_a_transfer_that_dies_is_retried_and_only_the_rest_fetched(s3, big_in_s3
     assert proc.returncode == 0, err.decode()
     assert "Download attempt 1 of s3://models/big/ failed" in err.decode()
     assert problem(Path(out.decode().strip()), big_in_s3) is None
+
+
+def test_odd_key_names_and_a_single_archive(s3, tmp_path):
+    """s5cmd gets literal keys (quotes, spaces, glob characters); an archive alone under a prefix is
+    downloaded and extracted, unwrapping its single top folder."""
+    repo = tmp_path / "odd"
+    repo.mkdir()
+    (repo / "config.json").write_text("{}")
+    _big_safetensors(repo / "model.safetensors", 64)
+    odd = 'notes [v1] "draft" *?.txt'
+    (repo / odd).write_text("kept verbatim")
+    s3.upload_folder(repo, "models", "odd")
+    env = _env(s3, tmp_path / "dl")
+    result = pull(env, "s3://models/odd/")
+    assert result.returncode == 0, result.stderr
+    assert (Path(result.stdout.strip()) / odd).read_text() == "kept verbatim"
+
+    import tarfile
+
+    with tarfile.open(tmp_path / "model.tar.gz", "w:gz") as tar:
+        tar.add(repo / "config.json", "model/config.json")
+        tar.add(repo / "model.safetensors", "model/model.safetensors")
+    client = s3.client()
+    client.upload_file(str(tmp_path / "model.tar.gz"), "models", "packed/model.tar.gz")
+    packed = pull(env, "s3://models/packed/")
+    assert packed.returncode == 0, packed.stderr
+    folder = Path(packed.stdout.strip())
+    assert folder.name == "model"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from support import ROOT
 from serving.artifacts import ArtifactError, FetchOptions, fetch
 from serving.artifacts.archive import extract_archive
 from serving.artifacts.cache import FileRecord, Manifest, materialize, problem
-from serving.artifacts.errors import IntegrityError, UnsafeArchive
+from serving.artifacts.errors import UnsafeArchive
 from serving.artifacts.fetch import source_kind
 from serving.artifacts.selection import parse_patterns, select_files
 from serving.artifacts.verify import check_safetensors, verify_files
@@ -82,6 +83,10 @@ def test_source_kinds(tmp_path):
 # ---- cache ---------------------------------------------------------------------------------
 
 
+def _soon() -> float:
+    return time.monotonic() + 5
+
+
 def test_failed_produce_leaves_nothing_and_a_trusted_folder_is_reused(tmp_path):
     target = tmp_path / "cache" / "abc"
 
@@ -90,7 +95,7 @@ def test_failed_produce_leaves_nothing_and_a_trusted_folder_is_reused(tmp_path):
         raise ArtifactError("network went away")
 
     with pytest.raises(ArtifactError, match="network went away"):
-        materialize(target, "s3://b/p/", broken, 5)
+        materialize(target, "s3://b/p/", broken, _soon())
     assert not target.exists()
     assert list(target.parent.glob(".abc.staging-*")) == []
 
@@ -101,8 +106,8 @@ def test_failed_produce_leaves_nothing_and_a_trusted_folder_is_reused(tmp_path):
         (staging / "a.txt").write_bytes(b"hello")
         return Manifest("s3://b/p/", files={"a.txt": FileRecord(5)})
 
-    assert materialize(target, "s3://b/p/", good, 5) == target
-    assert materialize(target, "s3://b/p/", good, 5) == target
+    assert materialize(target, "s3://b/p/", good, _soon()) == target
+    assert materialize(target, "s3://b/p/", good, _soon()) == target
     assert calls == [1]
     assert problem(target, "s3://b/p/") is None
     assert "holds s3://b/p/, not s3://other/" in problem(target, "s3://other/")
@@ -115,13 +120,37 @@ def test_truncated_or_unlisted_cache_is_not_trusted_and_is_refetched(tmp_path):
         (staging / "w.bin").write_bytes(b"0123456789")
         return Manifest("src", files={"w.bin": FileRecord(10)})
 
-    materialize(target, "src", produce, 5)
+    materialize(target, "src", produce, _soon())
     (target / "w.bin").write_bytes(b"01234")  # the disk lost the tail
     assert problem(target, "src") == f"w.bin in {target} is 5 bytes, expected 10"
-    materialize(target, "src", produce, 5)
+    materialize(target, "src", produce, _soon())
     assert (target / "w.bin").read_bytes() == b"0123456789"
     (target / ".lmi-manifest.json").unlink()  # e.g. a folder copied in by hand, half done
     assert "has no readable .lmi-manifest.json" in problem(target, "src")
+
+
+def test_a_user_folder_is_never_wiped_and_finished_folders_are_readable(tmp_path):
+    dest = tmp_path / "opt-ml-model"
+    dest.mkdir()
+    (dest / "serving.properties").write_text("option.rolling_batch=disable\n")
+
+    def produce(staging: Path) -> Manifest:
+        (staging / "w.bin").write_bytes(b"0123456789")
+        return Manifest("src", files={"w.bin": FileRecord(10)})
+
+    with pytest.raises(ArtifactError, match="already holds files that are not a download of src"):
+        materialize(dest, "src", produce, _soon(), owned=False)
+    assert sorted(p.name for p in dest.iterdir()) == ["serving.properties"]
+    fresh = tmp_path / "fresh"
+    materialize(fresh, "src", produce, _soon(), owned=False)
+    assert fresh.stat().st_mode & 0o077 != 0  # not mkdtemp's 0700: other users can read the weights
+    (fresh / "notes.txt").write_text("mine")
+    (fresh / "w.bin").write_bytes(b"short")  # a damaged earlier download of the same source
+    materialize(fresh, "src", produce, _soon(), owned=False)
+    assert (fresh / "w.bin").read_bytes() == b"0123456789"
+    assert (fresh / "notes.txt").read_text() == "mine"  # files the manifest does not list stay
+    with pytest.raises(ArtifactError, match="holds a download of src, not other"):
+        materialize(fresh, "other", produce, _soon(), owned=False)
 
 
 def test_stale_staging_of_a_killed_download_is_removed(tmp_path):
@@ -129,7 +158,7 @@ def test_stale_staging_of_a_killed_download_is_removed(tmp_path):
     stale = tmp_path / ".t.staging-dead"
     stale.mkdir()
     (stale / "partial").write_bytes(b"x")
-    materialize(target, "src", lambda s: Manifest("src"), 5)
+    materialize(target, "src", lambda s: Manifest("src"), _soon())
     assert not stale.exists()
 
 
@@ -195,30 +224,77 @@ def test_extract_archive_reports_a_damaged_file(tmp_path):
 # ---- verification --------------------------------------------------------------------------
 
 
-def test_verify_names_short_corrupt_and_malformed_files(tmp_path):
+def _problems(folder, expected, etag_is_md5=lambda name: True):
+    return [str(p) for p in verify_files(folder, expected, "s3://b/p/", etag_is_md5)]
+
+
+def test_verify_names_every_short_corrupt_and_malformed_file(tmp_path):
     good = _safetensors(tmp_path / "model.safetensors")
     size = good.stat().st_size
     import hashlib
 
     md5 = hashlib.md5(good.read_bytes()).hexdigest()  # noqa: S324 - S3 ETag semantics
-    verify_files(tmp_path, {"model.safetensors": FileRecord(size, md5)}, "s3://b/p/")
-    with pytest.raises(
-        IntegrityError, match=r"model.safetensors from s3://b/p/ is \d+ bytes, but the listing"
-    ):
-        verify_files(tmp_path, {"model.safetensors": FileRecord(size + 1)}, "s3://b/p/")
+    assert _problems(tmp_path, {"model.safetensors": FileRecord(size, md5)}) == []
     data = bytearray(good.read_bytes())
     data[-1] ^= 0xFF  # same size, one bit-flipped byte
     good.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="model.safetensors from s3://b/p/ is corrupt: its MD5") as info:
-        verify_files(tmp_path, {"model.safetensors": FileRecord(size, md5)}, "s3://b/p/")
-    assert info.value.name == "model.safetensors"
+    (tmp_path / "short.json").write_bytes(b"{}")
+    problems = _problems(
+        tmp_path,
+        {
+            "model.safetensors": FileRecord(size, md5),
+            "short.json": FileRecord(3),
+            "missing.bin": FileRecord(1),
+        },
+    )
+    assert len(problems) == 3  # all of them, so one retry fetches every bad file
+    assert "missing.bin from s3://b/p/ was not downloaded" in problems[0]
+    assert "model.safetensors from s3://b/p/ is corrupt: its MD5" in problems[1]
+    assert "short.json from s3://b/p/ is 2 bytes, but the listing says 3" in problems[2]
+    # an SSE-KMS object's ETag is not its MD5: no false alarm when the store says so
+    assert _problems(tmp_path, {"model.safetensors": FileRecord(size, md5)}, lambda name: False) == []
     good.write_bytes(bytes(data[:-4]))  # truncated: caught by the header check without an MD5
-    with pytest.raises(IntegrityError, match="not a valid safetensors file: its tensors end at byte"):
-        verify_files(tmp_path, {"model.safetensors": FileRecord(size - 4, "abc-2")}, "s3://b/p/")
-    with pytest.raises(IntegrityError, match="missing.bin from s3://b/p/ was not downloaded"):
-        verify_files(tmp_path, {"missing.bin": FileRecord(1)}, "s3://b/p/")
-    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 7)
-    assert check_safetensors(tmp_path / "junk.safetensors") == "shorter than a safetensors header"
+    assert (
+        "not a valid safetensors file: its tensors end at byte"
+        in _problems(tmp_path, {"model.safetensors": FileRecord(size - 4, "abc-2")})[0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"\xff" * 7, "shorter than a safetensors header"),
+        (struct.pack("<Q", 2) + b"[]", "not a valid safetensors header"),
+        (struct.pack("<Q", 9) + b'{"w": {}}', "not a valid safetensors header"),
+        (struct.pack("<Q", 1 << 40) + b"{}", "its header claims"),
+    ],
+)
+def test_malformed_safetensors_headers_are_reasons_not_crashes(tmp_path, content, reason):
+    (tmp_path / "x.safetensors").write_bytes(content)
+    assert reason in check_safetensors(tmp_path / "x.safetensors")
+
+
+def test_s3_keys_that_would_escape_the_folder_are_refused():
+    from serving.artifacts.s3 import S3Location, _safe_name
+
+    location = S3Location.parse("s3://b/models/m")
+    assert location.prefix == "models/m/"
+    assert _safe_name("models/m/sub/config.json", location) == "sub/config.json"
+    for key in ("models/m//etc/x", "models/m/../../x", "models/m/a/../../b"):
+        with pytest.raises(ArtifactError, match="cannot be stored safely"):
+            _safe_name(key, location)
+
+
+def test_only_pickle_weights_need_explicit_consent():
+    from serving.artifacts.errors import NoWeights
+    from serving.artifacts.selection import check_weights
+
+    names = ["config.json", "pytorch_model.bin"]
+    with pytest.raises(NoWeights, match="no \\*.safetensors weights, only pickle files"):
+        check_weights(names, "s3://b/p/", FetchOptions())
+    check_weights(names, "s3://b/p/", FetchOptions(allow_unsafe_weights=True))
+    with pytest.raises(NoWeights, match="has config.json but no weights"):
+        check_weights(["config.json", "tokenizer.json"], "s3://b/p/", FetchOptions())
 
 
 # ---- Hub offline and lmi pull ----------------------------------------------------------------
