@@ -19,7 +19,10 @@ from types import ModuleType
 log = logging.getLogger("engines.kernels")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17")
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-fopenmp")
+"""-fopenmp matters: at::parallel_for is a header template whose `omp parallel` is silently serial
+without it. The library links the libgomp torch already loaded (same soname), so one thread pool."""
+LDFLAGS = ("-fopenmp",)
 CACHE_ENV = "LMI_KERNEL_CACHE"
 """Folder for compiled kernels; default: <user cache dir>/lmi-serving/kernels."""
 
@@ -41,7 +44,7 @@ def _build_key(source: Path) -> str:
     import torch
 
     digest = hashlib.sha256(source.read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
+    digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     digest.update(f"{torch.__version__}:{sys.version_info[:2]}".encode())
     return digest.hexdigest()[:16]
 
@@ -63,6 +66,7 @@ def load_kernel(name: str) -> ModuleType:
                 name=f"lmi_{name}",
                 sources=[str(source)],
                 extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
                 build_directory=str(build_dir),
                 verbose=False,
             )

@@ -11,13 +11,21 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int64_t kMaxGroup = 16;
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kBlock = 32;
+constexpr float kNegativeHuge = -1e30f;  // "minus infinity" that -ffast-math may not assume away
 
 struct Item {
   int64_t group;
@@ -47,28 +55,11 @@ void attend_one(const T* q, const T* k, const T* v, T* out, const Item& item) {
       qg[d] = static_cast<float>(q[g * item.q_head_stride + d]) * item.scale;
       acc[g * head_dim + d] = 0.f;
     }
-    row_max[g] = -std::numeric_limits<float>::infinity();
+    row_max[g] = kNegativeHuge;
     row_sum[g] = 0.f;
   }
-  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
-  // Rows of one (slot, head) are contiguous but a single stream per thread leaves DRAM idle between
-  // blocks; prefetching the block after next keeps enough loads in flight (2.5x on 2 cores).
-  auto prefetch_block = [&](int64_t first) {
-    const int64_t last = std::min(first + kBlock, item.kv_len);
-    for (int64_t t = first; t < last; ++t) {
-      const char* k_row = reinterpret_cast<const char*>(k + t * item.kv_row_stride);
-      const char* v_row = reinterpret_cast<const char*>(v + t * item.kv_row_stride);
-      for (int64_t offset = 0; offset < row_bytes; offset += 64) {
-        __builtin_prefetch(k_row + offset, 0, 0);
-        __builtin_prefetch(v_row + offset, 0, 0);
-      }
-    }
-  };
-  prefetch_block(0);
-  prefetch_block(kBlock);
   for (int64_t t0 = 0; t0 < item.kv_len; t0 += kBlock) {
     const int64_t n = std::min(kBlock, item.kv_len - t0);
-    prefetch_block(t0 + 2 * kBlock);
     for (int64_t t = 0; t < n; ++t) {
       const T* k_row = k + (t0 + t) * item.kv_row_stride;
       for (int64_t d = 0; d < head_dim; ++d) kf[t * head_dim + d] = static_cast<float>(k_row[d]);
@@ -115,12 +106,141 @@ void attend_one(const T* q, const T* k, const T* v, T* out, const Item& item) {
   }
 }
 
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bf16 fast path: q.k and p.v run as bf16 dot products (vdpbf16ps) with float32 accumulation, as in
+// FlashAttention (p is rounded to bf16 for the p.v product); scores of 16 keys are reduced together by
+// one transpose-and-add instead of 16 horizontal sums.
+constexpr int64_t kMaxFastGroup = 8;
+
+inline __m512 sum16(__m512 v[16]) {
+  // lane i of the result = sum of the 16 lanes of v[i]
+  __m512 s[8], r[4];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j)
+    r[j] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(r[0], r[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(r[2], r[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(r[2], r[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __m512bh load_bh(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+template <int64_t kHeadDim>
+void attend_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out,
+                 const Item& item) {
+  constexpr int64_t kChunks = kHeadDim / 32;  // 32 bf16 per 512-bit register
+  const int64_t group = item.group;
+  __m512bh qv[kMaxFastGroup][kChunks];
+  __m512 acc_lo[kMaxFastGroup][kChunks], acc_hi[kMaxFastGroup][kChunks];
+  float row_max[kMaxFastGroup], row_sum[kMaxFastGroup];
+  alignas(64) float probs[kMaxFastGroup][kBlock];
+  alignas(64) uint16_t probs_bh[kMaxFastGroup][kBlock];
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t c = 0; c < kChunks; ++c) {
+      qv[g][c] = load_bh(q + g * item.q_head_stride + 32 * c);
+      acc_lo[g][c] = acc_hi[g][c] = _mm512_setzero_ps();
+    }
+    row_max[g] = kNegativeHuge;
+    row_sum[g] = 0.f;
+  }
+  const __m512 scale = _mm512_set1_ps(item.scale);
+  for (int64_t t0 = 0; t0 < item.kv_len; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, item.kv_len - t0);
+    // the next block's rows start arriving while this one is computed
+    for (int64_t t = t0 + kBlock; t < std::min(t0 + 2 * kBlock, item.kv_len); ++t) {
+      for (int64_t byte = 0; byte < kHeadDim * 2; byte += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(k + t * item.kv_row_stride) + byte, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v + t * item.kv_row_stride) + byte, _MM_HINT_T0);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t half = 0; half < kBlock; half += 16) {
+        __m512 partial[16];
+        for (int64_t i = 0; i < 16; ++i) {
+          partial[i] = _mm512_setzero_ps();
+          if (half + i < n) {
+            const at::BFloat16* row = k + (t0 + half + i) * item.kv_row_stride;
+            for (int64_t c = 0; c < kChunks; ++c)
+              partial[i] = _mm512_dpbf16_ps(partial[i], qv[g][c], load_bh(row + 32 * c));
+          }
+        }
+        _mm512_store_ps(probs[g] + half, _mm512_mul_ps(sum16(partial), scale));
+      }
+      float block_max = row_max[g];
+      for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, probs[g][t]);
+      const float rescale = std::exp(row_max[g] - block_max);
+      row_max[g] = block_max;
+      float block_sum = 0.f;
+      for (int64_t t = 0; t < kBlock; ++t) {
+        probs[g][t] = t < n ? std::exp(probs[g][t] - block_max) : 0.f;
+        block_sum += probs[g][t];
+      }
+      row_sum[g] = row_sum[g] * rescale + block_sum;
+      const __m512 r = _mm512_set1_ps(rescale);
+      for (int64_t c = 0; c < kChunks; ++c) {
+        acc_lo[g][c] = _mm512_mul_ps(acc_lo[g][c], r);
+        acc_hi[g][c] = _mm512_mul_ps(acc_hi[g][c], r);
+      }
+      for (int64_t h = 0; h < kBlock; h += 32) {
+        const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_load_ps(probs[g] + h + 16), _mm512_load_ps(probs[g] + h));
+        _mm512_store_si512(probs_bh[g] + h, (__m512i)packed);
+      }
+    }
+    // p.v over key pairs: interleave rows t and t+1 so each 32-bit lane holds (v_t[d], v_t+1[d]).
+    for (int64_t t = 0; t < n; t += 2) {
+      const at::BFloat16* row0 = v + (t0 + t) * item.kv_row_stride;
+      const at::BFloat16* row1 = row0 + item.kv_row_stride;
+      for (int64_t c = 0; c < kChunks; ++c) {
+        const __m512i a = _mm512_loadu_si512(row0 + 32 * c);
+        const __m512i b = t + 1 < n ? _mm512_loadu_si512(row1 + 32 * c) : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b);
+        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        for (int64_t g = 0; g < group; ++g) {
+          uint32_t pair;
+          std::memcpy(&pair, probs_bh[g] + t, sizeof(pair));
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+          acc_lo[g][c] = _mm512_dpbf16_ps(acc_lo[g][c], lo, p);
+          acc_hi[g][c] = _mm512_dpbf16_ps(acc_hi[g][c], hi, p);
+        }
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inv = 1.f / row_sum[g];
+    alignas(64) float lo[16], hi[16];
+    for (int64_t c = 0; c < kChunks; ++c) {
+      _mm512_store_ps(lo, acc_lo[g][c]);
+      _mm512_store_ps(hi, acc_hi[g][c]);
+      // unpacklo/hi work per 128-bit lane: lane L of lo holds dims 8L..8L+3 of this chunk, hi 8L+4..8L+7
+      for (int64_t lane = 0; lane < 4; ++lane) {
+        for (int64_t m = 0; m < 4; ++m) {
+          out[g * kHeadDim + 32 * c + 8 * lane + m] = static_cast<at::BFloat16>(lo[4 * lane + m] * inv);
+          out[g * kHeadDim + 32 * c + 8 * lane + 4 + m] = static_cast<at::BFloat16>(hi[4 * lane + m] * inv);
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <typename T>
 void run(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
          const int64_t* slots, const int64_t* kv_lens, torch::Tensor& out, float scale) {
   const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = cache_k.size(1), group = heads / kv_heads;
   auto kernel = head_dim == 64 ? attend_one<T, 64> : head_dim == 128 ? attend_one<T, 128> : attend_one<T, 0>;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (group <= kMaxFastGroup && head_dim == 64) kernel = attend_bf16<64>;
+    if (group <= kMaxFastGroup && head_dim == 128) kernel = attend_bf16<128>;
+  }
+#endif
   const T* q_ptr = q.data_ptr<T>();
   const T* k_ptr = cache_k.data_ptr<T>();
   const T* v_ptr = cache_v.data_ptr<T>();
