@@ -21,7 +21,8 @@ from torch.nn import functional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.hf.default_model import ensure_default_model  # noqa: E402
-from engines.kernels.decode_attention import BACKENDS, select_decode_attention  # noqa: E402
+from engines.kernels.decode_attention import native_decode_attention  # noqa: E402
+from engines.kernels.ops import CHOICES, select_ops  # noqa: E402
 from engines.llama.batch import ForwardBatch  # noqa: E402
 from engines.llama.weights import load_llama  # noqa: E402
 
@@ -51,10 +52,9 @@ def decode_batch(batch_size: int, context: int) -> ForwardBatch:
 def bench_model(args: argparse.Namespace, name: str) -> None:
     max_len = max(args.context, args.prefill_len) + 8
     slots = max(max(args.batch_sizes), args.prefill_seqs)
-    kernel = select_decode_attention(args.attention_backend, "cpu")
-    model, cache, _ = load_llama(
-        ensure_default_model(), DTYPES[name], "cpu", slots, max_len, not args.no_pack, kernel
-    )
+    ops = select_ops(args.kernels, "cpu")
+    path = ensure_default_model()
+    model, cache, _ = load_llama(path, DTYPES[name], "cpu", slots, max_len, not args.no_pack, ops)
     for batch_size in args.batch_sizes:
         batch = decode_batch(batch_size, args.context)
         seconds = best_seconds(lambda batch=batch: model(batch, cache), args.iterations, args.repeats)
@@ -80,10 +80,10 @@ def bench_attention(args: argparse.Namespace, name: str) -> None:
     slots = torch.arange(batch)
     kv_lens = torch.full((batch,), length, dtype=torch.int64)
     group = heads // kv_heads
-    native = select_decode_attention("native", "cpu")
+    native = native_decode_attention
     variants = {
         "native kernel (default)": lambda: native(q.view(-1, heads, dim), cache_k, cache_v, slots, kv_lens),
-        "view, query heads as rows (sdpa backend)": lambda: functional.scaled_dot_product_attention(
+        "view, query heads as rows (--kernels torch)": lambda: functional.scaled_dot_product_attention(
             q.view(batch, kv_heads, group, dim), keys, values, attn_mask=mask
         ),
         "view, enable_gqa": lambda: functional.scaled_dot_product_attention(
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> None:
         "--no-pack", action="store_true", help="plain F.linear instead of packed oneDNN weights"
     )
     parser.add_argument("--attention", action="store_true", help="also time decode-attention variants")
-    parser.add_argument("--attention-backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--kernels", choices=CHOICES, default="auto", help="option.kernels")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, pack={not args.no_pack}, "
-        f"attention backend {args.attention_backend}\n"
+        f"kernels {args.kernels}\n"
     )
     print("| dtype | step | batch | context | ms/step | tok/s |\n|---|---|---|---|---|---|")
     for name in args.dtype:

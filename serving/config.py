@@ -155,7 +155,7 @@ KNOWN_OPTIONS = {
     "enforce_eager",
     "max_num_seqs",
     "kv_cache_memory_bytes",
-    "attention_backend",
+    "kernels",
     "download_timeout",
     "download_workers",
     "download_retries",

@@ -19,10 +19,18 @@ from types import ModuleType
 log = logging.getLogger("engines.kernels")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-fopenmp")
+CFLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp")
 """-fopenmp matters: at::parallel_for is a header template whose `omp parallel` is silently serial
 without it. The library links the libgomp torch already loaded (same soname), so one thread pool."""
 LDFLAGS = ("-fopenmp",)
+EXTRA_CFLAGS = {"decode_attention": ("-ffast-math",)}
+"""Per kernel: attention may reassociate sums; the element-wise ops must round exactly like torch."""
+
+
+def _cflags(name: str) -> tuple[str, ...]:
+    return CFLAGS + EXTRA_CFLAGS.get(name, ())
+
+
 CACHE_ENV = "LMI_KERNEL_CACHE"
 """Folder for compiled kernels; default: <user cache dir>/lmi-serving/kernels."""
 
@@ -40,11 +48,11 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("lmi-serving")) / "kernels"
 
 
-def _build_key(source: Path) -> str:
+def _build_key(source: Path, name: str) -> str:
     import torch
 
     digest = hashlib.sha256(source.read_bytes())
-    digest.update(" ".join(CFLAGS + LDFLAGS).encode())
+    digest.update(" ".join(_cflags(name) + LDFLAGS).encode())
     digest.update(f"{torch.__version__}:{sys.version_info[:2]}".encode())
     return digest.hexdigest()[:16]
 
@@ -56,7 +64,7 @@ def load_kernel(name: str) -> ModuleType:
     from torch.utils import cpp_extension
 
     source = SOURCE_DIR / f"{name}.cpp"
-    build_dir = cache_root() / f"{name}-{_build_key(source)}"
+    build_dir = cache_root() / f"{name}-{_build_key(source, name)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with FileLock(str(build_dir) + ".lock"):
@@ -65,7 +73,7 @@ def load_kernel(name: str) -> ModuleType:
             module = cpp_extension.load(
                 name=f"lmi_{name}",
                 sources=[str(source)],
-                extra_cflags=list(CFLAGS),
+                extra_cflags=list(_cflags(name)),
                 extra_ldflags=list(LDFLAGS),
                 build_directory=str(build_dir),
                 verbose=False,

@@ -7,19 +7,15 @@ Both take one query token per sequence, q [B, heads, head_dim], the layer's cach
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 from torch.nn import functional
 
-from engines.kernels.build import KernelBuildError, load_kernel
-
-log = logging.getLogger("engines.kernels")
+from engines.kernels.build import load_kernel
 
 DecodeAttention = Callable[..., torch.Tensor]
 """(q, cache_k, cache_v, slots, kv_lens) -> [B, heads, head_dim], as `decode_attention_reference`."""
-BACKENDS = ("auto", "native", "sdpa")
 
 
 def decode_attention_reference(
@@ -41,26 +37,3 @@ def native_decode_attention(
     """The compiled kernel (csrc/decode_attention.cpp); CPU only."""
     kernel = load_kernel("decode_attention")
     return kernel.decode_attention(q, cache_k, cache_v, slots, kv_lens, q.shape[-1] ** -0.5)
-
-
-def select_decode_attention(backend: str, device: torch.device | str) -> DecodeAttention | None:
-    """The kernel for `option.attention_backend`, or None for the engine's batched SDPA path.
-
-    auto: the native kernel on CPU when it builds (else SDPA, with a warning); native: the kernel or an
-    error; sdpa: never the kernel. On GPUs the kernel does not apply and SDPA is used.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"option.attention_backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    on_cpu = torch.device(device).type == "cpu"
-    if backend == "sdpa" or (backend == "auto" and not on_cpu):
-        return None
-    if not on_cpu:
-        raise ValueError(f"option.attention_backend=native runs on CPU only, not on {device}")
-    try:
-        load_kernel("decode_attention")
-    except KernelBuildError as exc:
-        if backend == "native":
-            raise
-        log.warning("%s; decode attention falls back to SDPA (slower)", exc)
-        return None
-    return native_decode_attention

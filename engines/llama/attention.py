@@ -14,14 +14,6 @@ from engines.kernels.decode_attention import DecodeAttention
 from engines.llama.batch import DecodePlan, ForwardBatch, PrefillPlan
 
 
-def write_kv(
-    cache_k: torch.Tensor, cache_v: torch.Tensor, batch: ForwardBatch, k: torch.Tensor, v: torch.Tensor
-) -> None:
-    """Store this step's k, v [T, kv_heads, head_dim] at (slot, position) of each token, in place."""
-    cache_k[batch.token_slots, :, batch.positions] = k
-    cache_v[batch.token_slots, :, batch.positions] = v
-
-
 def attend(
     q: torch.Tensor,
     cache_k: torch.Tensor,

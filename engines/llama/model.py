@@ -12,26 +12,31 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from engines.kernels.decode_attention import DecodeAttention
-from engines.llama.attention import attend, write_kv
+from engines.kernels.ops import TorchOps
+from engines.llama.attention import attend
 from engines.llama.batch import ForwardBatch
 from engines.llama.kv_cache import SlotKVCache
 from engines.llama.linear import Linear
-from engines.llama.rope import apply_rope, rope_tables
+from engines.llama.rope import rope_tables
 from engines.llama.spec import LlamaSpec
 
 
 class RMSNorm(nn.Module):
-    """HF's LlamaRMSNorm: normalise in float32, cast back, then scale (same rounding as HF)."""
+    """HF's LlamaRMSNorm (the rounding is defined in engines.kernels.ops.TorchOps.rms_norm)."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str, ops: type[TorchOps]
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
-        self.eps = eps
+        self.eps, self.ops = eps, ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = functional.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one pass where the ops fuse it."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -42,13 +47,13 @@ class DecoderLayer(nn.Module):
         spec: LlamaSpec,
         dtype: torch.dtype,
         device: torch.device | str,
-        decode_kernel: DecodeAttention | None = None,
+        ops: type[TorchOps] = TorchOps,
     ) -> None:
         super().__init__()
         hidden, inter = spec.hidden_size, spec.intermediate_size
-        self.spec, self.decode_kernel = spec, decode_kernel
-        self.input_norm = RMSNorm(hidden, spec.rms_norm_eps, dtype, device)
-        self.post_norm = RMSNorm(hidden, spec.rms_norm_eps, dtype, device)
+        self.spec, self.ops = spec, ops
+        self.input_norm = RMSNorm(hidden, spec.rms_norm_eps, dtype, device, ops)
+        self.post_norm = RMSNorm(hidden, spec.rms_norm_eps, dtype, device, ops)
         self.qkv = Linear(hidden, spec.q_size + 2 * spec.kv_size, spec.qkv_bias, dtype, device)
         self.o_proj = Linear(spec.q_size, hidden, spec.o_bias, dtype, device)
         self.gate_up = Linear(hidden, 2 * inter, spec.mlp_bias, dtype, device)
@@ -63,10 +68,12 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]; writes this step's K/V into cache_k/cache_v."""
-        h = x + self._attention(self.input_norm(x), batch, cache_k, cache_v, cos, sin)
-        gate, up = self.gate_up(self.post_norm(h)).chunk(2, dim=-1)  # [T, intermediate] each
-        return h + self.down(functional.silu(gate) * up)
+        """x [T, hidden] -> [T, hidden]; writes this step's K/V into cache_k/cache_v.
+
+        cos/sin are the whole rope tables [max_model_len, head_dim]; the ops pick each token's row."""
+        attended = self._attention(self.input_norm(x), batch, cache_k, cache_v, cos, sin)
+        normed, h = self.post_norm.add_forward(attended, x)  # h = x + attention
+        return h + self.down(self.ops.silu_mul(self.gate_up(normed)))
 
     def _attention(
         self,
@@ -77,13 +84,20 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        spec, tokens = self.spec, x.shape[0]
+        spec = self.spec
         qkv = self.qkv(x)  # [T, q_size + 2 * kv_size]
-        # q and k rotate together: [T, heads + kv_heads, head_dim]
-        qk = apply_rope(qkv[:, : spec.q_size + spec.kv_size].view(tokens, -1, spec.head_dim), cos, sin)
-        v = qkv[:, spec.q_size + spec.kv_size :].view(tokens, spec.num_kv_heads, spec.head_dim)
-        write_kv(cache_k, cache_v, batch, qk[:, spec.num_heads :], v)
-        out = attend(qk[:, : spec.num_heads], cache_k, cache_v, batch, self.decode_kernel)
+        q = self.ops.rope_and_cache(
+            qkv,
+            cos,
+            sin,
+            batch.positions,
+            batch.token_slots,
+            spec.num_heads,
+            spec.num_kv_heads,
+            cache_k,
+            cache_v,
+        )  # [T, heads, head_dim]; k and v are in the cache now
+        out = attend(q, cache_k, cache_v, batch, self.ops.decode_attention)
         return self.o_proj(out)  # [T, hidden]
 
     def pack(self) -> bool:
@@ -101,17 +115,15 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_model_len: int = 2048,
-        decode_kernel: DecodeAttention | None = None,
+        ops: type[TorchOps] = TorchOps,
     ) -> None:
-        """decode_kernel: see engines.kernels.decode_attention; None uses batched SDPA."""
+        """ops: the hot-path ops (engines.kernels.ops), plain torch by default."""
         super().__init__()
         self.spec, self.dtype, self.max_model_len = spec, dtype, max_model_len
         embed = torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.embed_tokens = nn.Parameter(embed, requires_grad=False)
-        self.layers = nn.ModuleList(
-            DecoderLayer(spec, dtype, device, decode_kernel) for _ in range(spec.num_layers)
-        )
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(spec, dtype, device, ops) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device, ops)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, False, dtype, device)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens
@@ -138,10 +150,8 @@ class LlamaModel(nn.Module):
         if max(batch.context_lens) > self.max_model_len:
             raise ValueError(f"A sequence exceeds max_model_len={self.max_model_len}")
         x = functional.embedding(batch.token_ids, self.embed_tokens)  # [T, hidden]
-        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim]
-        sin = self.rope_sin[batch.positions].unsqueeze(1)
         for layer, cache_k, cache_v in zip(self.layers, cache.keys, cache.values, strict=True):
-            x = layer(x, batch, cache_k, cache_v, cos, sin)
+            x = layer(x, batch, cache_k, cache_v, self.rope_cos, self.rope_sin)
         last = self.norm(x[batch.last_rows])  # [num_seqs, hidden]
         return self.lm_head(last).float()
 

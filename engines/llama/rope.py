@@ -47,10 +47,3 @@ def rope_tables(
     freqs = torch.outer(positions, inv_freq)  # [max_len, head_dim // 2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
     return emb.cos().to(dtype=dtype, device=device), emb.sin().to(dtype=dtype, device=device)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by cos/sin [T, 1, head_dim] (HF's `x*cos + rotate_half(x)*sin`)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

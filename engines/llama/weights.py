@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from engines.kernels.decode_attention import DecodeAttention
+from engines.kernels.ops import TorchOps
 from engines.llama.kv_cache import SlotKVCache
 from engines.llama.model import LlamaModel
 from engines.llama.spec import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES, LlamaSpec
@@ -29,19 +29,19 @@ def load_llama(
     num_slots: int = 8,
     max_model_len: int = 2048,
     pack: bool = True,
-    decode_kernel: DecodeAttention | None = None,
+    ops: type[TorchOps] = TorchOps,
 ) -> tuple[LlamaModel, SlotKVCache, Any]:
     """Model, a cache of `num_slots` sequences and the HF config; NotImplementedError if unsupported.
 
     `pack` pre-packs the projection weights for oneDNN on CPU (faster; see `linear.Linear.pack`);
-    `decode_kernel` replaces batched SDPA for decode tokens (see engines.kernels.decode_attention)."""
+    `ops` are the hot-path ops: plain torch, or the native CPU kernels (engines.kernels.ops)."""
     directory = Path(model_path)
     check_supported(json.loads((directory / "config.json").read_text()), max_model_len)
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     spec = LlamaSpec.from_hf(hf_config)
-    model = LlamaModel(spec, dtype, device, max_model_len, decode_kernel)
+    model = LlamaModel(spec, dtype, device, max_model_len, ops)
     load_weights(model, directory)
     if pack:
         model.pack()

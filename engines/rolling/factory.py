@@ -71,7 +71,7 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from engines.hf.loading import resolve_dtype
-    from engines.kernels.decode_attention import select_decode_attention
+    from engines.kernels.ops import select_ops
     from engines.llama.weights import load_llama
 
     started = time.perf_counter()
@@ -80,13 +80,12 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     max_model_len = _int_option(config, "max_model_len", min(limit, DEFAULT_MAX_MODEL_LEN))
     dtype = resolve_dtype(config.dtype, AutoConfig.from_pretrained(config.model_path), config.device)
     slots = _cache_slots(config, raw, max_model_len, dtype)
-    backend = config.extra.get("attention_backend", "auto")
     try:
-        decode_kernel = select_decode_attention(backend, config.device)
+        ops = select_ops(config.extra.get("kernels", "auto"), config.device)
     except (ValueError, RuntimeError) as exc:
         raise EngineLoadError(str(exc)) from exc
     model, cache, hf_config = load_llama(
-        config.model_path, dtype, config.device, slots, max_model_len, decode_kernel=decode_kernel
+        config.model_path, dtype, config.device, slots, max_model_len, ops=ops
     )
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     try:
@@ -94,11 +93,11 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     except OSError:
         generation = None
     log.info(
-        "Rolling-batch engine: %s in %s, %s decode attention, KV cache %d slots x %d tokens = %.0f MiB, "
+        "Rolling-batch engine: %s in %s, %s kernels, KV cache %d slots x %d tokens = %.0f MiB, "
         "loaded in %.1f s",
         raw.get("architectures", ["?"])[0],
         dtype,
-        "native" if decode_kernel else "SDPA",
+        ops.name,
         slots,
         max_model_len,
         cache.total_bytes() / 2**20,

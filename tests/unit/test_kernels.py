@@ -1,7 +1,8 @@
-"""The native decode-attention kernel against its plain-torch reference, and backend selection.
+"""The native CPU kernels against their plain-torch references (engines.kernels.ops.TorchOps and
+decode_attention_reference), and the choice between them.
 
-The kernel is compiled on first use (cached under LMI_KERNEL_CACHE or the user cache dir), so the first
-run of this file pays the ~20 s build once for the whole suite.
+The kernels are compiled on first use (cached under LMI_KERNEL_CACHE or the user cache dir), so the
+first run of this file pays the ~40 s build once for the whole suite.
 """
 
 from __future__ import annotations
@@ -14,11 +15,8 @@ import pytest
 import torch
 from support import ROOT
 
-from engines.kernels.decode_attention import (
-    decode_attention_reference,
-    native_decode_attention,
-    select_decode_attention,
-)
+from engines.kernels.decode_attention import decode_attention_reference, native_decode_attention
+from engines.kernels.ops import NativeOps, TorchOps, select_ops
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -68,25 +66,83 @@ def test_native_kernel_rejects_out_of_range_indices():
         native_decode_attention(q, cache_k, cache_v, slots, torch.tensor([1, 301]))
 
 
-def test_backend_selection():
-    assert select_decode_attention("sdpa", "cpu") is None
-    assert select_decode_attention("auto", "cpu") is native_decode_attention
-    assert select_decode_attention("auto", "cuda") is None  # the CPU kernel never runs on a GPU
+def test_kernel_selection():
+    assert select_ops("torch", "cpu") is TorchOps
+    assert select_ops("auto", "cpu") is NativeOps
+    assert select_ops("auto", "cuda") is TorchOps  # the CPU kernels never run on a GPU
+    assert TorchOps.decode_attention is None  # the engine's batched SDPA
     with pytest.raises(ValueError, match="CPU only"):
-        select_decode_attention("native", "cuda")
-    with pytest.raises(ValueError, match="not one of auto, native, sdpa"):
-        select_decode_attention("flash", "cpu")
+        select_ops("native", "cuda")
+    with pytest.raises(ValueError, match="not one of auto, native, torch"):
+        select_ops("flash", "cpu")
+
+
+def _close_to_reference(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-equal in float32 up to summation order; in bf16/fp16 at most one rounding step apart."""
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+        return
+    step = torch.finfo(actual.dtype).eps  # relative size of one rounding step
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2 * step, atol=1e-3)
+    assert (actual == expected).float().mean() > 0.99  # nearly all elements round identically
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_norms_and_activation_match_torch(dtype):
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(37, 2 * 576, generator=generator).to(dtype)
+    x = wide[:, :576]  # strided rows, as a slice of a bigger activation
+    residual = torch.randn(37, 576, generator=generator).to(dtype)
+    weight = (1 + 0.1 * torch.randn(576, generator=generator)).to(dtype)
+    _close_to_reference(NativeOps.rms_norm(x, weight, 1e-5), TorchOps.rms_norm(x, weight, 1e-5))
+    for native, reference in zip(
+        NativeOps.add_rms_norm(x, residual, weight, 1e-5),
+        TorchOps.add_rms_norm(x, residual, weight, 1e-5),
+        strict=True,
+    ):
+        _close_to_reference(native, reference)
+    gate_up = torch.randn(37, 2 * 1536, generator=generator).to(dtype)
+    _close_to_reference(NativeOps.silu_mul(gate_up), TorchOps.silu_mul(gate_up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_and_cache_write_match_torch(dtype):
+    from engines.llama.rope import rope_tables
+    from engines.llama.spec import LlamaSpec
+
+    heads, kv_heads, head_dim, tokens = 9, 3, 64, 11
+    spec = LlamaSpec(
+        hidden_size=heads * head_dim, intermediate_size=8, num_layers=1, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+    )  # fmt: skip
+    cos, sin = rope_tables(spec, 128, dtype, "cpu")
+    generator = torch.Generator().manual_seed(1)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    positions = torch.tensor([0, 1, 2, 3, 4, 5, 6, 100, 101, 7, 127])
+    slots = torch.tensor([0, 0, 0, 0, 0, 0, 0, 3, 3, 1, 2])
+    caches = {
+        name: [torch.zeros(4, kv_heads, 128, head_dim, dtype=dtype) for _ in range(2)] for name in ("t", "n")
+    }
+    expected = TorchOps.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, *caches["t"])
+    actual = NativeOps.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, *caches["n"])
+    _close_to_reference(actual, expected.contiguous())
+    _close_to_reference(caches["n"][0], caches["t"][0])
+    torch.testing.assert_close(caches["n"][1], caches["t"][1], rtol=0, atol=0)  # v is copied as is
+    with pytest.raises(RuntimeError, match="position out of range"):
+        NativeOps.rope_and_cache(qkv, cos, sin, positions + 1, slots, heads, kv_heads, *caches["n"])
 
 
 def test_without_a_compiler_auto_falls_back_and_native_fails(tmp_path):
-    """A machine without a working C++ compiler still serves (SDPA); asking for native says why not."""
+    """A machine without a working C++ compiler still serves (plain torch); asking for native says why not."""
     script = (
         "import logging; logging.basicConfig(level=logging.WARNING)\n"
-        "from engines.kernels.decode_attention import select_decode_attention\n"
+        "from engines.kernels.ops import TorchOps, select_ops\n"
         "from engines.kernels.build import KernelBuildError\n"
-        "assert select_decode_attention('auto', 'cpu') is None\n"
+        "assert select_ops('auto', 'cpu') is TorchOps\n"
         "try:\n"
-        "    select_decode_attention('native', 'cpu')\n"
+        "    select_ops('native', 'cpu')\n"
         "except KernelBuildError as exc:\n"
         "    print('NATIVE FAILED:', exc)\n"
     )
@@ -95,5 +151,5 @@ def test_without_a_compiler_auto_falls_back_and_native_fails(tmp_path):
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert "falls back to SDPA" in result.stderr
+    assert "using the plain-torch ops instead" in result.stderr
     assert "NATIVE FAILED: Could not build the native kernel 'decode_attention'" in result.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.kernels.decode_attention import native_decode_attention
+from engines.kernels.ops import NativeOps, TorchOps
 from engines.llama.attention import attend
 from engines.llama.batch import ForwardBatch
 from engines.llama.kv_cache import SlotKVCache
@@ -139,14 +139,14 @@ def test_chunked_prefill_continues_a_prefix(tiny: tuple[Path, object]) -> None:
         )
 
 
-KERNELS = {"sdpa": None, "native": native_decode_attention}
+KERNELS = {"torch": TorchOps, "native": NativeOps}
 
 
 @pytest.mark.parametrize("backend", sorted(KERNELS))
 def test_staggered_greedy_decoding_matches_hf_generate(tiny: tuple[Path, object], backend: str) -> None:
     path, hf_model = tiny
     model, cache, config = load_llama(
-        str(path), torch.float32, "cpu", num_slots=6, max_model_len=64, decode_kernel=KERNELS[backend]
+        str(path), torch.float32, "cpu", num_slots=6, max_model_len=64, ops=KERNELS[backend]
     )
     prompts = _prompts(config.vocab_size, [7, 3, 12], seed=1)
     driver = Greedy(model, cache)
@@ -166,7 +166,7 @@ def test_staggered_greedy_decoding_matches_hf_generate(tiny: tuple[Path, object]
 def test_freed_slot_is_reused_without_stale_cache(tiny: tuple[Path, object], backend: str) -> None:
     path, hf_model = tiny
     model, cache, config = load_llama(
-        str(path), torch.float32, "cpu", num_slots=3, max_model_len=64, decode_kernel=KERNELS[backend]
+        str(path), torch.float32, "cpu", num_slots=3, max_model_len=64, ops=KERNELS[backend]
     )
     long_prompt, short_prompt, other = _prompts(config.vocab_size, [30, 4, 6], seed=2)
     first, second = cache.allocate(), cache.allocate()
@@ -186,11 +186,14 @@ def test_freed_slot_is_reused_without_stale_cache(tiny: tuple[Path, object], bac
     assert driver.generated(second) == _hf_greedy(hf_model, other, 12)
 
 
-def test_bf16_agrees_with_fp32(tiny: tuple[Path, object]) -> None:
+@pytest.mark.parametrize("backend", sorted(KERNELS))
+def test_bf16_agrees_with_fp32(tiny: tuple[Path, object], backend: str) -> None:
     """bf16 rounding may flip near-ties, so each bf16 top-1 must only be among fp32's top 5."""
     path, _ = tiny
     fp32, cache32, config = load_llama(str(path), torch.float32, "cpu", num_slots=2, max_model_len=64)
-    bf16, cache16, _ = load_llama(str(path), torch.bfloat16, "cpu", num_slots=2, max_model_len=64)
+    bf16, cache16, _ = load_llama(
+        str(path), torch.bfloat16, "cpu", num_slots=2, max_model_len=64, ops=KERNELS[backend]
+    )
     assert bf16.embed_tokens.dtype == torch.bfloat16
     assert cache16.keys[0].dtype == torch.bfloat16
     driver = Greedy(fp32, cache32)
@@ -227,7 +230,7 @@ def test_decode_attention_matches_per_sequence_reference(
         [(slot, [1], start) for slot, start in zip(slots, starts, strict=True)] + [(3, [1, 1], 0)]
     )
     q = torch.randn(batch.token_ids.numel(), heads, dim, generator=generator).to(dtype)
-    out = attend(q, cache_k, cache_v, batch, KERNELS[backend]).view(-1, heads, dim)
+    out = attend(q, cache_k, cache_v, batch, KERNELS[backend].decode_attention).view(-1, heads, dim)
     for row, (slot, start) in enumerate(zip(slots, starts, strict=True)):
         keys = cache_k[slot, :, : start + 1].float().repeat_interleave(heads // kv_heads, 0)
         values = cache_v[slot, :, : start + 1].float().repeat_interleave(heads // kv_heads, 0)
@@ -304,9 +307,7 @@ def test_default_model_greedy_matches_hf(default_model_path: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path)
     hf_model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
-    model, cache, _ = load_llama(
-        default_model_path, torch.float32, "cpu", 2, 128, decode_kernel=native_decode_attention
-    )
+    model, cache, _ = load_llama(default_model_path, torch.float32, "cpu", 2, 128, ops=NativeOps)
     texts = ["The capital of France is", "Write a short poem about the sea. Here it is:"]
     driver = Greedy(model, cache)
     for slot, text in enumerate(texts):

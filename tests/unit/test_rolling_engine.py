@@ -33,11 +33,11 @@ def test_kv_budget_limits_slots_and_names_the_numbers(tiny):
         engine_for(tiny, kv_cache_memory_bytes="10")
 
 
-def test_attention_backend_option_is_checked_at_load(tiny):
-    assert engine_for(tiny).model.layers[0].decode_kernel is not None  # auto on CPU: the native kernel
-    assert engine_for(tiny, attention_backend="sdpa").model.layers[0].decode_kernel is None
-    with pytest.raises(EngineLoadError, match="option.attention_backend='flash' is not one of"):
-        engine_for(tiny, attention_backend="flash")
+def test_kernels_option_is_checked_at_load(tiny):
+    assert engine_for(tiny).model.layers[0].ops.name == "native"  # auto on CPU: the native kernels
+    assert engine_for(tiny, kernels="torch").model.layers[0].ops.name == "torch"
+    with pytest.raises(EngineLoadError, match="option.kernels='flash' is not one of"):
+        engine_for(tiny, kernels="flash")
 
 
 def test_cancel_frees_the_slot_and_finished_sequences_retire(tiny):

@@ -1,0 +1,163 @@
+// Fused element-wise ops of a Llama decoder layer on CPU, each one pass over memory instead of several
+// torch ops (and their dispatch and thread fork/join): RMSNorm with the residual add, and rotary
+// embedding with the KV-cache write. (silu(gate) * up stays in torch, whose vectorised exp is faster.) Rounding follows the torch references in
+// engines/kernels/ops.py:TorchOps step by step (compute in float32, round to the tensor dtype where
+// torch would), so bf16 results match them bit for bit up to the order of the RMS sum.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+template <typename T>
+inline T round_to(float value) {
+  return static_cast<T>(value);
+}
+
+int64_t grain_rows(int64_t row_elements) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elements, 1)); }
+
+template <typename T>
+void rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T* h_out, int64_t rows, int64_t hidden,
+                   int64_t x_stride, float eps) {
+  at::parallel_for(0, rows, grain_rows(hidden), [&](int64_t begin, int64_t end) {
+    std::vector<float> h(hidden);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * x_stride;
+      for (int64_t i = 0; i < hidden; ++i) {
+        // h = x + residual, rounded to T as torch's add would
+        h[i] = residual ? static_cast<float>(round_to<T>(static_cast<float>(xr[i]) +
+                                                         static_cast<float>(residual[r * hidden + i])))
+                        : static_cast<float>(xr[i]);
+      }
+      float lanes[16] = {};  // 16 independent partial sums: vectorises without -ffast-math
+      int64_t i = 0;
+      for (; i + 16 <= hidden; i += 16)
+        for (int64_t j = 0; j < 16; ++j) lanes[j] += h[i + j] * h[i + j];
+      float sum = 0.f;
+      for (; i < hidden; ++i) sum += h[i] * h[i];
+      for (int64_t j = 0; j < 16; ++j) sum += lanes[j];
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(hidden) + eps);
+      for (int64_t i = 0; i < hidden; ++i) {
+        const float normed = static_cast<float>(round_to<T>(h[i] * inv));  // .to(dtype)
+        out[r * hidden + i] = round_to<T>(static_cast<float>(weight[i]) * normed);
+        if (h_out) h_out[r * hidden + i] = round_to<T>(h[i]);
+      }
+    }
+  });
+}
+
+template <typename T>
+inline float rotate(const T* x, const T* cos, const T* sin, int64_t d, int64_t half) {
+  // HF: x * cos + rotate_half(x) * sin, each product and the sum rounded to T
+  const float rotated = d < half ? -static_cast<float>(x[d + half]) : static_cast<float>(x[d - half]);
+  const float a = static_cast<float>(round_to<T>(static_cast<float>(x[d]) * static_cast<float>(cos[d])));
+  const float b = static_cast<float>(round_to<T>(rotated * static_cast<float>(sin[d])));
+  return a + b;
+}
+
+template <typename T>
+void rope_cache_rows(const T* qkv, const T* cos, const T* sin, const int64_t* positions, const int64_t* slots,
+                     T* q_out, T* cache_k, T* cache_v, int64_t tokens, int64_t heads, int64_t kv_heads,
+                     int64_t head_dim, int64_t qkv_stride, const int64_t* cache_strides) {
+  const int64_t half = head_dim / 2;
+  at::parallel_for(0, tokens, grain_rows((heads + 2 * kv_heads) * head_dim), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* row = qkv + t * qkv_stride;
+      const T* c = cos + positions[t] * head_dim;
+      const T* s = sin + positions[t] * head_dim;
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t d = 0; d < head_dim; ++d)
+          q_out[(t * heads + h) * head_dim + d] = round_to<T>(rotate(row + h * head_dim, c, s, d, half));
+      const int64_t base = slots[t] * cache_strides[0] + positions[t] * cache_strides[2];
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const T* k = row + (heads + h) * head_dim;
+        const T* v = row + (heads + kv_heads + h) * head_dim;
+        T* k_dst = cache_k + base + h * cache_strides[1];
+        T* v_dst = cache_v + base + h * cache_strides[1];
+        for (int64_t d = 0; d < head_dim; ++d) {
+          k_dst[d] = round_to<T>(rotate(k, c, s, d, half));
+          v_dst[d] = v[d];
+        }
+      }
+    }
+  });
+}
+
+#define LMI_DISPATCH(dtype, NAME, ...)                                                   \
+  switch (dtype) {                                                                       \
+    case torch::kFloat: { using scalar_t = float; __VA_ARGS__; break; }                  \
+    case torch::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__; break; }        \
+    case torch::kHalf: { using scalar_t = at::Half; __VA_ARGS__; break; }                \
+    default: TORCH_CHECK(false, NAME " supports float32, bfloat16 and float16");         \
+  }
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1, name, " must be a CPU [rows, n] tensor with contiguous rows");
+}
+
+}  // namespace
+
+// x [T, H] (rows may be strided), weight [H]; with residual [T, H]: returns (norm(x + residual), x + residual).
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                                    const c10::optional<torch::Tensor>& residual) {
+  check_rows(x, "x");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(weight.numel() == hidden && weight.is_contiguous() && weight.scalar_type() == x.scalar_type(),
+              "weight must be [hidden] in x's dtype");
+  torch::Tensor res;
+  if (residual.has_value()) {
+    res = residual->contiguous();
+    TORCH_CHECK(res.sizes() == x.sizes() && res.scalar_type() == x.scalar_type(), "residual must match x");
+  }
+  auto out = torch::empty({rows, hidden}, x.options());
+  auto h = residual.has_value() ? torch::empty({rows, hidden}, x.options()) : torch::Tensor();
+  LMI_DISPATCH(x.scalar_type(), "rms_norm",
+               rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
+                                       weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                       h.defined() ? h.data_ptr<scalar_t>() : nullptr, rows, hidden, x.stride(0),
+                                       static_cast<float>(eps)));
+  if (h.defined()) return {out, h};
+  return {out};
+}
+
+// qkv [T, (heads + 2 kv_heads) * head_dim]; cos/sin [max_len, head_dim]; positions, slots [T] int64;
+// cache_k/cache_v [slots, kv_heads, max_len, head_dim]. Returns rotated q [T, heads, head_dim] and writes
+// rotated k and v at (slot, :, position) of the caches.
+torch::Tensor rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                             const torch::Tensor& positions, const torch::Tensor& slots, int64_t heads,
+                             int64_t kv_heads, torch::Tensor& cache_k, torch::Tensor& cache_v) {
+  check_rows(qkv, "qkv");
+  const int64_t tokens = qkv.size(0), head_dim = cache_k.size(3);
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * head_dim, "qkv width does not match the heads");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == head_dim, "bad rope tables");
+  TORCH_CHECK(cache_k.strides() == cache_v.strides() && cache_k.stride(3) == 1 && cache_k.size(1) == kv_heads,
+              "bad cache layout");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64 &&
+                  positions.numel() == tokens && slots.numel() == tokens,
+              "positions and slots must be [T] int64");
+  TORCH_CHECK(qkv.scalar_type() == cache_k.scalar_type() && qkv.scalar_type() == cos.scalar_type(),
+              "qkv, rope tables and cache must share a dtype");
+  auto pos = positions.contiguous();
+  auto slot = slots.contiguous();
+  const int64_t* pos_ptr = pos.data_ptr<int64_t>();
+  const int64_t* slot_ptr = slot.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(pos_ptr[t] >= 0 && pos_ptr[t] < std::min(cos.size(0), cache_k.size(2)), "position out of range");
+    TORCH_CHECK(slot_ptr[t] >= 0 && slot_ptr[t] < cache_k.size(0), "slot out of range");
+  }
+  auto q = torch::empty({tokens, heads, head_dim}, qkv.options());
+  const int64_t strides[3] = {cache_k.stride(0), cache_k.stride(1), cache_k.stride(2)};
+  LMI_DISPATCH(qkv.scalar_type(), "rope_and_cache",
+               rope_cache_rows<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                                         pos_ptr, slot_ptr, q.data_ptr<scalar_t>(), cache_k.data_ptr<scalar_t>(),
+                                         cache_v.data_ptr<scalar_t>(), tokens, heads, kv_heads, head_dim, qkv.stride(0),
+                                         strides));
+  return q;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add (CPU)");
+  m.def("rope_and_cache", &rope_and_cache, "Rotary embedding of q and k, k and v written into the KV cache (CPU)");
+}

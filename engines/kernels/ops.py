@@ -1,0 +1,129 @@
+"""The decoder's CPU hot-path ops behind one small interface: plain-torch references and native kernels.
+
+`TorchOps` is the definition (HF's rounding, step by step) and runs anywhere, GPUs included;
+`NativeOps` runs the same ops as compiled CPU kernels (csrc/fused_ops.cpp, csrc/decode_attention.cpp)
+and is tested against `TorchOps`. `option.kernels` picks one: auto (native on CPU when it builds),
+native, or torch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.nn import functional
+
+from engines.kernels.build import KernelBuildError, load_kernel
+from engines.kernels.decode_attention import native_decode_attention
+
+log = logging.getLogger("engines.kernels")
+
+CHOICES = ("auto", "native", "torch")
+
+
+class TorchOps:
+    """Reference implementations; `decode_attention = None` means the engine's batched SDPA."""
+
+    name = "torch"
+    decode_attention = None
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """HF's LlamaRMSNorm: normalise in float32, cast back, then scale (same rounding as HF)."""
+        normed = functional.rms_norm(x.float(), weight.shape, eps=eps)
+        return weight * normed.to(x.dtype)
+
+    @classmethod
+    def add_rms_norm(
+        cls, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual)."""
+        h = x + residual
+        return cls.rms_norm(h, weight, eps), h
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] -> silu(gate) * up, [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return functional.silu(gate) * up
+
+    @staticmethod
+    def rope_and_cache(
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rotate q and k of qkv [T, (heads + 2 kv_heads) * head_dim] at `positions` (tables
+        [max_len, head_dim]) and store k and v at (slot, :, position) of the caches.
+
+        Returns q [T, heads, head_dim]."""
+        tokens, head_dim = qkv.shape[0], cache_k.shape[-1]
+        qk = qkv[:, : (heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim)
+        c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        half = head_dim // 2
+        rotated = qk * c + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * s
+        v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+        cache_k[slots, :, positions] = rotated[:, heads:]
+        cache_v[slots, :, positions] = v
+        return rotated[:, :heads]
+
+
+class NativeOps(TorchOps):
+    """The compiled CPU kernels; same signatures and results as TorchOps. silu_mul is inherited:
+    torch's vectorised exp beats a scalar loop, and there is no second pass to save."""
+
+    name = "native"
+    decode_attention = staticmethod(native_decode_attention)
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return load_kernel("fused_ops").rms_norm(x, weight, eps, None)[0]
+
+    @classmethod
+    def add_rms_norm(
+        cls, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, h = load_kernel("fused_ops").rms_norm(x, weight, eps, residual)
+        return normed, h
+
+    @staticmethod
+    def rope_and_cache(
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+    ) -> torch.Tensor:
+        kernel = load_kernel("fused_ops")
+        return kernel.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, cache_k, cache_v)
+
+
+def select_ops(choice: str, device: torch.device | str) -> type[TorchOps]:
+    """The ops for `option.kernels`: auto (native on CPU when they build, else torch with a warning),
+    native (or an error), torch (never the native kernels; always so on GPUs under auto)."""
+    if choice not in CHOICES:
+        raise ValueError(f"option.kernels={choice!r} is not one of {', '.join(CHOICES)}")
+    on_cpu = torch.device(device).type == "cpu"
+    if choice == "torch" or (choice == "auto" and not on_cpu):
+        return TorchOps
+    if not on_cpu:
+        raise ValueError(f"option.kernels=native runs on CPU only, not on {device}")
+    try:
+        load_kernel("decode_attention")
+        load_kernel("fused_ops")
+    except KernelBuildError as exc:
+        if choice == "native":
+            raise
+        log.warning("%s; using the plain-torch ops instead (slower)", exc)
+        return TorchOps
+    return NativeOps
