@@ -1,8 +1,10 @@
 """Attention over the slot KV cache for a packed batch mixing prefill and decode sequences.
 
-Decode sequences share one attention call: the native kernel when the model has one (each sequence
-reads only its own cache prefix), else batched SDPA over a view of the cache rows they occupy (no copy,
-no gather). Prefill sequences each get causal attention over their own cache prefix.
+With the native kernel, every token of the step (prefill and decode alike) is one query over its own
+slot's cache prefix up to its position: causal prefill attention is just many such queries, so one
+call per layer serves the whole batch. Without it, decode sequences share one batched SDPA call over
+a view of the cache rows they occupy (no copy, no gather), and prefill sequences each get causal SDPA
+over their own cache prefix.
 """
 
 from __future__ import annotations
@@ -22,28 +24,18 @@ def attend(
     decode_kernel: DecodeAttention | None = None,
 ) -> torch.Tensor:
     """Attention output [T, heads * head_dim] for queries q [T, heads, head_dim] (K/V already written)."""
+    if decode_kernel is not None:
+        return decode_kernel(q, cache_k, cache_v, batch.token_slots, batch.token_kv_lens).flatten(1)
     plan = batch.decode
     if plan is not None and plan.all_tokens:
-        return _decode(q, cache_k, cache_v, plan, decode_kernel).flatten(1)
+        return decode_attention(q, cache_k, cache_v, plan).flatten(1)
     out = q.new_empty(q.shape)  # [T, heads, head_dim]
     if plan is not None:
-        decoded = _decode(q[plan.token_rows], cache_k, cache_v, plan, decode_kernel)
+        decoded = decode_attention(q[plan.token_rows], cache_k, cache_v, plan)
         out.index_copy_(0, plan.token_rows, decoded)
     for prefill in batch.prefills:
         out[prefill.start : prefill.end] = prefill_attention(q, cache_k, cache_v, prefill)
     return out.flatten(1)
-
-
-def _decode(
-    q: torch.Tensor,
-    cache_k: torch.Tensor,
-    cache_v: torch.Tensor,
-    plan: DecodePlan,
-    decode_kernel: DecodeAttention | None,
-) -> torch.Tensor:
-    if decode_kernel is None:
-        return decode_attention(q, cache_k, cache_v, plan)
-    return decode_kernel(q, cache_k, cache_v, plan.slots, plan.kv_lens)
 
 
 def decode_attention(

@@ -1,13 +1,15 @@
 """One forward step's inputs: the new tokens of every sequence packed together, plus attention plans.
 
 Everything attention needs that depends only on the batch (index tensors, masks, slot ranges) is
-built here once per step, so the 30-odd layers of a forward pass reuse it instead of rebuilding it.
+built here at most once per step, so the 30-odd layers of a forward pass reuse it instead of
+rebuilding it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -18,10 +20,6 @@ class DecodePlan:
 
     token_rows: torch.Tensor
     """[B] rows of these tokens in the packed batch."""
-    slots: torch.Tensor
-    """[B] int64 cache slot of each sequence (CPU: read by the native kernel)."""
-    kv_lens: torch.Tensor
-    """[B] int64 tokens in the cache of each sequence, this step's included (CPU)."""
     slot_rows: torch.Tensor
     """[B] slot - slot_lo of each sequence: its row in the cache view."""
     slot_lo: int
@@ -66,10 +64,10 @@ class ForwardBatch:
     """Tokens in the cache per sequence after this step (earlier tokens + this step's)."""
     token_slots: torch.Tensor = field(init=False)
     """[T] int64 slot of each token, for writing K/V into the cache."""
+    token_kv_lens: torch.Tensor = field(init=False)
+    """[T] int64 cache positions each token attends (its position + 1: causal)."""
     last_rows: torch.Tensor = field(init=False)
     """[num_seqs] row of each sequence's last token: the only rows that get logits."""
-    decode: DecodePlan | None = field(init=False)
-    prefills: list[PrefillPlan] = field(init=False)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -78,9 +76,17 @@ class ForwardBatch:
         self.token_slots = torch.repeat_interleave(torch.tensor(self.slots, dtype=torch.int64), lens).to(
             device
         )
+        self.token_kv_lens = self.positions + 1
         self.last_rows = (torch.cumsum(lens, 0) - 1).to(device)
-        self.decode = _decode_plan(self, device)
-        self.prefills = _prefill_plans(self, device)
+
+    @cached_property
+    def decode(self) -> DecodePlan | None:
+        """Built on first use: only the SDPA attention path needs the plans."""
+        return _decode_plan(self, self.token_ids.device)
+
+    @cached_property
+    def prefills(self) -> list[PrefillPlan]:
+        return _prefill_plans(self, self.token_ids.device)
 
     @property
     def num_seqs(self) -> int:
@@ -132,8 +138,6 @@ def _decode_plan(batch: ForwardBatch, device: torch.device) -> DecodePlan | None
     token_rows = (torch.cumsum(torch.tensor(batch.query_lens), 0) - 1)[picked]
     return DecodePlan(
         token_rows=token_rows.to(device),
-        slots=slot_ids,
-        kv_lens=kv_lens,
         slot_rows=rows.to(device),
         slot_lo=lo,
         slot_hi=hi,

@@ -100,9 +100,15 @@ class Greedy:
         return tokens[prompt_len:]
 
 
-def test_packed_prefill_matches_hf_logits(tiny: tuple[Path, object]) -> None:
+KERNELS = {"torch": TorchOps, "native": NativeOps}
+
+
+@pytest.mark.parametrize("backend", sorted(KERNELS))
+def test_packed_prefill_matches_hf_logits(tiny: tuple[Path, object], backend: str) -> None:
     path, hf_model = tiny
-    model, cache, config = load_llama(str(path), torch.float32, "cpu", num_slots=4, max_model_len=64)
+    model, cache, config = load_llama(
+        str(path), torch.float32, "cpu", num_slots=4, max_model_len=64, ops=KERNELS[backend]
+    )
     prompts = _prompts(config.vocab_size, [5, 1, 17, 9])
     batch = ForwardBatch.build([(slot, p, 0) for slot, p in zip([2, 0, 3, 1], prompts, strict=True)])
     logits = model(batch, cache)
@@ -127,9 +133,12 @@ def test_unpacked_weights_give_the_same_logits(tiny: tuple[Path, object]) -> Non
     torch.testing.assert_close(packed(batch, packed_cache), plain(batch, plain_cache), atol=1e-5, rtol=0)
 
 
-def test_chunked_prefill_continues_a_prefix(tiny: tuple[Path, object]) -> None:
+@pytest.mark.parametrize("backend", sorted(KERNELS))
+def test_chunked_prefill_continues_a_prefix(tiny: tuple[Path, object], backend: str) -> None:
     path, hf_model = tiny
-    model, cache, config = load_llama(str(path), torch.float32, "cpu", num_slots=2, max_model_len=64)
+    model, cache, config = load_llama(
+        str(path), torch.float32, "cpu", num_slots=2, max_model_len=64, ops=KERNELS[backend]
+    )
     (prompt,) = _prompts(config.vocab_size, [20], seed=3)
     model(ForwardBatch.build([(1, prompt[:8], 0)]), cache)
     logits = model(ForwardBatch.build([(1, prompt[8:], 8)]), cache)
@@ -137,9 +146,6 @@ def test_chunked_prefill_continues_a_prefix(tiny: tuple[Path, object]) -> None:
         torch.testing.assert_close(
             logits[0], hf_model(torch.tensor([prompt])).logits[0, -1], atol=1e-4, rtol=0
         )
-
-
-KERNELS = {"torch": TorchOps, "native": NativeOps}
 
 
 @pytest.mark.parametrize("backend", sorted(KERNELS))
