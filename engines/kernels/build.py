@@ -1,8 +1,10 @@
-"""Compile a kernel from csrc/ once per (source, flags, torch, python) and load it from the cache after.
+"""Compile a kernel from csrc/ once per (source, flags, compiler, CPU, torch, python); load it after.
 
-The first start on a machine pays the compile (about 20 s for one kernel on 2 cores); later starts load
-the cached library in well under a second. An OS file lock serialises builds across worker processes
-and is released if a builder dies, unlike torch's own lock file, which a killed build leaves behind.
+The first start on a machine pays the compile (about 20 s per kernel on 2 cores); later starts load
+the cached library in well under a second. The key includes the CPU's feature flags because of
+-march=native: a cache shared between machines never hands one CPU another's instructions. An OS
+file lock serialises builds across worker processes and is released if a builder dies, unlike
+torch's own lock file, which a killed build leaves behind.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
+import subprocess
 import sys
 import time
 from functools import cache
@@ -19,12 +23,18 @@ from types import ModuleType
 log = logging.getLogger("engines.kernels")
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-CFLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp")
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
 """-fopenmp matters: at::parallel_for is a header template whose `omp parallel` is silently serial
 without it. The library links the libgomp torch already loaded (same soname), so one thread pool."""
 LDFLAGS = ("-fopenmp",)
-EXTRA_CFLAGS = {"decode_attention": ("-ffast-math",)}
-"""Per kernel: attention may reassociate sums; the element-wise ops must round exactly like torch."""
+EXTRA_CFLAGS = {
+    "decode_attention": ("-ffast-math", "-fno-finite-math-only"),
+    "fused_ops": ("-ffp-contract=off",),
+}
+"""Per kernel: attention may reassociate sums (but keeps NaN/inf semantics); the element-wise ops must
+round exactly like torch, so no fused multiply-adds there."""
+BUILD_TIMEOUT_S = 900.0
+"""Longest wait for another process's build of the same kernel."""
 
 
 def _cflags(name: str) -> tuple[str, ...]:
@@ -48,28 +58,58 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("lmi-serving")) / "kernels"
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return next((line for line in fh if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _compiler_version() -> str:
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return compiler  # the build will fail and say why
+    return compiler + result.stdout
+
+
 def _build_key(source: Path, name: str) -> str:
     import torch
 
     digest = hashlib.sha256(source.read_bytes())
-    digest.update(" ".join(_cflags(name) + LDFLAGS).encode())
-    digest.update(f"{torch.__version__}:{sys.version_info[:2]}".encode())
+    for part in (" ".join(_cflags(name) + LDFLAGS), torch.__version__, str(sys.version_info[:2]),
+                 platform.machine(), _cpu_flags(), _compiler_version()):  # fmt: skip
+        digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
 @cache
 def load_kernel(name: str) -> ModuleType:
-    """The compiled extension for csrc/<name>.cpp; raises KernelBuildError when it cannot be built."""
-    from filelock import FileLock
+    """The compiled extension for csrc/<name>.cpp; raises KernelBuildError when it cannot be built
+    (no compiler, a compile error, an unwritable cache folder, a build that never finishes)."""
+    started = time.perf_counter()
+    try:
+        module, build_dir = _build(name)
+    except KernelBuildError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the torch ops instead
+        raise KernelBuildError(f"Could not build the native kernel {name!r}: {exc}") from exc
+    log.info("Native kernel %s ready in %.1f s (%s)", name, time.perf_counter() - started, build_dir)
+    return module
+
+
+def _build(name: str) -> tuple[ModuleType, Path]:
+    from filelock import FileLock, Timeout
     from torch.utils import cpp_extension
 
     source = SOURCE_DIR / f"{name}.cpp"
     build_dir = cache_root() / f"{name}-{_build_key(source, name)}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with FileLock(str(build_dir) + ".lock"):
-        (build_dir / "lock").unlink(missing_ok=True)  # torch's baton, stale if a builder was killed
-        try:
+    try:
+        with FileLock(str(build_dir) + ".lock", timeout=BUILD_TIMEOUT_S):
+            (build_dir / "lock").unlink(missing_ok=True)  # torch's baton, stale if a builder was killed
             module = cpp_extension.load(
                 name=f"lmi_{name}",
                 sources=[str(source)],
@@ -78,7 +118,8 @@ def load_kernel(name: str) -> ModuleType:
                 build_directory=str(build_dir),
                 verbose=False,
             )
-        except Exception as exc:  # compiler missing, ninja missing, compile error
-            raise KernelBuildError(f"Could not build the native kernel {name!r}: {exc}") from exc
-    log.info("Native kernel %s ready in %.1f s (%s)", name, time.perf_counter() - started, build_dir)
-    return module
+    except Timeout:
+        raise KernelBuildError(
+            f"Waited {BUILD_TIMEOUT_S:g} s for another process building {name!r} in {build_dir}"
+        ) from None
+    return module, build_dir

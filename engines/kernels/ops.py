@@ -19,6 +19,18 @@ from engines.kernels.decode_attention import native_decode_attention
 log = logging.getLogger("engines.kernels")
 
 CHOICES = ("auto", "native", "torch")
+MAX_GROUP, MAX_HEAD_DIM = 16, 256
+"""Limits of the native kernels' stack buffers (csrc/decode_attention.cpp kMaxGroup, kMaxHeadDim)."""
+
+
+def native_unsupported(heads: int, kv_heads: int, head_dim: int) -> str | None:
+    """Why the native kernels cannot run a model with these attention shapes; None if they can."""
+    if kv_heads < 1 or heads % kv_heads:
+        return f"{heads} heads are not a multiple of {kv_heads} kv heads"
+    if heads // kv_heads > MAX_GROUP or head_dim > MAX_HEAD_DIM or head_dim % 2:
+        group = heads // kv_heads
+        return f"group {group} / head_dim {head_dim} exceed the limits ({MAX_GROUP} / even, {MAX_HEAD_DIM})"
+    return None
 
 
 class TorchOps:
@@ -108,9 +120,11 @@ class NativeOps(TorchOps):
         return kernel.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, cache_k, cache_v)
 
 
-def select_ops(choice: str, device: torch.device | str) -> type[TorchOps]:
-    """The ops for `option.kernels`: auto (native on CPU when they build, else torch with a warning),
-    native (or an error), torch (never the native kernels; always so on GPUs under auto)."""
+def select_ops(
+    choice: str, device: torch.device | str, shape: tuple[int, int, int] | None = None
+) -> type[TorchOps]:
+    """The ops for `option.kernels`: auto (native on CPU when they build and fit the model's
+    (heads, kv_heads, head_dim) `shape`, else torch with a warning), native (or an error), torch."""
     if choice not in CHOICES:
         raise ValueError(f"option.kernels={choice!r} is not one of {', '.join(CHOICES)}")
     on_cpu = torch.device(device).type == "cpu"
@@ -118,6 +132,12 @@ def select_ops(choice: str, device: torch.device | str) -> type[TorchOps]:
         return TorchOps
     if not on_cpu:
         raise ValueError(f"option.kernels=native runs on CPU only, not on {device}")
+    reason = native_unsupported(*shape) if shape else None
+    if reason:
+        if choice == "native":
+            raise ValueError(f"option.kernels=native cannot run this model: {reason}")
+        log.warning("Native kernels cannot run this model (%s); using the plain-torch ops", reason)
+        return TorchOps
     try:
         load_kernel("decode_attention")
         load_kernel("fused_ops")

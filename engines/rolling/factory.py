@@ -42,6 +42,12 @@ def _int_option(config: EngineConfig, key: str, default: int) -> int:
     return value
 
 
+def _attention_shape(raw: dict) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) from a config.json."""
+    heads = raw["num_attention_heads"]
+    return heads, raw.get("num_key_value_heads") or heads, raw.get("head_dim") or raw["hidden_size"] // heads
+
+
 def _cache_slots(config: EngineConfig, raw: dict, max_model_len: int, dtype: torch.dtype) -> int:
     """max_rolling_batch_size slots, fewer if option.kv_cache_memory_bytes cannot hold that many."""
     from engines.llama.kv_cache import SlotKVCache
@@ -50,8 +56,7 @@ def _cache_slots(config: EngineConfig, raw: dict, max_model_len: int, dtype: tor
     if "kv_cache_memory_bytes" not in config.extra:
         return slots
     budget = _int_option(config, "kv_cache_memory_bytes", 1)
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
-    kv_heads = raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    _, kv_heads, head_dim = _attention_shape(raw)
     shape = (raw["num_hidden_layers"], max_model_len, kv_heads, head_dim, dtype)
     fitting = SlotKVCache.slots_for_budget(budget, *shape)
     if fitting < 1:
@@ -81,7 +86,7 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     dtype = resolve_dtype(config.dtype, AutoConfig.from_pretrained(config.model_path), config.device)
     slots = _cache_slots(config, raw, max_model_len, dtype)
     try:
-        ops = select_ops(config.extra.get("kernels", "auto"), config.device)
+        ops = select_ops(config.extra.get("kernels", "auto"), config.device, _attention_shape(raw))
     except (ValueError, RuntimeError) as exc:
         raise EngineLoadError(str(exc)) from exc
     model, cache, hf_config = load_llama(

@@ -168,6 +168,30 @@ def test_staggered_greedy_decoding_matches_hf_generate(tiny: tuple[Path, object]
     assert driver.generated(3) == _hf_greedy(hf_model, prompts[2], 10)
 
 
+def test_native_routes_long_prefill_chunks_to_sdpa(
+    tiny: tuple[Path, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a low threshold, the 12- and 20-token chunks take SDPA while the other rows of the same
+    step stay on the kernel: the outputs must still match HF token for token."""
+    import engines.llama.attention as attention
+
+    monkeypatch.setattr(attention, "LONG_PREFILL_TOKENS", 8)
+    path, hf_model = tiny
+    model, cache, config = load_llama(str(path), torch.float32, "cpu", 6, 64, ops=NativeOps)
+    prompts = _prompts(config.vocab_size, [7, 20, 12], seed=5)
+    driver = Greedy(model, cache)
+    driver.add(0, prompts[0])
+    driver.add(2, prompts[1])  # long: SDPA, next to a short prefill on the kernel
+    for _ in range(3):
+        driver.step()
+    driver.add(4, prompts[2])  # long chunk joining two decoding sequences
+    for _ in range(6):
+        driver.step()
+    assert driver.generated(0) == _hf_greedy(hf_model, prompts[0], 9)
+    assert driver.generated(2) == _hf_greedy(hf_model, prompts[1], 9)
+    assert driver.generated(4) == _hf_greedy(hf_model, prompts[2], 6)
+
+
 @pytest.mark.parametrize("backend", sorted(KERNELS))
 def test_freed_slot_is_reused_without_stale_cache(tiny: tuple[Path, object], backend: str) -> None:
     path, hf_model = tiny

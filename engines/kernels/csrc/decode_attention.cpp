@@ -268,14 +268,16 @@ void run(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tens
 // Returns [B, heads, head_dim]: sequence b's query attends positions [0, kv_lens[b]) of slot slots[b].
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                                const torch::Tensor& slots, const torch::Tensor& kv_lens, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && cache_k.device().is_cpu(), "decode_attention runs on CPU tensors");
+  for (const auto* t : {&q, &cache_k, &cache_v, &slots, &kv_lens})
+    TORCH_CHECK(t->device().is_cpu(), "decode_attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(), "bad ranks or shapes");
   TORCH_CHECK(cache_k.strides() == cache_v.strides(), "cache_k and cache_v must share a layout");
   TORCH_CHECK(q.stride(2) == 1 && cache_k.stride(3) == 1, "head_dim must be the contiguous dimension");
   TORCH_CHECK(q.scalar_type() == cache_k.scalar_type() && q.scalar_type() == cache_v.scalar_type(),
               "q and the cache must share a dtype");
   const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = cache_k.size(1);
-  TORCH_CHECK(cache_k.size(3) == head_dim && heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(kv_heads > 0 && cache_k.size(3) == head_dim && heads % kv_heads == 0,
+              "heads must be a multiple of kv_heads");
   TORCH_CHECK(heads / kv_heads <= kMaxGroup && head_dim <= kMaxHeadDim, "group or head_dim too large");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && kv_lens.scalar_type() == torch::kInt64, "int64 indices");
   TORCH_CHECK(slots.numel() == q.size(0) && kv_lens.numel() == q.size(0), "one slot and kv_len per query");
@@ -298,6 +300,16 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cach
   return out;
 }
 
+// Whether bf16 inputs take the AVX-512 BF16 path (decided at compile time by -march=native).
+bool bf16_fast_path() {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "Decode attention over a slot KV cache (CPU)");
+  m.def("bf16_fast_path", &bf16_fast_path, "True when bf16 runs on the AVX-512 BF16 path");
 }

@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <algorithm>
+#include <initializer_list>
 #include <tuple>
 
 namespace {
@@ -93,6 +95,10 @@ void rope_cache_rows(const T* qkv, const T* cos, const T* sin, const int64_t* po
     default: TORCH_CHECK(false, NAME " supports float32, bfloat16 and float16");         \
   }
 
+void check_cpu(std::initializer_list<const torch::Tensor*> tensors) {
+  for (const auto* t : tensors) TORCH_CHECK(t->device().is_cpu(), "fused ops run on CPU tensors");
+}
+
 void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1, name, " must be a CPU [rows, n] tensor with contiguous rows");
 }
@@ -103,12 +109,14 @@ void check_rows(const torch::Tensor& t, const char* name) {
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                                     const c10::optional<torch::Tensor>& residual) {
   check_rows(x, "x");
+  check_cpu({&weight});
   const int64_t rows = x.size(0), hidden = x.size(1);
   TORCH_CHECK(weight.numel() == hidden && weight.is_contiguous() && weight.scalar_type() == x.scalar_type(),
               "weight must be [hidden] in x's dtype");
   torch::Tensor res;
   if (residual.has_value()) {
     res = residual->contiguous();
+    check_cpu({&res});
     TORCH_CHECK(res.sizes() == x.sizes() && res.scalar_type() == x.scalar_type(), "residual must match x");
   }
   auto out = torch::empty({rows, hidden}, x.options());
@@ -129,9 +137,13 @@ torch::Tensor rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos,
                              const torch::Tensor& positions, const torch::Tensor& slots, int64_t heads,
                              int64_t kv_heads, torch::Tensor& cache_k, torch::Tensor& cache_v) {
   check_rows(qkv, "qkv");
+  check_cpu({&cos, &sin, &positions, &slots, &cache_k, &cache_v});
+  TORCH_CHECK(cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(), "cache_k and cache_v must be equal 4-d tensors");
   const int64_t tokens = qkv.size(0), head_dim = cache_k.size(3);
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * head_dim, "qkv width does not match the heads");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == head_dim, "bad rope tables");
+  TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+                  cos.size(1) == head_dim && head_dim % 2 == 0 && sin.scalar_type() == cos.scalar_type(),
+              "cos and sin must be equal [max_len, head_dim] tables");
   TORCH_CHECK(cache_k.strides() == cache_v.strides() && cache_k.stride(3) == 1 && cache_k.size(1) == kv_heads,
               "bad cache layout");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64 &&
