@@ -28,11 +28,13 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp")
 without it. The library links the libgomp torch already loaded (same soname), so one thread pool."""
 LDFLAGS = ("-fopenmp",)
 EXTRA_CFLAGS = {
-    "decode_attention": ("-ffast-math", "-fno-finite-math-only"),
+    "decode_attention": ("-ffast-math",),
     "fused_ops": ("-ffp-contract=off",),
 }
-"""Per kernel: attention may reassociate sums (but keeps NaN/inf semantics); the element-wise ops must
-round exactly like torch, so no fused multiply-adds there."""
+"""Per kernel: attention may reassociate sums and needs -ffast-math for glibc's vectorised expf (with
+-fno-finite-math-only the exp goes scalar and a layer takes twice as long), so NaN inputs give
+unspecified rather than NaN outputs there; the element-wise ops must round exactly like torch, so no
+fused multiply-adds there."""
 BUILD_TIMEOUT_S = 900.0
 """Longest wait for another process's build of the same kernel."""
 
