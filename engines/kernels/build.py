@@ -35,8 +35,9 @@ EXTRA_CFLAGS = {
 -fno-finite-math-only the exp goes scalar and a layer takes twice as long), so NaN inputs give
 unspecified rather than NaN outputs there; the element-wise ops must round exactly like torch, so no
 fused multiply-adds there."""
-BUILD_TIMEOUT_S = 900.0
-"""Longest wait for another process's build of the same kernel."""
+BUILD_TIMEOUT_S = 180.0
+"""Longest wait for another process's build of the same kernel: under the default 240 s
+model_loading_timeout, so a worker stuck behind a hung build still falls back to the torch ops."""
 
 
 def _cflags(name: str) -> tuple[str, ...]:
@@ -60,12 +61,21 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("lmi-serving")) / "kernels"
 
 
+CPU_FIELDS = ("flags", "Features", "model name", "CPU implementer", "CPU part")
+"""/proc/cpuinfo fields that tell CPUs apart (x86: flags, model name; ARM: Features, implementer, part)."""
+
+
 def _cpu_flags() -> str:
+    seen: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return next((line for line in fh if line.startswith("flags")), platform.processor())
+            for line in fh:
+                field = line.split(":", 1)[0].strip()
+                if field in CPU_FIELDS:
+                    seen.setdefault(field, line)
     except OSError:
-        return platform.processor()
+        pass
+    return "".join(seen.values()) or platform.processor()
 
 
 def _compiler_version() -> str:

@@ -143,9 +143,12 @@ def _check_replaceable(target: Path, source: str, owned: bool) -> None:
         )
 
 
-def _install(staging: Path, target: Path, owned: bool) -> None:
-    """Move the finished staging folder to `target`. A user's folder (not `owned`) keeps any files
-    the old manifest does not list; only the previous download's own files are replaced."""
+def _install(staging: Path, target: Path, source: str, owned: bool) -> None:
+    """Move the finished staging folder (manifest included) to `target`.
+
+    A user's folder (not `owned`) keeps the files the old manifest does not list. While files move
+    in, it carries a manifest of the same source naming a file that never exists: an interruption
+    leaves a folder no start trusts but the next pull may replace."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; other users must read the weights
@@ -156,12 +159,19 @@ def _install(staging: Path, target: Path, owned: bool) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.rename(staging, target)
         return
-    old = Manifest.read(target)
-    for name in [*(old.files if old else ()), MANIFEST]:
-        (target / name).unlink(missing_ok=True)
-    for entry in staging.iterdir():
-        os.replace(entry, target / entry.name)
-    staging.rmdir()
+    try:
+        old = Manifest.read(target)
+        Manifest(source, files={".lmi-incomplete": FileRecord(-1)}).write(target)
+        for name in old.files if old else ():
+            (target / name).unlink(missing_ok=True)
+        for path in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
+            destination = target / path.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+        os.replace(staging / MANIFEST, target / MANIFEST)  # last: the folder is trusted from here
+    except OSError as exc:
+        raise ArtifactError(f"Could not move the download into {target}: {exc}") from exc
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def materialize(
@@ -186,7 +196,7 @@ def materialize(
         try:
             manifest = produce(staging)
             manifest.write(staging)
-            _install(staging, target, owned)
+            _install(staging, target, source, owned)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -46,6 +46,10 @@ class FetchOptions:
     allow_unsafe_weights: bool = False
     """Accept a checkpoint whose only weights are pickle files (*.bin, *.pt)."""
 
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.workers < 1 or self.retries < 1:
+            raise ValueError("download timeout, workers and retries must be positive")
+
     def identity(self, url: str) -> str:
         """What a cached folder must have been fetched as: the URL plus any file-selection override,
         so changing the patterns never serves a folder selected under the old ones."""

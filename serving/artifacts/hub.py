@@ -61,13 +61,27 @@ def _allow_patterns(repo_id: str, options: FetchOptions) -> tuple[list[str] | No
         names = HfApi().list_repo_files(repo_id, revision=options.revision)
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
         raise
-    except Exception as exc:  # noqa: BLE001 - network errors come from several HTTP stacks
-        log.warning("Cannot list %s on the Hub (%s); using the cached snapshot if there is one", repo_id, exc)
+    except Exception as exc:
+        if options.dest or not _unreachable(exc):
+            raise  # a bad token, a rate limit...: say so; and a half-filled --dest is never trusted
+        log.warning(
+            "Cannot reach the Hub for %s (%s); using the cached snapshot if there is one", repo_id, exc
+        )
         return offline_patterns, True
     chosen = select_files(names, options.allow_patterns, options.ignore_patterns)
     if "config.json" in chosen and options.allow_patterns is None:
         check_weights(chosen, repo_id, options)  # explicit allow_patterns: the user chose
     return chosen, False
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A connection failure or timeout (from whichever HTTP stack huggingface_hub uses), or a 5xx."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"ConnectError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "TimeoutException",
+                "Timeout", "NetworkError", "OfflineModeIsEnabled"}:  # fmt: skip
+        return True
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", 0) >= 500
 
 
 def _run_with_deadline(fn: Any, timeout_s: float, what: str) -> Any:
@@ -110,8 +124,15 @@ def fetch_hub(source: str, options: FetchOptions) -> Path:
         )
 
     try:
-        path = _run_with_deadline(download, options.timeout_s, source)
+        path = Path(_run_with_deadline(download, options.timeout_s, source))
     except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
         raise _describe(exc, source, options.revision) from None
+    except ArtifactError:
+        raise
+    except Exception as exc:  # e.g. a connection error while filling --dest
+        raise ArtifactError(f"Fetching {source} from the Hub failed: {exc}") from exc
+    names = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+    if "config.json" in names and options.allow_patterns is None:
+        check_weights(names, source, options)  # also when the snapshot came from the cache alone
     log.info("Hub model %s is at %s", source, path)
-    return Path(path)
+    return path

@@ -153,6 +153,44 @@ def test_a_user_folder_is_never_wiped_and_finished_folders_are_readable(tmp_path
         materialize(fresh, "other", produce, _soon(), owned=False)
 
 
+def test_a_new_download_merges_into_a_users_folder_with_nested_files(tmp_path):
+    """Replacing an earlier download of the same source in a user's folder: nested folders merge,
+    the user's own files stay, and the manifest that makes it trusted comes last."""
+    dest = tmp_path / "dest"
+
+    def version(text: str):
+        def produce(staging: Path) -> Manifest:
+            (staging / "a" / "b").mkdir(parents=True)
+            (staging / "a" / "b" / "w.bin").write_text(text)
+            (staging / "config.json").write_text("{}")
+            return Manifest("src", files={"a/b/w.bin": FileRecord(len(text)), "config.json": FileRecord(2)})
+
+        return produce
+
+    materialize(dest, "src", version("one"), _soon(), owned=False)
+    (dest / "a" / "b" / "mine.txt").write_text("user file")
+    (dest / "a" / "b" / "w.bin").write_text("x")  # damaged: the next pull replaces it
+    materialize(dest, "src", version("three"), _soon(), owned=False)
+    assert (dest / "a" / "b" / "w.bin").read_text() == "three"
+    assert (dest / "a" / "b" / "mine.txt").read_text() == "user file"
+    assert problem(dest, "src") is None
+
+
+def test_fetch_options_must_be_positive():
+    with pytest.raises(ValueError, match="must be positive"):
+        FetchOptions(retries=0)
+
+
+def test_only_connection_failures_fall_back_to_the_hub_cache():
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from serving.artifacts.hub import _unreachable
+
+    assert _unreachable(OfflineModeIsEnabled("offline"))
+    assert _unreachable(ConnectionError("refused"))
+    assert not _unreachable(ValueError("bad token"))
+
+
 def test_stale_staging_of_a_killed_download_is_removed(tmp_path):
     target = tmp_path / "t"
     stale = tmp_path / ".t.staging-dead"
