@@ -9,6 +9,7 @@ native, or torch.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch.nn import functional
@@ -71,13 +72,13 @@ class TorchOps:
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
     ) -> torch.Tensor:
-        """Rotate q and k of qkv [T, (heads + 2 kv_heads) * head_dim] at `positions` (tables
-        [max_len, head_dim]) and store k and v at (slot, :, position) of the caches.
+        """Rotate q and k of qkv [T, (heads + 2 kv_heads) * head_dim] by each token's cos/sin rows
+        [T, head_dim] and store k and v at (slot, :, position) of the caches.
 
         Returns q [T, heads, head_dim]."""
         tokens, head_dim = qkv.shape[0], cache_k.shape[-1]
         qk = qkv[:, : (heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim)
-        c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         half = head_dim // 2
         rotated = qk * c + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * s
         v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
@@ -105,19 +106,9 @@ class NativeOps(TorchOps):
         return normed, h
 
     @staticmethod
-    def rope_and_cache(
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        heads: int,
-        kv_heads: int,
-        cache_k: torch.Tensor,
-        cache_v: torch.Tensor,
-    ) -> torch.Tensor:
-        kernel = load_kernel("fused_ops")
-        return kernel.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, cache_k, cache_v)
+    def rope_and_cache(*args: Any) -> torch.Tensor:
+        """TorchOps.rope_and_cache's arguments, in the same order."""
+        return load_kernel("fused_ops").rope_and_cache(*args)
 
 
 def select_ops(

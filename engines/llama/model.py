@@ -70,22 +70,9 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; writes this step's K/V into cache_k/cache_v.
 
-        cos/sin are the whole rope tables [max_model_len, head_dim]; the ops pick each token's row."""
-        attended = self._attention(self.input_norm(x), batch, cache_k, cache_v, cos, sin)
-        normed, h = self.post_norm.add_forward(attended, x)  # h = x + attention
-        return h + self.down(self.ops.silu_mul(self.gate_up(normed)))
-
-    def _attention(
-        self,
-        x: torch.Tensor,
-        batch: ForwardBatch,
-        cache_k: torch.Tensor,
-        cache_v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor:
+        cos/sin [T, head_dim] are each token's rows of the rope tables, gathered once per step."""
         spec = self.spec
-        qkv = self.qkv(x)  # [T, q_size + 2 * kv_size]
+        qkv = self.qkv(self.input_norm(x))  # [T, q_size + 2 * kv_size]
         q = self.ops.rope_and_cache(
             qkv,
             cos,
@@ -97,8 +84,9 @@ class DecoderLayer(nn.Module):
             cache_k,
             cache_v,
         )  # [T, heads, head_dim]; k and v are in the cache now
-        out = attend(q, cache_k, cache_v, batch, self.ops.decode_attention)
-        return self.o_proj(out)  # [T, hidden]
+        attended = self.o_proj(attend(q, cache_k, cache_v, batch, self.ops.decode_attention))
+        normed, h = self.post_norm.add_forward(attended, x)  # h = x + attention
+        return h + self.down(self.ops.silu_mul(self.gate_up(normed)))
 
     def pack(self) -> bool:
         """Pre-pack the four projections for oneDNN (see `Linear.pack`)."""
@@ -150,8 +138,9 @@ class LlamaModel(nn.Module):
         if max(batch.context_lens) > self.max_model_len:
             raise ValueError(f"A sequence exceeds max_model_len={self.max_model_len}")
         x = functional.embedding(batch.token_ids, self.embed_tokens)  # [T, hidden]
+        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]  # [T, head_dim], once
         for layer, cache_k, cache_v in zip(self.layers, cache.keys, cache.values, strict=True):
-            x = layer(x, batch, cache_k, cache_v, self.rope_cos, self.rope_sin)
+            x = layer(x, batch, cache_k, cache_v, cos, sin)
         last = self.norm(x[batch.last_rows])  # [num_seqs, hidden]
         return self.lm_head(last).float()
 

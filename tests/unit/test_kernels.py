@@ -144,6 +144,7 @@ def test_fused_rope_and_cache_write_match_torch(dtype):
     caches = {
         name: [torch.zeros(4, kv_heads, 128, head_dim, dtype=dtype) for _ in range(2)] for name in ("t", "n")
     }
+    cos, sin = cos[positions], sin[positions]  # each token's rows, as the model gathers them once per step
     expected = TorchOps.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, *caches["t"])
     actual = NativeOps.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, *caches["n"])
     _close_to_reference(actual, expected.contiguous())
@@ -151,6 +152,8 @@ def test_fused_rope_and_cache_write_match_torch(dtype):
     torch.testing.assert_close(caches["n"][1], caches["t"][1], rtol=0, atol=0)  # v is copied as is
     with pytest.raises(RuntimeError, match="position out of range"):
         NativeOps.rope_and_cache(qkv, cos, sin, positions + 1, slots, heads, kv_heads, *caches["n"])
+    with pytest.raises(RuntimeError, match="one row per token"):
+        NativeOps.rope_and_cache(qkv, cos[:-1], sin[:-1], positions, slots, heads, kv_heads, *caches["n"])
 
 
 @pytest.mark.parametrize("broken", ["compiler", "cache-folder"])

@@ -67,8 +67,8 @@ void rope_cache_rows(const T* qkv, const T* cos, const T* sin, const int64_t* po
   at::parallel_for(0, tokens, grain_rows((heads + 2 * kv_heads) * head_dim), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* row = qkv + t * qkv_stride;
-      const T* c = cos + positions[t] * head_dim;
-      const T* s = sin + positions[t] * head_dim;
+      const T* c = cos + t * head_dim;
+      const T* s = sin + t * head_dim;
       for (int64_t h = 0; h < heads; ++h)
         for (int64_t d = 0; d < head_dim; ++d)
           q_out[(t * heads + h) * head_dim + d] = round_to<T>(rotate(row + h * head_dim, c, s, d, half));
@@ -130,7 +130,8 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor&
   return {out};
 }
 
-// qkv [T, (heads + 2 kv_heads) * head_dim]; cos/sin [max_len, head_dim]; positions, slots [T] int64;
+// qkv [T, (heads + 2 kv_heads) * head_dim]; cos/sin [T, head_dim] (each token's rows of the rope
+// tables); positions, slots [T] int64;
 // cache_k/cache_v [slots, kv_heads, max_len, head_dim]. Returns rotated q [T, heads, head_dim] and writes
 // rotated k and v at (slot, :, position) of the caches.
 torch::Tensor rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
@@ -142,8 +143,9 @@ torch::Tensor rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos,
   const int64_t tokens = qkv.size(0), head_dim = cache_k.size(3);
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * head_dim, "qkv width does not match the heads");
   TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
-                  cos.size(1) == head_dim && head_dim % 2 == 0 && sin.scalar_type() == cos.scalar_type(),
-              "cos and sin must be equal [max_len, head_dim] tables");
+                  cos.size(0) == tokens && cos.size(1) == head_dim && head_dim % 2 == 0 &&
+                  sin.scalar_type() == cos.scalar_type(),
+              "cos and sin must be [T, head_dim], one row per token");
   TORCH_CHECK(cache_k.strides() == cache_v.strides() && cache_k.stride(3) == 1 && cache_k.size(1) == kv_heads,
               "bad cache layout");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64 &&
@@ -156,7 +158,7 @@ torch::Tensor rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos,
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* slot_ptr = slot.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(pos_ptr[t] >= 0 && pos_ptr[t] < std::min(cos.size(0), cache_k.size(2)), "position out of range");
+    TORCH_CHECK(pos_ptr[t] >= 0 && pos_ptr[t] < cache_k.size(2), "position out of range");
     TORCH_CHECK(slot_ptr[t] >= 0 && slot_ptr[t] < cache_k.size(0), "slot out of range");
   }
   auto q = torch::empty({tokens, heads, head_dim}, qkv.options());
