@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 from typing import Any
 
-from serving.artifacts.errors import ArtifactError, DownloadTimeout
-from serving.artifacts.progress import Progress
+from serving.artifacts.errors import ArtifactError
+from serving.artifacts.s3_client import describe_client_error
+from serving.artifacts.transfer import Transfer
 
 
-def download_boto3(
-    client: Any,
-    location: Any,
-    objects: list[Any],
-    dest: Path,
-    workers: int,
-    deadline: float,
-    progress: Progress,
-) -> None:
-    import time
-
+def download_boto3(client: Any, job: Transfer) -> None:
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
     from botocore.exceptions import BotoCoreError, ClientError
     from s3transfer.subscribers import BaseSubscriber
 
-    from serving.artifacts.s3 import describe_client_error
+    location, progress = job.location, job.progress
 
     class Counter(BaseSubscriber):
         def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
@@ -35,33 +26,30 @@ def download_boto3(
 
     chunk = 16 * 1024 * 1024
     config = TransferConfig(
-        max_concurrency=workers, multipart_threshold=chunk, multipart_chunksize=chunk, use_threads=True
+        max_concurrency=job.workers, multipart_threshold=chunk, multipart_chunksize=chunk, use_threads=True
     )
     manager = create_transfer_manager(client, config)
     cancelled = False
     try:
         futures = []
-        for obj in objects:
-            target = dest / obj.name
+        for obj in job.objects:
+            target = job.dest / obj.name
             target.parent.mkdir(parents=True, exist_ok=True)
             futures.append(manager.download(location.bucket, obj.key, str(target), subscribers=[Counter()]))
         while not all(f.done() for f in futures):
             if any(_error(f) is not None for f in futures):
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > job.deadline:
                 cancelled = True
-                raise DownloadTimeout(
-                    f"Downloading {location.url} with boto3 did not finish within the download timeout "
-                    f"({progress.bytes_done / 1e6:.1f} of {progress.total_bytes / 1e6:.1f} MB). Raise "
-                    "option.download_timeout, or install s5cmd for faster downloads."
-                )
+                raise job.timeout_error()
             time.sleep(0.1)
         for future in futures:
             exc = _error(future)
             if exc is not None:
                 cancelled = True
                 if isinstance(exc, (ClientError, BotoCoreError)):
-                    raise describe_client_error(exc, f"s3://{location.bucket}/{future.meta.call_args.key}")
+                    what = f"s3://{location.bucket}/{future.meta.call_args.key}"
+                    raise describe_client_error(exc, what, location.bucket)
                 raise ArtifactError(f"Downloading {location.url} failed: {exc}")
     finally:
         manager.shutdown(cancel=cancelled)

@@ -1,136 +1,27 @@
-"""s3://bucket/prefix: list with boto3, download with the s5cmd binary (boto3 if it is missing).
+"""Fetching s3://bucket/prefix: plan from the listing, transfer, verify, retry, install in the cache.
 
 The listing gives sizes and ETags for verification and lets file selection skip unneeded weights;
-it is also where missing buckets, denied access and empty prefixes get their own messages. The
-endpoint comes from AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or S3_ENDPOINT_URL; credentials and
-profiles are the standard AWS ones, read by both tools.
+it is also where missing buckets, denied access and empty prefixes get their own messages.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.artifacts.cache import FileRecord, Manifest, materialize, size_of
-from serving.artifacts.errors import AccessDenied, ArtifactError, EmptySource, SourceNotFound
+from serving.artifacts.archive import extract_archive, single_top_folder
+from serving.artifacts.cache import FileRecord, Manifest, materialize, problem, size_of
+from serving.artifacts.errors import AccessDenied, ArtifactError, DownloadTimeout, EmptySource, SourceNotFound
 from serving.artifacts.fetch import ARCHIVE_SUFFIXES, FetchOptions, target_folder
+from serving.artifacts.progress import Progress
+from serving.artifacts.s3_client import S3Location, S3Object, describe_client_error, list_objects, make_client
 from serving.artifacts.selection import check_weights, select_files
+from serving.artifacts.transfer import Transfer, transfer
+from serving.artifacts.verify import verify_files
 
 log = logging.getLogger("serving.artifacts")
-
-ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
-DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
-CREDENTIALS_HINT = (
-    "Check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) "
-    "and that they allow s3:ListBucket and s3:GetObject on it."
-)
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    prefix: str
-    """'' or ending in '/': the folder whose objects make up the model."""
-
-    @classmethod
-    def parse(cls, url: str) -> S3Location:
-        rest = url[len("s3://") :].rstrip("*")
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise ArtifactError(f"{url!r} names no bucket; expected s3://bucket/prefix/")
-        return cls(bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/")
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
-@dataclass(frozen=True)
-class S3Object:
-    key: str
-    name: str
-    """Path relative to the prefix: where the file lands in the model folder."""
-    size: int
-    etag: str
-
-
-def endpoint_url() -> str | None:
-    return next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
-
-
-def make_client(workers: int = 32) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    config = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
-        max_pool_connections=max(workers, 10),
-    )
-    return boto3.client("s3", endpoint_url=endpoint_url(), region_name=region, config=config)
-
-
-def describe_client_error(exc: Exception, what: str) -> ArtifactError:
-    """Map a botocore error to the distinct failure it means."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
-    if isinstance(exc, NoCredentialsError):
-        return AccessDenied(f"No AWS credentials were found to read {what}. {CREDENTIALS_HINT}")
-    if isinstance(exc, EndpointConnectionError):
-        return ArtifactError(
-            f"Cannot reach the S3 endpoint for {what}: {exc}. Check the network and "
-            f"{'/'.join(ENDPOINT_VARIABLES)}."
-        )
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code == "NoSuchBucket":
-            bucket = what.split("/")[2] if what.startswith("s3://") else what
-            return SourceNotFound(
-                f"S3 bucket {bucket!r} does not exist (reading {what}). Check the bucket "
-                "name in option.model_id and the endpoint/region."
-            )
-        if code in DENIED_CODES:
-            return AccessDenied(f"Access denied to {what} ({code}). {CREDENTIALS_HINT}")
-        if code in ("NoSuchKey", "404"):
-            return SourceNotFound(f"{what} does not exist. Check option.model_id.")
-    return ArtifactError(f"Reading {what} failed: {exc}")
-
-
-def _safe_name(key: str, location: S3Location) -> str:
-    """The object's path inside the model folder; keys that would land outside it are refused."""
-    name = key[len(location.prefix) :]
-    parts = name.split("/")
-    if not name or name.startswith("/") or ".." in parts or "" in parts or "\n" in name:
-        raise ArtifactError(
-            f"s3://{location.bucket}/{key} cannot be stored safely inside the model folder (an empty, "
-            "absolute or '..' path component). Rename the object."
-        )
-    return name
-
-
-def list_objects(client: Any, location: S3Location) -> list[S3Object]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    objects = []
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=location.bucket, Prefix=location.prefix
-        ):
-            for item in page.get("Contents", []):
-                key = item["Key"]
-                if key.endswith("/"):
-                    continue  # a "folder" marker object
-                etag = item.get("ETag", "").strip('"')
-                objects.append(S3Object(key, _safe_name(key, location), item["Size"], etag))
-    except (ClientError, BotoCoreError) as exc:
-        raise describe_client_error(exc, location.url) from None
-    return objects
 
 
 def plan_download(objects: list[S3Object], location: S3Location, options: FetchOptions) -> list[S3Object]:
@@ -156,9 +47,6 @@ def plan_download(objects: list[S3Object], location: S3Location, options: FetchO
 def fetch_s3(source: str, options: FetchOptions) -> Path:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from serving.artifacts.archive import single_top_folder
-    from serving.artifacts.cache import problem
-
     deadline = time.monotonic() + options.timeout_s  # listing, lock wait and transfer share it
     location = S3Location.parse(source)
     identity = options.identity(location.url)
@@ -170,7 +58,7 @@ def fetch_s3(source: str, options: FetchOptions) -> Path:
         client = make_client(options.workers)
         objects = plan_download(list_objects(client, location), location, options)
     except (BotoCoreError, ClientError) as exc:  # e.g. an unknown AWS_PROFILE
-        raise describe_client_error(exc, location.url) from None
+        raise describe_client_error(exc, location.url, location.bucket) from None
     expected = {o.name: FileRecord(o.size, o.etag) for o in objects}
 
     def produce(staging: Path) -> Manifest:
@@ -191,16 +79,14 @@ def download_with_retries(
 ) -> None:
     """s5cmd (or boto3) transfers, then verification of every file; retried with back-off, each time
     only for the files that are still missing or wrong, within the one deadline."""
-    from serving.artifacts.errors import DownloadTimeout
-    from serving.artifacts.transfer import transfer
-    from serving.artifacts.verify import verify_files
-
     by_name = {o.name: o for o in objects}
     expected = {o.name: FileRecord(o.size, o.etag) for o in objects}
     pending = objects
     for attempt in range(1, options.retries + 1):
         try:
-            transfer(client, location, pending, staging, options, deadline)
+            total = sum(o.size for o in pending)
+            progress = Progress(f"Downloading {location.url}", len(pending), total)
+            transfer(client, Transfer(location, pending, staging, options.workers, deadline, progress))
             etag_check = lambda name: etag_is_md5(client, location.bucket, by_name[name])  # noqa: E731
             problems = verify_files(staging, expected, location.url, etag_check)
             if not problems:
@@ -242,8 +128,6 @@ def finish_folder(staging: Path, expected: dict[str, FileRecord], source: str) -
     """A single downloaded archive is extracted in place (DJL cannot do this); else files as listed."""
     archives = [name for name in expected if name.endswith(ARCHIVE_SUFFIXES)]
     if len(archives) == 1 and len(expected) == 1:
-        from serving.artifacts.archive import extract_archive
-
         archive = staging / archives[0]
         extracted = staging / ".extracted"
         extracted.mkdir()

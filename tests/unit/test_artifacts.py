@@ -313,14 +313,14 @@ def test_malformed_safetensors_headers_are_reasons_not_crashes(tmp_path, content
 
 
 def test_s3_keys_that_would_escape_the_folder_are_refused():
-    from serving.artifacts.s3 import S3Location, _safe_name
+    from serving.artifacts.s3_client import S3Location, safe_name
 
     location = S3Location.parse("s3://b/models/m")
     assert location.prefix == "models/m/"
-    assert _safe_name("models/m/sub/config.json", location) == "sub/config.json"
+    assert safe_name("models/m/sub/config.json", location) == "sub/config.json"
     for key in ("models/m//etc/x", "models/m/../../x", "models/m/a/../../b"):
         with pytest.raises(ArtifactError, match="cannot be stored safely"):
-            _safe_name(key, location)
+            safe_name(key, location)
 
 
 def test_only_pickle_weights_need_explicit_consent():
