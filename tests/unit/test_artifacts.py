@@ -369,6 +369,17 @@ def test_hub_offline_uses_the_populated_cache_and_explains_a_miss(tmp_path):
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in missing.stderr
 
 
+def test_a_cached_hub_snapshot_with_only_pickle_weights_needs_consent(tmp_path):
+    _populate_hf_cache(tmp_path, "acme/pickled", {"config.json": b"{}", "pytorch_model.bin": b"x"})
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    refused = _run("from serving.artifacts import fetch; fetch('acme/pickled')", env)
+    assert refused.returncode != 0
+    assert "has no *.safetensors weights, only pickle files" in refused.stderr
+    consent = "FetchOptions(allow_unsafe_weights=True)"
+    code = f"from serving.artifacts import FetchOptions, fetch; fetch('acme/pickled', {consent})"
+    assert _run(code, env).returncode == 0
+
+
 def test_lmi_pull_extracts_an_archive_into_dest_and_prints_it(tmp_path):
     archive = _tar(
         tmp_path / "model.tar.gz",
