@@ -15,7 +15,7 @@ import torch
 from engines.llama.batch import ForwardBatch
 from engines.rolling.sampling import select_greedy, select_token
 from engines.rolling.sequence import Sequence
-from engines.rolling.types import GenerationRequest, TokenEvent
+from engines.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger("engines.rolling")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.rolling.types import SamplingParams
+from engines.types import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

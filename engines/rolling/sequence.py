@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from engines.rolling.detokenizer import IncrementalDetokenizer
-from engines.rolling.types import GenerationRequest, TokenEvent
+from engines.types import GenerationRequest, TokenEvent
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -12,12 +12,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from engines.rolling.types import GenerationRequest, SamplingParams
+from engines.types import GenerationRequest, SamplingParams
 from handlers.builtin import formats
 from handlers.builtin.formats import ParsedRequest, RequestError
 from serving import messages as msg
 from serving.config import ServingConfig
-from serving.scheduler import RollingScheduler
+from engines.scheduler import RollingScheduler
 
 log = logging.getLogger("handlers.builtin.rolling")
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from engines.rolling.types import SamplingParams, TokenEvent
+from engines.types import SamplingParams, TokenEvent
 from handlers.builtin.formats import (
     API_CHAT,
     API_COMPLETION,

@@ -10,7 +10,7 @@ from support import ROOT
 from engines.base import EngineConfig, EngineLoadError
 from engines.rolling.factory import create_rolling_engine
 from engines.rolling.sequence import held_back
-from engines.rolling.types import GenerationRequest, SamplingParams
+from engines.types import GenerationRequest, SamplingParams
 
 
 @pytest.fixture(scope="module")

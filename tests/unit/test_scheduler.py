@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from serving.scheduler import RollingScheduler
+from engines.scheduler import RollingScheduler
 
 
 @dataclass

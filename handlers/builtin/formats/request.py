@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engines.rolling.types import SamplingParams
+from engines.types import SamplingParams
 
 API_LMI = "lmi"
 API_COMPLETION = "openai-completion"

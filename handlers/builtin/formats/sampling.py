@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engines.rolling.types import SamplingParams
+from engines.types import SamplingParams
 from handlers.builtin.formats.errors import RequestError
 from handlers.builtin.formats.validate import SEED_LIMIT, get_float, get_int, qualified
 

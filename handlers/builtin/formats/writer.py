@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.rolling.types import TokenEvent
+from engines.types import TokenEvent
 from handlers.builtin.formats.request import ParsedRequest
 
 GENERATION_ERROR_CODE = 424

@@ -1,4 +1,4 @@
-"""Plain data for the rolling-batch engine: what the scheduler hands in and what comes back."""
+"""Plain data of the generation-engine contract (engines/base.py): what a step takes and returns."""
 
 from __future__ import annotations
 
