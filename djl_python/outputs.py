@@ -1,5 +1,5 @@
 """Compatibility shim for `from djl_python.outputs import Output`."""
 
-from handlers.io import Output
+from handlers.djl_api import Output
 
 __all__ = ["Output"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.io import Input, Output
+from handlers.djl_api import Input, Output
 from handlers.loader import HandlerLoadError
 from handlers.service import HandlerService, error_output, is_out_of_memory
 from serving.config import load_config
@@ -53,7 +53,7 @@ def test_warmup_call_gets_an_empty_input_with_the_init_properties(tmp_path: Path
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
         CALLS = []
 
         def handle(inputs):
@@ -78,7 +78,7 @@ def test_warmup_happens_once_in_initialize(tmp_path: Path):
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
         COUNT = {"n": 0}
 
         def handle(inputs):
@@ -100,7 +100,7 @@ def test_warmup_exception_fails_initialize(tmp_path: Path):
 def test_warmup_error_output_fails_initialize(tmp_path: Path):
     # Spec §2.1: on the init call, an Output with code >= 300 fails the model load.
     (tmp_path / "model.py").write_text(
-        "from handlers.io import Output\n"
+        "from handlers.djl_api import Output\n"
         "def handle(inputs):\n"
         "    return Output().error('weights missing', code=500)\n"
     )
@@ -114,7 +114,7 @@ def test_custom_handler_name(tmp_path: Path):
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
 
         def handle(inputs):
             raise AssertionError("handle must not be called")
@@ -140,7 +140,7 @@ def test_echo_output_headers_and_body(tmp_path: Path):
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
 
         def handle(inputs):
             if inputs.is_empty():
@@ -259,7 +259,7 @@ def test_output_with_error_code_is_passed_through(tmp_path: Path):
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
 
         def handle(inputs):
             return None if inputs.is_empty() else Output().error("nope", code=418, message="teapot")
@@ -273,7 +273,7 @@ def test_output_with_error_code_is_passed_through(tmp_path: Path):
 
 
 BATCH_ECHO = """
-from handlers.io import Output
+from handlers.djl_api import Output
 SEEN = []
 
 def handle(inputs):
@@ -305,7 +305,7 @@ def test_single_request_is_not_wrapped_as_a_batch(tmp_path: Path):
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
 
         def handle(inputs):
             if inputs.is_empty():
@@ -330,7 +330,7 @@ def test_batched_error_output_goes_to_every_request(tmp_path: Path):
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
 
         def handle(inputs):
             return None if inputs.is_empty() else Output().error("all failed", code=500, message="x")
@@ -356,7 +356,7 @@ def test_create_handler_is_given_the_properties_and_batches(tmp_path: Path):
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
 
         class Handler:
             def __init__(self, properties):
@@ -396,7 +396,7 @@ def test_create_handler_miscount_still_gives_one_output_per_input(tmp_path: Path
     service = service_for(
         tmp_path,
         """
-        from handlers.io import Output
+        from handlers.djl_api import Output
 
         class Handler:
             def handle_batch(self, inputs):

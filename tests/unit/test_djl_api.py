@@ -1,27 +1,17 @@
-"""Behaviour of the DJL-compatible Input/Output API and the batch merge/split plumbing."""
+"""Behaviour of the DJL handler API: `PairList`, `Input`, `Output` and the `djl_python` re-exports."""
 
 from __future__ import annotations
 
 import datetime
 import io
 import json
-import struct
 import sys
 
 import numpy as np
 import pytest
 
-from handlers.io import (
-    BatchSizeMismatch,
-    Input,
-    Output,
-    PairList,
-    decode_ndlist,
-    default_stream_output_formatter,
-    encode_ndlist,
-    make_batch,
-    split_batch_output,
-)
+from handlers.codecs import encode_ndlist
+from handlers.djl_api import Input, Output, PairList, default_stream_output_formatter
 
 
 def make_input(properties: dict[str, str] | None = None, **content: bytes | str) -> Input:
@@ -30,11 +20,6 @@ def make_input(properties: dict[str, str] | None = None, **content: bytes | str)
     for key, value in content.items():
         item.content.add(key, value)
     return item
-
-
-def java_utf(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
 
 
 def npz_bytes(*arrays: np.ndarray) -> bytes:
@@ -206,137 +191,6 @@ def test_get_data_decodes_tensor_types():
     np.testing.assert_array_equal(npz.get_data()[0], array)
 
 
-# ---- NDList codec --------------------------------------------------------------------------------
-
-
-def test_ndlist_round_trip_keeps_dtype_and_shape():
-    arrays = [
-        np.arange(6, dtype=np.float32).reshape(2, 3),
-        np.array(7, dtype=np.int64),
-        np.array([True, False]),
-        np.array([1, 2], dtype=">u2"),
-        np.zeros((0, 3), dtype=np.float16),
-    ]
-    decoded = decode_ndlist(encode_ndlist(arrays))
-    assert len(decoded) == len(arrays)
-    for got, want in zip(decoded, arrays, strict=True):
-        assert got.dtype == want.dtype.newbyteorder("=")
-        assert got.shape == want.shape
-        np.testing.assert_array_equal(got, want)
-
-
-def test_ndlist_encoding_matches_djl_layout():
-    encoded = encode_ndlist([np.array([1.0], dtype=np.float32)])
-    expected = (
-        struct.pack(">i", 1)
-        + java_utf("NDAR")
-        + struct.pack(">ib", 3, 0)
-        + java_utf("DENSE")
-        + java_utf("FLOAT32")
-        + struct.pack(">iq", 1, 1)
-        + struct.pack(">iH", 1, ord("?"))
-        + b"<"
-        + struct.pack(">i", 4)
-        + struct.pack("<f", 1.0)
-    )
-    assert encoded == expected
-
-
-def test_ndlist_decodes_java_version_2_with_name():
-    """Version 2 (older DJL) has a name but no byte-order byte; data is native (little-endian)."""
-    data = (
-        struct.pack(">i", 1)
-        + java_utf("NDAR")
-        + struct.pack(">ib", 2, 1)
-        + java_utf("scores")
-        + java_utf("DENSE")
-        + java_utf("INT32")
-        + struct.pack(">iqq", 2, 1, 2)
-        + struct.pack(">i", 0)
-        + struct.pack(">i", 8)
-        + struct.pack("<ii", 5, -6)
-    )
-    (array,) = decode_ndlist(data)
-    np.testing.assert_array_equal(array, np.array([[5, -6]], dtype=np.int32))
-
-
-def test_ndlist_rejects_truncated_and_unknown_types():
-    encoded = encode_ndlist([np.arange(3)])
-    with pytest.raises(ValueError, match="truncated"):
-        decode_ndlist(encoded[:-1])
-    with pytest.raises(ValueError, match="no DJL NDArray equivalent"):
-        encode_ndlist([np.array(["text"])])
-
-
-# ---- Input: batches ------------------------------------------------------------------------------
-
-
-def test_get_batches_on_single_input_returns_itself():
-    item = make_input(data=b"x")
-    assert item.get_batches() == [item]
-
-
-def test_get_batches_splits_dot_and_underscore_keys():
-    batch = make_input(
-        {
-            "batch_size": "2",
-            "handler": "handle",
-            "batch_000.Content-Type": "text/plain",
-            "batch_001_Content-Type": "application/json",
-        },
-        **{"batch_000.data": b"zero", "batch_001.data": b'{"one": 1}', "batch_001.extra": b"e"},
-    )
-    assert batch.is_batch()
-    assert batch.get_batch_size() == 2
-    first, second = batch.get_batches()
-    assert first.properties == {"handler": "handle", "Content-Type": "text/plain"}
-    assert second.properties == {"handler": "handle", "Content-Type": "application/json"}
-    assert first.get_data() == "zero"
-    assert second.get_data() == {"one": 1}
-    assert second.get_as_bytes("extra") == b"e"
-    assert not first.contains_key("extra")
-
-
-def test_get_batches_rejects_index_beyond_batch_size():
-    batch = make_input({"batch_size": "1"}, **{"batch_003.data": b"x"})
-    with pytest.raises(ValueError, match="index 3"):
-        batch.get_batches()
-
-
-def test_make_batch_matches_djl_wire_layout():
-    first = make_input({"Content-Type": "text/plain"}, data=b"a")
-    second = make_input({"X-Id": "7"}, data=b"b", param=b"q")
-    batch = make_batch([first, second])
-    assert batch.properties == {
-        "batch_size": "2",
-        "batch_000.Content-Type": "text/plain",
-        "batch_001.X-Id": "7",
-    }
-    assert list(batch.content) == [
-        ("batch_000.data", b"a"),
-        ("batch_001.data", b"b"),
-        ("batch_001.param", b"q"),
-    ]
-
-
-def test_make_batch_of_one_is_unwrapped_and_empty_is_rejected():
-    only = make_input(data=b"a")
-    assert make_batch([only]) is only
-    with pytest.raises(ValueError, match="at least one"):
-        make_batch([])
-
-
-def test_make_batch_then_get_batches_round_trips():
-    originals = [make_input({"k": str(i), "Content-Type": "text/plain"}, data=f"req{i}") for i in range(12)]
-    for original in originals:
-        original.content.add("data", b"second value")
-    restored = make_batch(originals).get_batches()
-    assert len(restored) == 12
-    for got, want in zip(restored, originals, strict=True):
-        assert got.properties == want.properties
-        assert list(got.content) == list(want.content)
-
-
 # ---- Output --------------------------------------------------------------------------------------
 
 
@@ -485,98 +339,9 @@ def test_finalize_runs_callback_with_args_only_when_executed():
     Output().execute_finalize()  # nothing registered: no error
 
 
-def test_binary_encode_layout():
-    encoded = Output.binary_encode({"data": "hi", "last": True})
-    expected = (
-        struct.pack(">h", 2)
-        + struct.pack(">i", 4)
-        + b"data"
-        + struct.pack(">i", 2)
-        + b"hi"
-        + struct.pack(">i", 4)
-        + b"last"
-        + struct.pack(">i", 4)
-        + b"true"
-    )
-    assert encoded == expected
-
-
-def test_binary_encode_decode_round_trip():
-    payload = {"data": "héllo ✓", "last": False, "code": 424, "error": None, "": ""}
-    assert Output.binary_decode(Output.binary_encode(payload)) == {
-        "data": "héllo ✓",
-        "last": "false",
-        "code": "424",
-        "error": None,
-        "": "",
-    }
-
-
-def test_binary_decode_rejects_truncated_data():
-    with pytest.raises(ValueError, match="truncated"):
-        Output.binary_decode(Output.binary_encode({"data": "abc"})[:-1])
-
-
-# ---- split_batch_output --------------------------------------------------------------------------
-
-
-def test_split_batch_output_of_handler_style_output():
-    batch = make_batch([make_input(data=b"0"), make_input(data=b"1"), make_input(data=b"2")])
-    out = Output().add_property("X-Shared", "s")
-    for i, request in enumerate(batch.get_batches()):
-        out.add(f"echo {request.get_as_string()}", key="data", batch_index=i)
-    out.add_property("batch_1_Content-Type", "text/plain")
-    outs = split_batch_output(out, 3)
-    assert [o.content.get("data") for o in outs] == [b"echo 0", b"echo 1", b"echo 2"]
-    assert all(o.code == 200 and o.message == "OK" for o in outs)
-    assert outs[0].properties == {"X-Shared": "s"}
-    assert outs[1].properties == {"X-Shared": "s", "Content-Type": "text/plain"}
-    assert outs[2].properties == {"X-Shared": "s"}
-
-
-def test_split_batch_output_routes_by_index_not_order():
-    out = Output().add(b"B", key="k", batch_index=1).add(b"A", batch_index=0)
-    first, second = split_batch_output(out, 2)
-    assert list(first.content) == [("data", b"A")]
-    assert list(second.content) == [("k", b"B")]
-
-
-def test_split_batch_output_per_request_header_beats_shared():
-    out = Output().add("a", batch_index=0).add("b", batch_index=1)
-    out.properties.update({"batch_0_content-type": "text/plain", "Content-Type": "application/json"})
-    first, second = split_batch_output(out, 2)
-    assert first.properties == {"content-type": "text/plain"}
-    assert second.properties == {"Content-Type": "application/json"}
-
-
-def test_split_batch_output_size_mismatch_message():
-    out = Output().add("only one", batch_index=0)
-    with pytest.raises(BatchSizeMismatch, match=r"^Batch output size mismatch, expected: 2, actual: 1$"):
-        split_batch_output(out, 2)
-    assert issubclass(BatchSizeMismatch, ValueError)
-
-
-def test_split_batch_output_rejects_unbatched_and_out_of_range_keys():
-    with pytest.raises(BatchSizeMismatch, match="Unexpected batch output key: data"):
-        split_batch_output(Output().add("a").add("b", batch_index=1), 2)
-    with pytest.raises(BatchSizeMismatch, match="index 5"):
-        split_batch_output(Output().add("a", batch_index=0).add("b", batch_index=5), 2)
-
-
-@pytest.mark.parametrize("code", [300, 424])
-def test_split_batch_output_error_goes_to_every_request(code):
-    out = Output().error("boom", code=code)
-    outs = split_batch_output(out, 3)
-    assert len(outs) == 3
-    assert all(o.code == code and o.content.get("data") == out.content.get("data") for o in outs)
-    outs[0].add_property("X-Changed", "1")
-    assert "X-Changed" not in outs[1].properties
-    assert "X-Changed" not in out.properties
-
-
-def test_split_batch_output_of_one_is_unchanged():
-    out = Output().add("unbatched")
-    assert split_batch_output(out, 1)[0] is out
+def test_binary_codec_is_exposed_on_output_as_in_djl():
+    payload = {"data": "hi", "last": True}
+    assert Output.binary_decode(Output.binary_encode(payload)) == {"data": "hi", "last": "true"}
 
 
 # ---- djl_python compatibility imports ------------------------------------------------------------
