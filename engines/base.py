@@ -1,30 +1,53 @@
-"""The narrow engine contract: plain data in, plain data out; no HTTP, no Input/Output."""
+"""The engine contracts: plain data in, plain data out; no HTTP, no Input/Output.
+
+Two kinds of engine exist. A task ``Engine`` serves whole dynamic batches of one task (embeddings,
+classification, ...). A ``GenerationEngine`` serves text generation one step at a time: the scheduler
+(``engines/scheduler.py``) admits and cancels requests between steps, and every step returns the
+tokens it produced as ``TokenEvent``s (``engines/types.py``). Every generation engine (the native
+Llama engine, the Hugging Face ``generate`` engine, and the GPU, tensor-parallel and quantized engines
+to come) implements ``GenerationEngine``; the handler, the scheduler, the request formats and the
+worker loop depend on nothing else.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from engines.types import GenerationRequest, TokenEvent
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What an engine needs to load a model, resolved from `option.*` keys by the handler."""
+    """What an engine needs to load a model: the typed `option.*` values (declared, with their defaults
+    and docs, in serving/options.py), resolved by the handler. Field names are the option names."""
 
     model_path: str
     """Local folder with the weights (config.json + safetensors, or a .gguf file)."""
     task: str | None = None
     """HF task; inferred from the architecture when None."""
     dtype: str = "auto"
-    """fp32, fp16, bf16 or auto (the checkpoint's dtype, fp32 on CPU for fp16 checkpoints)."""
+    """fp32, fp16, bf16 or auto (engines.hf.loading.resolve_dtype says what auto picks)."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda or cuda:N; resolved by engines.device."""
+    num_threads: int | None = None
+    """Torch threads for this process; None keeps torch's choice (OMP_NUM_THREADS, else the cores)."""
     trust_remote_code: bool = False
     revision: str | None = None
     allow_unsafe_weights: bool = False
     """Permit pickle checkpoints (.bin/.pt), which can run arbitrary code when loaded."""
     gguf_file: str | None = None
     """Name of the GGUF file inside model_path, when the model is shipped as GGUF."""
-    device: str = "cpu"
+    max_rolling_batch_size: int = 32
+    """Sequences a generation engine runs at once (its KV cache slots)."""
+    max_model_len: int | None = None
+    """Prompt + generated tokens per sequence; None: min(the model's limit, 2048)."""
+    kv_cache_memory_bytes: int | None = None
+    """KV cache budget; fewer slots than max_rolling_batch_size when it cannot hold that many."""
+    kernels: str = "auto"
+    """Hot-path ops of the native engine: auto, native or torch."""
     extra: dict[str, str] = field(default_factory=dict)
-    """Remaining option.* keys, for engine-specific settings."""
+    """Every init property as a string (option.* without the prefix), for settings no field covers."""
 
 
 @dataclass(frozen=True)
@@ -51,3 +74,51 @@ class Engine(Protocol):
     def run(self, requests: list[TaskRequest]) -> list[list[Any]]:
         """Serve a batch of requests; returns, per request, one JSON-able result per input."""
         ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for logs and metrics; engines fill what they know and leave the rest at zero."""
+
+    running: int = 0
+    """Sequences holding cache room now."""
+    capacity: int = 0
+    """Sequences the engine can hold at once."""
+    cache_tokens_used: int = 0
+    cache_tokens_total: int = 0
+    steps: int = 0
+    """Engine steps run since start."""
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """A loaded text-generation model served by iteration-level (or per-step lockstep) batching.
+
+    Contract:
+    * ``capacity`` sequences may be running at once; ``free_capacity()`` says how many more can join
+      now. A request with ``params.n > 1`` takes ``n`` of them.
+    * ``max_model_len`` bounds prompt + generated tokens of every sequence; ``check_length`` returns
+      the message a client gets (HTTP 400) when a request cannot fit, or None.
+    * ``tokenizer`` is a Hugging Face tokenizer (``__call__``, ``decode``, ``apply_chat_template``).
+    * ``step(admit, cancel)`` adds the admitted requests, drops the cancelled request ids (each gets a
+      final event with finish_reason "cancelled"), runs one step and returns the events it produced:
+      at least one per running sequence for a streaming engine, or every token of the finished
+      requests for a lockstep engine. A request's last event (per completion ``index``) carries its
+      finish_reason. It never raises for one bad request: that request gets a finish_reason "error".
+    * ``abort_all(reason)`` ends every running request with an "error" event (after a failed step).
+    * ``stats()`` is cheap and may be called every step.
+    """
+
+    capacity: int
+    max_model_len: int
+    tokenizer: Any
+
+    def free_capacity(self) -> int: ...
+
+    def check_length(self, prompt_len: int, max_new_tokens: int) -> str | None: ...
+
+    def step(self, admit: list[GenerationRequest], cancel: list[str]) -> list[TokenEvent]: ...
+
+    def abort_all(self, reason: str) -> list[TokenEvent]: ...
+
+    def stats(self) -> EngineStats: ...

@@ -8,31 +8,28 @@ to the next request. A request never waits for another request's generation to f
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
-
-class SchedulerEngine(Protocol):
-    def free_slots(self) -> int: ...
-
-    def step(self, admit: list[Any], cancel: list[str]) -> list[Any]:
-        """Returns events with `request_id` and `finish_reason` (None while running)."""
-        ...
+from engines.base import GenerationEngine
+from engines.types import GenerationRequest, TokenEvent
 
 
 @dataclass
 class Waiting:
-    request: Any  # has .request_id
+    request: GenerationRequest
     prompt_len: int
     deadline: float
 
 
 class RollingScheduler:
+    """Admission policy over any ``GenerationEngine``; O(1) per request for submit, cancel and expiry
+    (every request waits at most the same ``timeout_s``, so arrival order is deadline order)."""
+
     def __init__(
         self,
-        engine: SchedulerEngine,
+        engine: GenerationEngine,
         max_batch_size: int,
         max_prefill_tokens: int,
         queue_capacity: int,
@@ -45,24 +42,23 @@ class RollingScheduler:
         self.queue_capacity = queue_capacity
         self.timeout_s = timeout_s
         self.clock = clock
-        self.waiting: deque[Waiting] = deque()
-        self.running: set[str] = set()
+        self.waiting: OrderedDict[str, Waiting] = OrderedDict()
+        self.running: dict[str, int] = {}
+        """Request id → completions still running (``params.num_sequences`` at admission)."""
         self._cancelled: list[str] = []
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancelled)
 
-    def submit(self, request: Any, prompt_len: int) -> None:
+    def submit(self, request: GenerationRequest, prompt_len: int) -> None:
         """Queue a request; OverflowError when the waiting queue is at capacity."""
         if len(self.waiting) >= self.queue_capacity:
             raise OverflowError(f"rolling-batch queue full ({self.queue_capacity} waiting)")
-        self.waiting.append(Waiting(request, prompt_len, self.clock() + self.timeout_s))
+        self.waiting[request.request_id] = Waiting(request, prompt_len, self.clock() + self.timeout_s)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a waiting request, or free a running one at the next step; False if unknown."""
-        before = len(self.waiting)
-        self.waiting = deque(w for w in self.waiting if w.request.request_id != request_id)
-        if len(self.waiting) < before:
+        if self.waiting.pop(request_id, None) is not None:
             return True
         if request_id in self.running:
             self._cancelled.append(request_id)
@@ -74,32 +70,38 @@ class RollingScheduler:
         self.running.clear()
         self._cancelled.clear()
 
-    def expire(self) -> list[Any]:
+    def expire(self) -> list[GenerationRequest]:
         """Requests that waited longer than the timeout without getting room; the caller answers them."""
-        now = self.clock()
-        expired = [w.request for w in self.waiting if w.deadline < now]
-        if expired:
-            self.waiting = deque(w for w in self.waiting if w.deadline >= now)
+        now, expired = self.clock(), []
+        while self.waiting and next(iter(self.waiting.values())).deadline < now:
+            expired.append(self.waiting.popitem(last=False)[1].request)
         return expired
 
-    def _admit(self) -> list[Any]:
-        room = min(self.max_batch_size - len(self.running), self.engine.free_slots())
-        admitted: list[Any] = []
+    def _admit(self) -> list[GenerationRequest]:
+        room = min(self.max_batch_size - sum(self.running.values()), self.engine.free_capacity())
+        admitted: list[GenerationRequest] = []
         budget = self.max_prefill_tokens
-        while self.waiting and len(admitted) < room:
-            head = self.waiting[0]
+        while self.waiting and room > 0:
+            head = next(iter(self.waiting.values()))
+            width = head.request.params.num_sequences  # one prefill, but each completion holds a sequence
+            if width > room:
+                break  # FIFO: later requests do not overtake it
             if head.prompt_len > budget and (admitted or self.running):
                 break  # the budget resets next step; a lone oversized prompt still goes alone
             budget -= head.prompt_len
-            admitted.append(self.waiting.popleft().request)
+            room -= width
+            admitted.append(self.waiting.popitem(last=False)[1].request)
         return admitted
 
-    def step(self) -> list[Any]:
+    def step(self) -> list[TokenEvent]:
         admit, cancel = self._admit(), self._cancelled
         self._cancelled = []
-        self.running.update(r.request_id for r in admit)
+        for request in admit:
+            self.running[request.request_id] = request.params.num_sequences
         events = self.engine.step(admit, cancel) if (admit or cancel or self.running) else []
         for event in events:
-            if event.finish_reason is not None:
-                self.running.discard(event.request_id)
+            if event.finish_reason is not None and event.request_id in self.running:
+                left = self.running[event.request_id] = self.running[event.request_id] - 1
+                if left <= 0 or event.finish_reason in ("cancelled", "error"):
+                    del self.running[event.request_id]
         return events

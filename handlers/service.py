@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from handlers import loader
-from handlers.io import Input, Output, make_batch, split_batch_output
+from handlers.batch_io import make_batch, split_batch_output
+from handlers.builtin.generation import GenerationHandler
+from handlers.djl_api import Input, Output
 from handlers.sagemaker import SageMakerHandler, is_sagemaker_module
 
 log = logging.getLogger("handlers.service")
@@ -38,13 +40,17 @@ def error_output(exc: BaseException) -> Output:
 class HandlerService:
     """Loads the entry point once and turns a batch of Inputs into one Output per Input."""
 
-    def __init__(self, properties: dict[str, str], model_dir: str | None) -> None:
+    def __init__(
+        self, properties: dict[str, str], model_dir: str | None, settings: dict[str, Any] | None = None
+    ) -> None:
         self.properties = properties
         self.model_dir = model_dir
+        self.settings = settings
+        """Typed values of every declared key (serving/options.py), for the built-in handler."""
         self._handle: Callable[[Input], Any] | None = None
         self._handle_batch: Callable[[list[Input]], list[Output]] | None = None
-        self.rolling_handler: Any = None
-        """Set when the handler serves requests one by one through continuous batching."""
+        self.generation_handler: GenerationHandler | None = None
+        """Set when the handler serves requests one by one through a generation engine."""
 
     def initialize(self) -> None:
         from handlers.artifacts import localize_model
@@ -55,9 +61,9 @@ class HandlerService:
         module = loader.load_entry_point(entry)
         name = self.properties.get("handler", "handle")
         if callable(getattr(module, "create_handler", None)):
-            handler = module.create_handler(self.properties)
-            if hasattr(handler, "step"):
-                self.rolling_handler = handler
+            handler = self._create_handler(module)
+            if isinstance(handler, GenerationHandler):
+                self.generation_handler = handler
             else:
                 self._handle_batch = handler.handle_batch
         elif callable(getattr(module, name, None)):
@@ -71,17 +77,23 @@ class HandlerService:
             log.warning(
                 "%s defines no %s(inputs); falling back to the built-in handler (as DJL)", entry, name
             )
-            self._handle_batch = (
-                loader.load_entry_point(loader.BUILTIN_ENTRY_POINT)
-                .create_handler(self.properties)
-                .handle_batch
-            )
+            handler = self._create_handler(loader.load_entry_point(loader.BUILTIN_ENTRY_POINT))
+            if isinstance(handler, GenerationHandler):
+                self.generation_handler = handler
+            else:
+                self._handle_batch = handler.handle_batch
         else:
             raise loader.HandlerLoadError(
                 f"{entry} defines neither {name}(inputs) nor SageMaker-style model_fn/transform_fn. "
                 "Fix: add `def handle(inputs: Input) -> Output` "
                 "(see properties_examples/custom-handler/model.py)."
             )
+
+    def _create_handler(self, module: Any) -> Any:
+        """The built-in handler also gets the typed settings; a user's create_handler gets properties."""
+        if module.__name__ == loader.BUILTIN_ENTRY_POINT:
+            return module.create_handler(self.properties, self.settings)
+        return module.create_handler(self.properties)
 
     def _warm_up(self) -> None:
         """DJL's initialisation call: an empty Input carrying the init properties; >= 300 fails the load."""

@@ -12,11 +12,12 @@ import os
 import sys
 import time
 import traceback
-from typing import Any
 
 import zmq
 
-from handlers.io import Input, Output
+from handlers.builtin.generation import GenerationHandler
+from handlers.djl_api import Input, Output
+from handlers.replies import AnyReply, Reply, StreamChunk, StreamEnd, StreamStart
 from handlers.service import HandlerService
 from serving import messages as msg
 
@@ -31,7 +32,8 @@ def to_input(request: msg.InferRequest) -> Input:
     return item
 
 
-def to_response(output: Output) -> msg.InferResponse:
+def to_reply(request_id: str, output: Output) -> Reply:
+    """A DJL Output as a plain reply (the head of a stream when it streams)."""
     properties = {str(k): str(v) for k, v in output.get_properties().items()}
     content = output.content
     body = b""
@@ -40,7 +42,20 @@ def to_response(output: Output) -> msg.InferResponse:
         body = data if data is not None else content.value_at(0)
     if isinstance(body, str):
         body = body.encode()
-    return msg.InferResponse(int(output.code), str(output.message), properties, bytes(body))
+    return Reply(request_id, int(output.code), properties, bytes(body), str(output.message))
+
+
+def to_frames(reply: AnyReply) -> list[bytes]:
+    """The one place where handler replies become wire frames (serving.messages)."""
+    rid = reply.request_id.encode()
+    if isinstance(reply, Reply):
+        head = msg.InferResponse(reply.code, reply.message, reply.headers, reply.body)
+        return [msg.RESP, rid, msg.dumps(head)]
+    if isinstance(reply, StreamStart):
+        return [msg.START, rid, msg.dumps(msg.InferResponse(reply.code, "OK", reply.headers))]
+    if isinstance(reply, StreamChunk):
+        return [msg.CHUNK, rid, reply.data]
+    return [msg.END, rid, reply.error.encode()]
 
 
 def finalize(output: Output) -> None:
@@ -74,12 +89,12 @@ class Worker:
             if output.stream_content is not None:
                 self.stream(request.request_id, output)
             else:
-                self.send(msg.RESP, request.request_id, msg.dumps(to_response(output)))
+                self.send(to_reply(request.request_id, output))
             finalize(output)
         self.sock.send_multipart([msg.DONE, b""])
 
-    def send(self, kind: bytes, request_id: str, payload: bytes) -> None:
-        self.sock.send_multipart([kind, request_id.encode(), payload])
+    def send(self, reply: AnyReply) -> None:
+        self.sock.send_multipart(to_frames(reply))
 
     def _poll_cancel(self) -> None:
         while self.sock.poll(0):
@@ -89,27 +104,26 @@ class Worker:
 
     def stream(self, request_id: str, output: Output) -> None:
         """Relay chunks as produced; an error after the first chunk ends the stream in-band."""
-        head = to_response(output)
-        head.body = b""
-        self.send(msg.START, request_id, msg.dumps(head))
-        error = b""
+        head = to_reply(request_id, output)
+        self.send(StreamStart(request_id, head.code, head.headers))
+        error = ""
         try:
             for chunk in output.iter_stream():
                 self._poll_cancel()
                 if request_id in self.cancelled:
                     log.info("Request %s cancelled by the client", request_id)
                     break
-                self.send(msg.CHUNK, request_id, chunk)
+                self.send(StreamChunk(request_id, chunk))
         except Exception as exc:  # reported to the client as the stream's last event
             log.exception("Streaming handler failed")
-            error = str(exc).encode() or type(exc).__name__.encode()
-        self.send(msg.END, request_id, error)
+            error = str(exc) or type(exc).__name__
+        self.send(StreamEnd(request_id, error))
 
 
-class RollingWorker:
+class GenerationWorker:
     """Continuous batching: take requests whenever they come, run one engine step per loop."""
 
-    def __init__(self, sock: zmq.Socket, handler: Any) -> None:
+    def __init__(self, sock: zmq.Socket, handler: GenerationHandler) -> None:
         self.sock = sock
         self.handler = handler
 
@@ -121,19 +135,19 @@ class RollingWorker:
                 self._send(self.handler.step())
 
     def _receive(self) -> None:
-        frames: list = []
+        replies: list[AnyReply] = []
         while self.sock.poll(0):
             parts = self.sock.recv_multipart()
             if parts[0] == msg.BATCH:
                 for request in msg.loads(parts[1]):
-                    frames.extend(self.handler.submit(request))
+                    replies.extend(self.handler.submit(request))
             elif parts[0] == msg.CANCEL:
                 self.handler.cancel(parts[1].decode())
-        self._send(frames)
+        self._send(replies)
 
-    def _send(self, frames: list) -> None:
-        for kind, request_id, payload in frames:
-            self.sock.send_multipart([kind, request_id.encode(), payload])
+    def _send(self, replies: list[AnyReply]) -> None:
+        for reply in replies:
+            self.sock.send_multipart(to_frames(reply))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = spec.get("model_dir")
     if model_dir:
         os.chdir(model_dir)
-    service = HandlerService(spec["properties"], model_dir)
+    service = HandlerService(spec["properties"], model_dir, spec.get("options"))
     try:
         service.initialize()
     except Exception as exc:
@@ -165,11 +179,11 @@ def main(argv: list[str] | None = None) -> None:
         sock.send_multipart([msg.LOAD_FAILED, f"{type(exc).__name__}: {exc}".encode()])
         sock.close()
         sys.exit(3)
-    rolling = service.rolling_handler
-    capacity = rolling.capacity if rolling is not None else 0
+    generation = service.generation_handler
+    capacity = generation.capacity if generation is not None else 0
     sock.send_multipart([msg.READY, json.dumps({"rolling_capacity": capacity}).encode()])
-    if rolling is not None:
-        RollingWorker(sock, rolling).serve_forever()
+    if generation is not None:
+        GenerationWorker(sock, generation).serve_forever()
     Worker(sock, service).serve_forever()
 
 

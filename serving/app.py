@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from serving import messages as msg
 from serving.client import BrokerClient
 from serving.config import ServingConfig
+from serving.dialects import ROUTE_APIS, Api, api_for_path, error_reply
 from serving.errors import BadRequest, NotFound, ServingError
 
 log = logging.getLogger("serving.app")
@@ -29,8 +30,15 @@ def json_response(body: object, status: int, headers: dict[str, str] | None = No
     return Response(json.dumps(body), status=status, mimetype="application/json", headers=headers)
 
 
-def error_response(error: ServingError) -> Response:
-    return json_response(error.body(), error.status_code)
+def current_api() -> Api:
+    """The API of the request being handled: set by its route, else read from the path."""
+    return g.get("api") or api_for_path(request.path)
+
+
+def error_response(code: int, message: str, error_type: str = "", headers: dict | None = None) -> Response:
+    """Any error, from any layer, in the current route's dialect (serving.dialects)."""
+    status, body = error_reply(current_api(), code, message, error_type)
+    return json_response(body, status, headers)
 
 
 def request_properties(request_id: str) -> dict[str, str]:
@@ -70,14 +78,13 @@ def client_request_id() -> str:
     return g.request_id
 
 
-def build_request(api: str = "invocations") -> msg.InferRequest:
+def build_request(api: Api = Api.LMI) -> msg.InferRequest:
+    g.api = api  # before the body is read: a 413 from reading it answers in this dialect
     body = request.get_data(cache=False)
     check_json(body)
     content = [(key, value.encode()) for key, value in request.args.items(multi=True)]
     content.append(("data", body))
-    properties = request_properties(client_request_id())
-    properties[msg.API_PROPERTY] = api
-    return msg.InferRequest(uuid.uuid4().hex, properties, content)
+    return msg.InferRequest(uuid.uuid4().hex, request_properties(client_request_id()), content, api)
 
 
 def head_response(head: msg.InferResponse, body: bytes | Iterator[bytes]) -> Response:
@@ -106,19 +113,24 @@ def guess_mimetype(body: bytes | Iterator[bytes]) -> str:
 def relay(client: BrokerClient, infer: msg.InferRequest) -> Response:
     events = client.events(infer)
     kind, payload = next(events)
-    if kind == msg.ERR:
-        body = json.loads(payload)
-        return json_response(body, body["code"])
+    if kind == msg.ERR:  # refused or failed by the broker (queue full, timeout, worker died)
+        error = json.loads(payload)
+        log.warning("%s %s -> %d %s", request.method, request.path, error["code"], error["message"])
+        return error_response(error["code"], error["message"], error.get("type", ""))
     head = msg.loads(payload)
     if kind == msg.RESP:
         return head_response(head, head.body)
-    return head_response(head, stream_body(client, infer.request_id, events))
+    content_type = next((v for k, v in head.properties.items() if k.lower() == "content-type"), "")
+    sse = content_type.startswith("text/event-stream")
+    return head_response(head, stream_body(client, infer, events, sse))
 
 
 def stream_body(
-    client: BrokerClient, request_id: str, events: Iterator[tuple[bytes, bytes]]
+    client: BrokerClient, infer: msg.InferRequest, events: Iterator[tuple[bytes, bytes]], sse: bool
 ) -> Iterator[bytes]:
-    finished = False
+    """Relay a started stream; a failure after the head (a dead worker) is its last event, in the
+    route's dialect and the stream's framing, since the HTTP status has already been sent."""
+    request_id, finished = infer.request_id, False
     try:
         for kind, payload in events:
             if kind == msg.CHUNK:
@@ -126,21 +138,15 @@ def stream_body(
             elif kind == msg.ERR or (kind == msg.END and payload):
                 finished = True
                 log.error("Stream %s failed after the response started: %s", request_id, payload[:500])
-                yield json.dumps({"code": 500, "error": payload.decode(errors="replace")}).encode() + b"\n"
+                text = payload.decode(errors="replace")
+                message = json.loads(text)["message"] if kind == msg.ERR else text
+                body = json.dumps(error_reply(infer.api, 500, message)[1]).encode()
+                yield b"data: " + body + b"\n\n" if sse else body + b"\n"
             else:
                 finished = kind == msg.END
     finally:
         if not finished:
             client.cancel(request_id)  # the client went away: free the model's work at once
-
-
-API_ROUTES = {
-    "/v1/completions": "v1/completions",
-    "/v1/chat/completions": "v1/chat/completions",
-    "/generate": "generate",
-    "/generate_stream": "generate_stream",
-    "/": "tgi-compat",  # TGI's root route (its Python client posts here): LMI body, TGI-shaped answers
-}
 
 
 def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
@@ -161,8 +167,8 @@ def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
             raise NotFound(f"Model {name!r} is not served here; this server serves {config.model_name!r}.")
         return relay(client, build_request())
 
-    for path, api in API_ROUTES.items():
-        app.add_url_rule(path, api, lambda api=api: relay(client, build_request(api)), methods=["POST"])
+    for path, api in ROUTE_APIS.items():
+        app.add_url_rule(path, api.value, lambda api=api: relay(client, build_request(api)), methods=["POST"])
 
     @app.get("/v1/models")
     def openai_models() -> Response:
@@ -180,7 +186,7 @@ def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
     @app.errorhandler(ServingError)
     def on_serving_error(error: ServingError) -> Response:
         log.warning("%s %s -> %d %s", request.method, request.path, error.status_code, error.message)
-        return error_response(error)
+        return error_response(error.status_code, error.message, error.error_type)
 
     @app.errorhandler(HTTPException)
     def on_http_error(error: HTTPException) -> Response:
@@ -195,7 +201,6 @@ def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
         message = hints.get(code, error.description or error.name)
         log.warning("%s %s -> %d %s", request.method, request.path, code, message)
         allow = dict(error.get_headers()).get("Allow")
-        body = {"code": code, "type": error.name.replace(" ", ""), "message": message}
-        return json_response(body, code, {"Allow": allow} if allow else None)
+        return error_response(code, message, error.name.replace(" ", ""), {"Allow": allow} if allow else None)
 
     return app

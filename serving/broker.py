@@ -24,11 +24,15 @@ from serving.workers import BUSY, DEAD, READY, STARTING, WorkerSlot
 log = logging.getLogger("serving.broker")
 
 
+WORKER_CHECK_INTERVAL_S = 0.01
+"""How often worker processes are polled for an exit: often enough to notice a death within ~50 ms,
+rarely enough that a stream of thousands of token frames per second costs no syscalls per frame."""
+
+
 @dataclass
 class Pending:
     front: bytes
     request: msg.InferRequest
-    deadline: float
 
 
 @dataclass
@@ -42,8 +46,12 @@ class Broker:
         self.config = config
         self.front_address, self.back_address, self.spec_path = front_address, back_address, spec_path
         self.queue: BatchQueue[Pending] = BatchQueue(
-            config.batch_size, config.max_batch_delay_ms / 1000, config.job_queue_size
+            config.batch_size,
+            config.max_batch_delay_ms / 1000,
+            config.job_queue_size,
+            max_wait_s=config.predict_timeout_s,
         )
+        self._workers_checked = float("-inf")
         self.slots = [WorkerSlot(i) for i in range(config.num_workers)]
         self.inflight: dict[str, Inflight] = {}
         self.crashes = 0
@@ -91,7 +99,9 @@ class Broker:
                 if self.front in events:
                     self._drain(self.front, self._on_front)
                 now = time.monotonic()
-                self._check_workers(now)
+                if now - self._workers_checked >= WORKER_CHECK_INTERVAL_S:
+                    self._workers_checked = now
+                    self._check_workers(now)
                 self._expire(now)
                 self._dispatch(now)
             except Exception:  # the broker must outlive any single bad message
@@ -107,10 +117,16 @@ class Broker:
             handler(frames)
 
     def _poll_timeout_ms(self) -> int:
-        deadline = self.queue.next_deadline()
-        if deadline is None or not any(s.state == READY for s in self.slots):
-            return 50  # nothing could be dispatched before a message (DONE/READY) wakes us
-        return max(0, min(50, int((deadline - time.monotonic()) * 1000) + 1))
+        """Sleep until the next thing that can happen without a message: a held dynamic batch is due,
+        or the oldest queued request expires. Never 0 while nothing can be dispatched: a busy loop here
+        takes a core from the model worker."""
+        wake = [self.queue.next_expiry()]
+        if any(s.state == READY and not s.rolling_capacity for s in self.slots):
+            wake.append(self.queue.next_deadline())  # rolling workers take requests at once or not at all
+        times = [t for t in wake if t is not None]
+        if not times:
+            return 50  # a message (DONE/READY/a request) wakes us; 50 ms bounds worker-death detection
+        return max(1, min(50, int((min(times) - time.monotonic()) * 1000) + 1))
 
     # ---- front side ------------------------------------------------------------------------
     def _on_front(self, frames: list[bytes]) -> None:
@@ -143,16 +159,17 @@ class Broker:
             )
             self._reply_error(front, request.request_id, error)
         else:
-            self.queue.add(Pending(front, request, now + self.config.predict_timeout_s), now)
+            self.queue.add(Pending(front, request), now, key=request.request_id)
             self._dispatch(now)
 
     def _cancel(self, request_id: str) -> None:
-        self.queue.remove(lambda p: p.request.request_id == request_id)
+        if self.queue.discard(request_id) is not None:
+            return
         inflight = self.inflight.pop(request_id, None)
         if inflight is not None:
             slot = self.slots[inflight.slot]
-            if slot.rolling_capacity and request_id in slot.batch:
-                slot.batch.remove(request_id)  # a rolling worker sends nothing more for it
+            if slot.rolling_capacity:
+                slot.batch.pop(request_id, None)  # a rolling worker sends nothing more for it
             self.back.send_multipart([slot.identity, msg.CANCEL, request_id.encode()])
 
     # ---- worker side -----------------------------------------------------------------------
@@ -169,7 +186,7 @@ class Broker:
             self.ever_ready = all(s.loaded for s in self.slots)
             log.info("Model worker %d ready in %.1f s", slot.index, time.monotonic() - slot.started_at)
         elif kind == msg.DONE:
-            slot.state, slot.batch, slot.overdue_since = READY, [], None
+            slot.state, slot.batch, slot.overdue_since = READY, {}, None
             self.queue.batch_done(time.monotonic())
         else:
             self._relay(slot, kind, frames[2].decode(), frames[3])
@@ -182,8 +199,7 @@ class Broker:
             return  # timed out or cancelled: the client already has its answer
         if kind in msg.TERMINAL:
             del self.inflight[request_id]
-            if request_id in slot.batch:
-                slot.batch.remove(request_id)
+            slot.batch.pop(request_id, None)
         self.front.send_multipart([inflight.front, kind, request_id.encode(), payload])
 
     def _dispatch(self, now: float) -> None:
@@ -204,7 +220,7 @@ class Broker:
         if not slot.batch:
             slot.batch_started = now
         slot.state = state
-        slot.batch.extend(p.request.request_id for p in batch)
+        slot.batch.update(dict.fromkeys(p.request.request_id for p in batch))
         for pending in batch:
             self.inflight[pending.request.request_id] = Inflight(pending.front, slot.index)
         self.back.send_multipart([slot.identity, msg.BATCH, msg.dumps([p.request for p in batch])])
@@ -269,7 +285,7 @@ class Broker:
             if slot.rolling_capacity:  # rolling: free the sequences; new work then shows if it is stuck
                 for request_id in slot.batch:
                     self.back.send_multipart([slot.identity, msg.CANCEL, request_id.encode()])
-                slot.batch = []
+                slot.batch = {}
         elif slot.overdue_since is not None and now - max(slot.overdue_since, slot.batch_started) > max(
             5.0, timeout
         ):  # still silent a grace period after the timeout (or after new work reached it)
@@ -278,7 +294,7 @@ class Broker:
             self._restart(slot)
 
     def _expire(self, now: float) -> None:
-        for pending in self.queue.remove(lambda p: p.deadline < now):
+        for pending in self.queue.expire(now):
             self._reply_error(
                 pending.front,
                 pending.request.request_id,
@@ -293,7 +309,7 @@ class Broker:
             log.error("Model %r FAILED: %s", self.config.model_name, reason)
             self.failed_reason = reason
         error = ServingError(f"Model {self.config.model_name!r} failed: {reason}", 503)
-        for pending in self.queue.remove(lambda p: True):
+        for pending in self.queue.drain():
             self._reply_error(pending.front, pending.request.request_id, error)
         for slot in self.slots:
             self._fail_inflight(slot, error)

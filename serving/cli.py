@@ -9,22 +9,29 @@ import sys
 
 from serving.config import SAGEMAKER_MODEL_DIR, load_config
 from serving.errors import ConfigError
+from serving.options import LOG_LEVEL_CHOICES
 
 log = logging.getLogger("serving.cli")
 
 
 def _setup_logging(level: str) -> None:
+    if level.lower() not in LOG_LEVEL_CHOICES:
+        allowed = ", ".join(LOG_LEVEL_CHOICES)
+        print(f"Invalid log level {level!r} (--log-level or SERVING_LOG_LEVEL): use one of {allowed}.",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _serve(model_dir: str | None, host: str, port: int) -> int:
-    from serving.server import Server  # heavy-ish imports only when serving
-
+    """Validate every key first: a bad value exits with code 2 before any process starts."""
     try:
         config = load_config(model_dir, os.environ, host=host, port=port)
     except ConfigError as exc:
         log.error("Invalid configuration: %s", exc)
         return 2
+    from serving.server import Server  # heavy-ish imports only when serving
+
     return Server(config).run()
 
 
@@ -101,3 +108,7 @@ def sagemaker_serve() -> None:
         log.error("Invalid SAGEMAKER_BIND_TO_PORT=%r: expected a TCP port number (1-65535).", port_text)
         sys.exit(2)
     sys.exit(_serve(model_dir, "0.0.0.0", int(port_text)))  # noqa: S104 - the container must listen externally
+
+
+if __name__ == "__main__":
+    main()

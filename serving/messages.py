@@ -10,6 +10,8 @@ import json
 import pickle
 from dataclasses import dataclass, field
 
+from serving.dialects import Api
+
 # Frame kinds (first zmq frame after any routing identity).
 REQ = b"req"  # front → broker → worker: an InferRequest (worker receives a list as BATCH)
 BATCH = b"batch"
@@ -26,9 +28,6 @@ DONE = b"done"  # worker → broker: the current batch is finished, worker is id
 
 TERMINAL = (RESP, END, ERR)
 
-API_PROPERTY = "X-Lmi-Api"
-"""Request property naming the API route a request came by (invocations, v1/completions, generate...)."""
-
 
 @dataclass
 class InferRequest:
@@ -37,6 +36,8 @@ class InferRequest:
     request_id: str
     properties: dict[str, str]
     content: list[tuple[str, bytes]]
+    api: Api = Api.LMI
+    """The route family, set once by the route: how the worker parses the body and shapes answers."""
 
 
 @dataclass

@@ -26,7 +26,10 @@ FAIL_FAST_EXIT_CODE = 137
 
 
 def write_runtime_files(config: ServingConfig, runtime_dir: str) -> str:
-    """Persist the frozen config for the child processes; returns the worker spec path."""
+    """Persist the frozen config for the child processes; returns the worker spec path.
+
+    The worker spec carries the handler's init properties (strings, as DJL gives them) and, under
+    "options", every declared key's typed value (serving/options.py), so the worker need not parse them."""
     with open(os.path.join(runtime_dir, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(dataclasses.asdict(config), fh)
     spec_path = os.path.join(runtime_dir, "worker.json")
@@ -34,6 +37,7 @@ def write_runtime_files(config: ServingConfig, runtime_dir: str) -> str:
         "model_dir": config.model_dir,
         "model_name": config.model_name,
         "properties": config.handler_properties(),
+        "options": config.settings,
         "log_level": logging.getLevelName(logging.getLogger().level),
     }
     with open(spec_path, "w", encoding="utf-8") as fh:

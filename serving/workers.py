@@ -35,7 +35,8 @@ class WorkerSlot:
     process: subprocess.Popen | None = None
     state: str = DEAD
     started_at: float = 0.0
-    batch: list[str] = field(default_factory=list)
+    batch: dict[str, None] = field(default_factory=dict)
+    """Request ids the worker holds (insertion-ordered, O(1) removal as each one finishes)."""
     batch_started: float = 0.0
     overdue_since: float | None = None
     rolling_capacity: int = 0
@@ -73,7 +74,7 @@ class WorkerSlot:
         env["LMI_WORKER_INDEX"] = str(self.index)
         self.process = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
         self.state, self.started_at = STARTING, time.monotonic()
-        self.batch, self.overdue_since, self.rolling_capacity = [], None, 0
+        self.batch, self.overdue_since, self.rolling_capacity = {}, None, 0
         log.info("Started model worker %d (pid %d)", self.index, self.process.pid)
 
     def exit_code(self) -> int | None:

@@ -7,13 +7,14 @@ arbitrary code; safetensors and GGUF cannot.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engines.base import EngineConfig, EngineLoadError
+from engines.device import configure_threads, has_native_bf16, resolve_device
 from engines.hf.tasks import TaskSpec, canonical_task, get_task
 
 logger = logging.getLogger("engines.hf")
@@ -69,11 +70,15 @@ class LoadedModel:
 
 
 def load(config: EngineConfig) -> LoadedModel:
-    """Resolve the checkpoint, task and dtype from `config`, then load the model and tokenizer."""
+    """Resolve the device, checkpoint, task and dtype from `config`, then load the model and tokenizer.
+
+    The returned `LoadedModel.config` names the device actually chosen (never "auto")."""
+    config = replace(config, device=resolve_device(config.device))
+    configure_threads(config.num_threads)
     checkpoint = resolve_checkpoint(config)
     hf_config = _load_hf_config(checkpoint, config)
     task = resolve_task(config.task, hf_config, checkpoint)
-    dtype = resolve_dtype(config.dtype, hf_config, config.device)
+    dtype = resolve_dtype(config.dtype, hf_config, config.device, has_native_bf16(config.device))
     model = load_model(get_task(task), checkpoint, config, dtype, hf_config)
     tokenizer = load_tokenizer(checkpoint, config)
     return LoadedModel(model, tokenizer, task, dtype, checkpoint, config)
@@ -145,22 +150,41 @@ def _common_kwargs(checkpoint: Checkpoint, config: EngineConfig) -> dict[str, An
     return kwargs
 
 
-def resolve_dtype(name: str, hf_config: Any, device: str = "cpu") -> torch.dtype:
-    """The torch dtype for option.dtype; "auto" keeps the checkpoint's, except fp16 becomes fp32 on CPU."""
+def resolve_dtype(name: str, hf_config: Any, device: str = "cpu", native_bf16: bool = False) -> torch.dtype:
+    """The torch dtype for option.dtype on `device` (resolved, not "auto"), logging what "auto" chose.
+
+    `native_bf16` says whether the device computes bf16 natively (engines.device.has_native_bf16).
+    "auto" is bf16 where it is native; fp16 on a GPU without bf16; otherwise the checkpoint's dtype,
+    except that an fp16 checkpoint runs in fp32 on such a CPU (fp16 math is slow there)."""
     key = (name or "auto").strip().lower()
     if key != "auto":
         if key not in DTYPES:
             allowed = ", ".join([*DTYPES, "auto"])
             raise EngineLoadError(f"Unsupported option.dtype {name!r}; allowed values: {allowed}.")
         return DTYPES[key]
+    dtype, reason = _auto_dtype(_checkpoint_dtype(hf_config), torch.device(device).type, native_bf16)
+    logger.info("dtype: %s (option.dtype=auto; %s)", str(dtype).removeprefix("torch."), reason)
+    return dtype
+
+
+def _checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
     stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
-    if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
-        return torch.float32
-    if stored == torch.float16 and device == "cpu":
-        return torch.float32
-    return stored
+    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else None
+
+
+def _auto_dtype(stored: torch.dtype | None, device_type: str, native_bf16: bool) -> tuple[torch.dtype, str]:
+    """The dtype "auto" picks and why."""
+    if native_bf16:
+        return torch.bfloat16, f"the {'GPU' if device_type == 'cuda' else 'CPU'} computes bf16 natively"
+    if device_type == "cuda":
+        return torch.float16, "the GPU has no bf16 support"
+    if stored is None:
+        return torch.float32, "the checkpoint names no float dtype"
+    if stored == torch.float16 and device_type == "cpu":
+        return torch.float32, "fp16 checkpoint on a CPU without native bf16, where fp16 math is slow"
+    return stored, "the checkpoint's dtype; this CPU has no native bf16"
 
 
 def resolve_task(task: str | None, hf_config: Any, checkpoint: Checkpoint) -> str:
@@ -253,3 +277,10 @@ def load_tokenizer(checkpoint: Checkpoint, config: EngineConfig) -> Any:
         return AutoTokenizer.from_pretrained(str(checkpoint.directory), **_common_kwargs(checkpoint, config))
     except (OSError, ValueError, KeyError) as error:
         raise EngineLoadError(f"Cannot load the tokenizer of {checkpoint.describe()}: {error}") from error
+
+
+def detect_task(config: EngineConfig) -> str:
+    """The task ``load`` would serve, from config.json alone (no weights read): how the handler
+    picks a generation engine or a task engine before loading anything."""
+    checkpoint = resolve_checkpoint(config)
+    return resolve_task(config.task, _load_hf_config(checkpoint, config), checkpoint)

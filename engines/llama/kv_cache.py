@@ -82,5 +82,11 @@ class SlotKVCache:
         self._used.remove(slot)
         heapq.heappush(self._free, slot)
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of every layer's K/V from slot ``src`` to ``dst``
+        (the n completions of one prompt share its prefill)."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length].copy_(cache[src, :, :length])
+
     def num_free(self) -> int:
         return len(self._free)

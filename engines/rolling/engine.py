@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from engines.base import EngineStats
 from engines.llama.batch import ForwardBatch
-from engines.rolling.sampling import select_greedy, select_token
+from engines.rolling.sampling import Sampled, sample_next
 from engines.rolling.sequence import Sequence
 from engines.types import GenerationRequest, TokenEvent
 
@@ -31,19 +32,30 @@ def eos_token_ids(tokenizer: Any, hf_config: Any, generation_config: Any | None)
 
 
 class RollingEngine:
+    """The native engine's ``GenerationEngine`` (engines/base.py): continuous batching over slots."""
+
     def __init__(self, model: Any, cache: Any, tokenizer: Any, eos_ids: set[int], max_model_len: int) -> None:
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.device = next(model.parameters()).device
-        self.running: dict[str, Sequence] = {}
+        self.running: dict[tuple[str, int], Sequence] = {}
+        """(request id, completion index) → its sequence, in admission order."""
+        self.forks: dict[tuple[str, int], list[tuple[int, Sequence]]] = {}
+        """Completions 1..n-1 of a request, waiting for completion 0's prefill to copy its cache."""
+        self.steps = 0
 
     @property
-    def num_slots(self) -> int:
+    def capacity(self) -> int:
         return self.cache.num_slots
 
-    def free_slots(self) -> int:
+    def free_capacity(self) -> int:
         return self.cache.num_free()
+
+    def stats(self) -> EngineStats:
+        used = sum(seq.num_cached for seq in self.running.values())
+        total = self.cache.num_slots * self.max_model_len
+        return EngineStats(len(self.running), self.capacity, used, total, self.steps)
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> str | None:
         """A message when prompt + max_new_tokens cannot fit a cache slot, else None."""
@@ -56,35 +68,63 @@ class RollingEngine:
         return None
 
     def step(self, admit: list[GenerationRequest], cancel: list[str]) -> list[TokenEvent]:
-        events = [self._cancel(request_id) for request_id in cancel if request_id in self.running]
+        events = [e for request_id in set(cancel) for e in self._cancel(request_id)]
         for request in admit:
-            error = self.check_length(len(request.prompt_ids), request.params.max_new_tokens)
+            error = self._invalid(request)
             if error:
                 events.append(TokenEvent(request.request_id, -1, "", 0.0, "error", error))
                 continue
-            slot = self.cache.allocate()
-            self.running[request.request_id] = Sequence(request, slot, self.tokenizer, self.eos_ids)
+            self._start(request)
         if self.running:
             events.extend(self._forward())
         return events
 
-    def _cancel(self, request_id: str) -> TokenEvent:
-        seq = self.running.pop(request_id)
-        self.cache.free(seq.slot)
-        return TokenEvent(request_id, -1, "", 0.0, "cancelled")
+    def _invalid(self, request: GenerationRequest) -> str | None:
+        if not request.prompt_ids:
+            return "The prompt is empty: it encodes to no tokens."
+        if request.params.num_sequences > self.cache.num_free():
+            return (
+                f"{request.params.num_sequences} completions need more free sequences than the cache has now."
+            )
+        return self.check_length(len(request.prompt_ids), request.params.max_new_tokens)
+
+    def _start(self, request: GenerationRequest) -> None:
+        """Completion 0 prefills the prompt; the others get a copy of its cache and their own RNG."""
+        first = Sequence(request, self.cache.allocate(), self.tokenizer, self.eos_ids)
+        self.running[(request.request_id, 0)] = first
+        forks = []
+        for index in range(1, request.params.num_sequences):
+            forks.append(
+                (index, Sequence(request, self.cache.allocate(), self.tokenizer, self.eos_ids, index))
+            )
+        if forks:
+            self.forks[(request.request_id, 0)] = forks
+
+    def _cancel(self, request_id: str) -> list[TokenEvent]:
+        events = []
+        for key in [k for k in self.running if k[0] == request_id]:
+            seq = self.running.pop(key)
+            self.cache.free(seq.slot)
+            for _, fork in self.forks.pop(key, []):
+                self.cache.free(fork.slot)
+            events.append(TokenEvent(request_id, -1, "", 0.0, "cancelled", index=key[1]))
+        return events
 
     @torch.inference_mode()
     def _forward(self) -> list[TokenEvent]:
-        seqs = list(self.running.values())
+        keys, seqs = list(self.running), list(self.running.values())
         started = time.perf_counter()
         batch = ForwardBatch.build([(s.slot, *s.next_input()) for s in seqs], self.device)
-        logits = self.model(batch, self.cache)  # [num_seqs, vocab] float32
-        tokens, logprobs = self._sample(seqs, logits.float().cpu())
+        logits = self.model(batch, self.cache).float().cpu()  # [num_seqs, vocab] float32
+        self.steps += 1
+        if self.forks:
+            keys, seqs, logits = self._fork(keys, seqs, logits)
         events = []
-        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            event = seq.append(token, logprob)
+        for key, seq, picked in zip(keys, seqs, self._sample(seqs, logits), strict=True):
+            event = seq.append(*picked)
+            event.index = key[1]
             if event.finish_reason is not None:
-                del self.running[seq.request_id]
+                self.running.pop(key, None)
                 self.cache.free(seq.slot)
             events.append(event)
         log.debug(
@@ -95,25 +135,34 @@ class RollingEngine:
         )
         return events
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[float]]:
-        for row, seq in enumerate(seqs):
-            if seq.blocks_eos():
-                logits[row, list(self.eos_ids)] = float("-inf")
-        plain = [not s.params.do_sample and s.params.repetition_penalty == 1.0 for s in seqs]
-        if all(plain):
-            return select_greedy(logits)
-        picks = [
-            select_token(
-                logits[i], s.params, s.history() if s.params.repetition_penalty != 1.0 else None, s.generator
-            )
-            for i, s in enumerate(seqs)
-        ]
-        return [p[0] for p in picks], [p[1] for p in picks]
+    def _fork(
+        self, keys: list[tuple[str, int]], seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[tuple[str, int]], list[Sequence], torch.Tensor]:
+        """After completion 0's prefill: copy its prompt cache into the other completions' slots and
+        let each sample its first token from the same logits row (one prefill for n completions)."""
+        rows = []
+        for row, key in enumerate(keys):
+            for index, fork in self.forks.pop(key, []):
+                self.cache.copy_prefix(seqs[row].slot, fork.slot, len(fork.request.prompt_ids))
+                self.running[(key[0], index)] = fork
+                keys.append((key[0], index))
+                seqs.append(fork)
+                rows.append(row)
+        return keys, seqs, torch.cat([logits, logits[rows]]) if rows else logits
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sampled]:
+        """Row i's next token, its log-probability and top alternatives, for ``seqs[i]``; feed each to
+        ``seqs[i].append(*picked)``."""
+        return sample_next(logits, seqs, self.eos_ids)
 
     def abort_all(self, reason: str) -> list[TokenEvent]:
         """After a failed step: free every slot and end every sequence with an error."""
-        events = [TokenEvent(rid, -1, "", 0.0, "error", reason) for rid in self.running]
+        events = [TokenEvent(rid, -1, "", 0.0, "error", reason, index=i) for rid, i in self.running]
         for seq in self.running.values():
             self.cache.free(seq.slot)
+        for forks in self.forks.values():
+            for _, fork in forks:
+                self.cache.free(fork.slot)
         self.running.clear()
+        self.forks.clear()
         return events

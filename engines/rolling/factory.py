@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engines.base import EngineConfig, EngineLoadError
+from engines.device import configure_threads, has_native_bf16, resolve_device
 from engines.rolling.engine import RollingEngine, eos_token_ids
 
 log = logging.getLogger("engines.rolling")
@@ -31,17 +32,6 @@ def supports_rolling(model_path: str) -> str | None:
     return None
 
 
-def _int_option(config: EngineConfig, key: str, default: int) -> int:
-    raw = config.extra.get(key)
-    try:
-        value = int(raw) if raw is not None else default
-    except ValueError:
-        raise EngineLoadError(f"option.{key}={raw!r} must be a positive integer.") from None
-    if value < 1:
-        raise EngineLoadError(f"option.{key}={raw!r} must be a positive integer.")
-    return value
-
-
 def _attention_shape(raw: dict) -> tuple[int, int, int]:
     """(heads, kv_heads, head_dim) from a config.json."""
     heads = raw["num_attention_heads"]
@@ -52,10 +42,9 @@ def _cache_slots(config: EngineConfig, raw: dict, max_model_len: int, dtype: tor
     """max_rolling_batch_size slots, fewer if option.kv_cache_memory_bytes cannot hold that many."""
     from engines.llama.kv_cache import SlotKVCache
 
-    slots = _int_option(config, "max_rolling_batch_size", 32)
-    if "kv_cache_memory_bytes" not in config.extra:
+    slots, budget = config.max_rolling_batch_size, config.kv_cache_memory_bytes
+    if budget is None:
         return slots
-    budget = _int_option(config, "kv_cache_memory_bytes", 1)
     _, kv_heads, head_dim = _attention_shape(raw)
     shape = (raw["num_hidden_layers"], max_model_len, kv_heads, head_dim, dtype)
     fitting = SlotKVCache.slots_for_budget(budget, *shape)
@@ -80,28 +69,30 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     from engines.llama.weights import load_llama
 
     started = time.perf_counter()
+    device = resolve_device(config.device)
+    configure_threads(config.num_threads)
     raw = json.loads((Path(config.model_path) / "config.json").read_text())
     limit = int(raw.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
-    max_model_len = _int_option(config, "max_model_len", min(limit, DEFAULT_MAX_MODEL_LEN))
-    dtype = resolve_dtype(config.dtype, AutoConfig.from_pretrained(config.model_path), config.device)
+    max_model_len = config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
+    stored = AutoConfig.from_pretrained(config.model_path)
+    dtype = resolve_dtype(config.dtype, stored, device, has_native_bf16(device))
     slots = _cache_slots(config, raw, max_model_len, dtype)
     try:
-        ops = select_ops(config.extra.get("kernels", "auto"), config.device, _attention_shape(raw))
+        ops = select_ops(config.kernels, device, _attention_shape(raw))
     except (ValueError, RuntimeError) as exc:
         raise EngineLoadError(str(exc)) from exc
-    model, cache, hf_config = load_llama(
-        config.model_path, dtype, config.device, slots, max_model_len, ops=ops
-    )
+    model, cache, hf_config = load_llama(config.model_path, dtype, device, slots, max_model_len, ops=ops)
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     try:
         generation = GenerationConfig.from_pretrained(config.model_path)
     except OSError:
         generation = None
     log.info(
-        "Rolling-batch engine: %s in %s, %s kernels, KV cache %d slots x %d tokens = %.0f MiB, "
+        "Rolling-batch engine: %s in %s on %s, %s kernels, KV cache %d slots x %d tokens = %.0f MiB, "
         "loaded in %.1f s",
         raw.get("architectures", ["?"])[0],
         dtype,
+        device,
         ops.name,
         slots,
         max_model_len,

@@ -9,6 +9,9 @@ import torch
 from engines.rolling.detokenizer import IncrementalDetokenizer
 from engines.types import GenerationRequest, TokenEvent
 
+SEED_MODULUS = 2**64
+"""torch.Generator seeds are unsigned 64-bit; seed + index wraps around."""
+
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest tail of `text` that could still become a stop sequence."""
@@ -22,12 +25,22 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, slot: int, tokenizer: Any, eos_ids: set[int]) -> None:
+    """One completion (``index`` of the request's ``num_sequences``); what ``sample_next`` reads is here."""
+
+    def __init__(
+        self, request: GenerationRequest, slot: int, tokenizer: Any, eos_ids: set[int], index: int = 0
+    ) -> None:
         self.request = request
         self.params = request.params
         self.slot = slot
+        self.index = index
+        self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.stop_ids = frozenset(self.params.stop_token_ids)
         self.output_ids: list[int] = []
+        self.output_counts: dict[int, int] = {}
+        """Generated token id -> occurrences, kept up to date by ``append`` (presence/frequency penalty)."""
+        self._prompt_ids: set[int] | None = None
         self.num_cached = 0
         self.text = ""
         self.emitted = 0
@@ -35,7 +48,8 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
         self.generator: torch.Generator | None = None
         if self.params.do_sample and self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+            # Completion i draws with seed + i (as vLLM): each is reproducible, index 0 matches n=1.
+            self.generator = torch.Generator().manual_seed((self.params.seed + index) % SEED_MODULUS)
 
     @property
     def request_id(self) -> str:
@@ -47,24 +61,41 @@ class Sequence:
             return self.request.prompt_ids, 0
         return self.output_ids[-1:], self.num_cached
 
-    def history(self) -> torch.Tensor:
-        return torch.tensor(self.request.prompt_ids + self.output_ids, dtype=torch.long)
+    def penalized_ids(self) -> list[int]:
+        """Distinct ids of the prompt and the generated tokens (repetition penalty)."""
+        if self._prompt_ids is None:
+            self._prompt_ids = set(self.request.prompt_ids)
+        return list(self._prompt_ids.union(self.output_counts))
 
     def blocks_eos(self) -> bool:
+        """True while min_new_tokens holds back EOS and the stop_token_ids."""
         return len(self.output_ids) < self.params.min_new_tokens
 
-    def append(self, token_id: int, logprob: float) -> TokenEvent:
+    def append(
+        self, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...] = ()
+    ) -> TokenEvent:
         """Record the sampled token; returns its event, final when a stop condition is met."""
         fed, _ = self.next_input()
         self.num_cached += len(fed)
         self.output_ids.append(token_id)
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         is_eos = token_id in self.eos_ids and not self.params.ignore_eos
-        if not is_eos:
+        is_stop = token_id in self.stop_ids
+        if not (is_eos or is_stop):
             self.text += self.detokenizer.add(token_id)
-        reason = self._finish_reason(is_eos)
-        return TokenEvent(self.request_id, token_id, self._take_text(reason is not None), logprob, reason)
+        reason = self._finish_reason(is_eos, is_stop)
+        return TokenEvent(
+            self.request_id,
+            token_id,
+            self._take_text(reason is not None),
+            logprob,
+            reason,
+            index=self.index,
+            top_logprobs=top_logprobs,
+            top_texts=tuple(self.tokenizer.decode([t]) for t, _ in top_logprobs),
+        )
 
-    def _finish_reason(self, is_eos: bool) -> str | None:
+    def _finish_reason(self, is_eos: bool, is_stop: bool) -> str | None:
         for stop in self.params.stop_sequences:  # only new text can complete one: no rescans
             index = self.text.find(stop, max(0, self.scanned - len(stop) + 1))
             if index >= 0:
@@ -73,6 +104,8 @@ class Sequence:
         self.scanned = len(self.text)
         if is_eos:
             return "eos_token"
+        if is_stop:
+            return "stop_sequence"
         if len(self.output_ids) >= self.params.max_new_tokens:
             return "length"
         return None

@@ -5,15 +5,22 @@ Also importable as ``djl_python.huggingface`` so existing ``option.entryPoint`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import uuid
 from typing import Any
 
-from engines import create_engine
+from engines import create_engine, create_generation_engine
 from engines.base import Engine, EngineConfig, RequestError, TaskRequest
-from handlers.io import Input, Output
+from engines.hf.loading import detect_task
+from handlers.builtin.generation import GenerationHandler, GenerationSettings
+from handlers.djl_api import Input, Output
+from handlers.replies import Reply
 from handlers.service import error_output
+from serving import messages as msg
+from serving.dialects import Api
 
 log = logging.getLogger("handlers.builtin.huggingface")
 
@@ -50,17 +57,29 @@ def resolve_model_path(properties: dict[str, str]) -> tuple[str, str | None]:
     return ensure_default_model(), None
 
 
-def engine_config(properties: dict[str, str]) -> EngineConfig:
+def engine_config(properties: dict[str, str], options: dict[str, Any] | None = None) -> EngineConfig:
+    """The engine's typed settings and local model path.
+
+    `options` are the typed values of the worker spec (serving/options.py, validated at start-up);
+    without them the same declaration parses `properties` (a ConfigError names a bad value)."""
+    from serving.options import settings_from_properties
+
+    typed = settings_from_properties(properties) if options is None else options
     path, gguf = resolve_model_path(properties)
     return EngineConfig(
         model_path=path,
-        task=properties.get("task") or None,
-        dtype=properties.get("dtype", "auto"),
-        trust_remote_code=properties.get("trust_remote_code", "false").lower() in TRUE,
-        revision=properties.get("revision"),
-        allow_unsafe_weights=properties.get("allow_unsafe_weights", "false").lower() in TRUE,
-        gguf_file=properties.get("gguf_file", gguf),
-        device=properties.get("device", "cpu"),
+        task=typed["task"],
+        dtype=typed["dtype"],
+        device=typed["device"],
+        num_threads=typed["num_threads"],
+        trust_remote_code=typed["trust_remote_code"],
+        revision=typed["revision"],
+        allow_unsafe_weights=typed["allow_unsafe_weights"],
+        gguf_file=typed["gguf_file"] or gguf,
+        max_rolling_batch_size=typed["max_rolling_batch_size"],
+        max_model_len=typed["max_model_len"],
+        kv_cache_memory_bytes=typed["kv_cache_memory_bytes"],
+        kernels=typed["kernels"],
         extra=dict(properties),
     )
 
@@ -137,43 +156,98 @@ class HuggingFaceHandler:
         return Output().add(body).add_property("Content-Type", "application/json")
 
 
-def wants_rolling(properties: dict[str, str]) -> bool:
+GENERATION_TASKS = ("text-generation", "text2text-generation")
+
+
+def wants_rolling(settings: dict[str, Any]) -> bool:
     """Continuous batching unless disabled, or dynamic batching (batch_size > 1) was asked for (as DJL)."""
-    rolling = properties.get("rolling_batch", "auto").lower()
-    task = properties.get("task", "text-generation")
-    dynamic = any(properties.get(key, "1") != "1" for key in ("batch_size", "max_dynamic_batch_size"))
-    return rolling != "disable" and not dynamic and task == "text-generation"
+    return settings["rolling_batch"] != "disable" and settings["batch_size"] == 1
 
 
-def create_handler(properties: dict[str, str]) -> Any:
-    config = engine_config(properties)
-    if wants_rolling(properties):
+def choose_generation_engine(
+    settings: dict[str, Any], config: EngineConfig, task: str
+) -> tuple[str, EngineConfig]:
+    """The registered generation engine for this model, and its config.
+
+    The native engine runs Llama-family causal LMs with continuous batching; anything else, or
+    ``rolling_batch=disable`` / ``batch_size > 1``, runs on the Hugging Face engine in lockstep batches
+    of ``batch_size`` (dynamic batching, as in DJL) or ``max_rolling_batch_size`` (rolling requested
+    but the native engine cannot run this model)."""
+    rolling = wants_rolling(settings)
+    if rolling and task == "text-generation":
         from engines.rolling.factory import supports_rolling
 
         reason = supports_rolling(config.model_path)
         if reason is None:
-            from handlers.builtin.rolling import RollingTextHandler
+            return "native", config
+        log.info("The native engine cannot run this model (%s); using the Hugging Face engine", reason)
+    if not rolling:
+        config = dataclasses.replace(config, max_rolling_batch_size=settings["batch_size"])
+    return "hf-generate", config
 
-            return RollingTextHandler(create_engine("rolling", config), properties)
-        log.info("Rolling batch not available for this model (%s); using the Hugging Face handler", reason)
-    return HuggingFaceHandler(create_engine("hf", config))
+
+def generation_settings(settings: dict[str, Any]) -> GenerationSettings:
+    """The handler's share of the typed settings."""
+    return GenerationSettings(
+        model_name=settings["model_name"] or "model",
+        max_prefill_tokens=settings["max_rolling_batch_prefill_tokens"],
+        queue_capacity=settings["job_queue_size"],
+        timeout_s=settings["predict_timeout"],
+        output_formatter=settings["output_formatter"],
+        tgi_compat=settings["tgi_compat"],
+    )
 
 
-_handler: HuggingFaceHandler | None = None
+def create_handler(
+    properties: dict[str, str], settings: dict[str, Any] | None = None
+) -> GenerationHandler | HuggingFaceHandler:
+    """Generation tasks go to a GenerationHandler over a registered generation engine (every API
+    dialect, streaming); other tasks to the dynamic-batching task handler.
+
+    ``settings`` are the typed values the server validated at start-up (the worker spec); without
+    them (DJL's ``handle()`` entry) the same declaration parses ``properties``."""
+    from serving.options import settings_from_properties
+
+    settings = settings_from_properties(properties) if settings is None else settings
+    config = engine_config(properties, settings)
+    task = detect_task(config)
+    if task not in GENERATION_TASKS:
+        return HuggingFaceHandler(create_engine("hf", config))
+    name, config = choose_generation_engine(settings, dataclasses.replace(config, task=task), task)
+    log.info("Text generation on the %r engine", name)
+    return GenerationHandler(create_generation_engine(name, config), generation_settings(settings))
+
+
+_handler: GenerationHandler | HuggingFaceHandler | None = None
 
 
 def handle(inputs: Input) -> Output | None:
-    """DJL-style module entry point (djl_python.huggingface.handle)."""
+    """DJL-style module entry point (djl_python.huggingface.handle): answers a whole batch at once."""
     global _handler
-    if _handler is None:  # handle() answers whole batches, so never the rolling-batch handler
+    if _handler is None:
         _handler = create_handler({**inputs.get_properties(), "rolling_batch": "disable"})
     if inputs.is_empty():
         return None
     batches = inputs.get_batches()
-    outputs = _handler.handle_batch(batches)
+    if isinstance(_handler, GenerationHandler):
+        outputs = [_to_output(r) for r in _handler.run_to_completion([_to_request(b) for b in batches])]
+    else:
+        outputs = _handler.handle_batch(batches)
     if len(outputs) == 1:
         return outputs[0]
     merged = Output()
     for index, output in enumerate(outputs):
         merged.add(output.content.get("data") or b"", key="data", batch_index=index)
     return merged
+
+
+def _to_request(item: Input) -> msg.InferRequest:
+    content = [(key, value) for key, value in item.get_content()]
+    return msg.InferRequest(uuid.uuid4().hex, dict(item.get_properties()), content, Api.LMI)
+
+
+def _to_output(reply: Reply) -> Output:
+    output = Output(reply.code, reply.message).add(reply.body)
+    for key, value in reply.headers.items():
+        output.add_property(key, value)
+    return output

@@ -51,6 +51,7 @@ def tiny(tmp_path_factory):
         "OPTION_ROLLING_BATCH": "auto",
         "OPTION_MAX_ROLLING_BATCH_SIZE": "4",
         "OPTION_MAX_MODEL_LEN": "256",
+        "OPTION_DTYPE": "fp32",  # compared with fp32 HF generate; auto is bf16 on CPUs with native bf16
     }
     with ServerProcess(path, env) as srv:
         srv.wait_ready(timeout_s=180)

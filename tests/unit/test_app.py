@@ -64,8 +64,9 @@ def client(app: Flask, broker: UnreachableBroker):  # noqa: ANN201
 def error_body(response) -> dict:  # noqa: ANN001
     assert response.mimetype == "application/json"
     body = json.loads(response.data)
-    assert set(body) == {"code", "type", "message"}
+    assert set(body) == {"code", "type", "message", "error"}
     assert body["code"] == response.status_code
+    assert body["error"] == body["message"]
     return body
 
 
@@ -102,7 +103,7 @@ def test_other_wrong_methods_are_405(client: FlaskClient, method: str, path: str
 # ---- request size --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/invocations", "/predictions/mymodel", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/invocations", "/predictions/mymodel"])
 def test_body_larger_than_max_request_size_is_413(client: FlaskClient, path: str):
     response = client.post(path, data=b"x" * 11, content_type="application/octet-stream")
     assert response.status_code == 413
@@ -110,6 +111,42 @@ def test_body_larger_than_max_request_size_is_413(client: FlaskClient, path: str
     assert body["type"] == "RequestEntityTooLarge"
     assert "max_request_size=10 bytes" in body["message"]
     assert "SAGEMAKER_MAX_PAYLOAD_IN_MB" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "shape"),
+    [
+        ("/v1/completions", 413, "openai"),
+        ("/v1/chat/completions", 413, "openai"),
+        ("/generate", 413, "tgi"),
+        ("/generate_stream", 413, "tgi"),
+        ("/", 413, "tgi"),
+    ],
+)
+def test_oversized_bodies_answer_in_the_dialect_of_the_route(
+    client: FlaskClient, path: str, status: int, shape: str
+):
+    response = client.post(path, data=b"x" * 11, content_type="application/json")
+    assert response.status_code == status
+    body = json.loads(response.data)
+    if shape == "openai":
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["code"] == 413 and body["error"]["type"] == "invalid_request_error"
+        assert "max_request_size=10 bytes" in body["error"]["message"]
+    else:
+        assert body == {"error": body["error"], "error_type": "validation"}
+        assert "max_request_size=10 bytes" in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [("/invocations", 400), ("/v1/completions", 400), ("/generate", 422)]
+)
+def test_malformed_json_answers_in_the_dialect_of_the_route(client: FlaskClient, path: str, status: int):
+    response = client.post(path, data=b"{nope", content_type="application/json")
+    assert response.status_code == status
+    body = json.loads(response.data)
+    message = body["error"]["message"] if path.startswith("/v1") else body["error"]
+    assert "Malformed JSON body" in message
 
 
 def test_body_of_exactly_max_request_size_is_accepted_by_the_size_check(client: FlaskClient):

@@ -131,19 +131,98 @@ def test_capacity_bound_raises_overflow_error():
     assert not queue.is_full()
 
 
-def test_remove_by_predicate_returns_dropped_and_keeps_order():
+def test_discard_by_key_returns_the_item_and_keeps_order():
     queue = make_queue(batch_size=10)
     for i in range(6):
-        queue.add(i, now=float(i))  # type: ignore[arg-type]
-    assert queue.remove(lambda item: item % 2 == 0) == [0, 2, 4]
-    assert queue.take() == [1, 3, 5]
+        queue.add(f"item{i}", now=float(i), key=f"id{i}")
+    assert queue.discard("id2") == "item2"
+    assert queue.discard("id2") is None  # already gone
+    assert queue.discard("unknown") is None
+    assert queue.take() == ["item0", "item1", "item3", "item4", "item5"]
 
 
-def test_remove_updates_the_deadline_and_frees_capacity():
+def test_discard_updates_the_deadline_and_frees_capacity():
     queue = make_queue(capacity=2, delay_s=1.0)
-    queue.add("a", now=3.0)
-    queue.add("b", now=3.5)
+    queue.add("a", now=3.0, key="a")
+    queue.add("b", now=3.5, key="b")
     assert queue.next_deadline() == 4.0
-    assert queue.remove(lambda item: item == "a") == ["a"]
+    assert queue.discard("a") == "a"
     assert queue.next_deadline() == 4.5
     assert not queue.is_full()
+
+
+def test_duplicate_keys_and_backwards_clocks_are_refused():
+    queue = make_queue()
+    queue.add("a", now=1.0, key="k")
+    with pytest.raises(KeyError):
+        queue.add("b", now=1.0, key="k")
+    with pytest.raises(ValueError, match="backwards"):
+        queue.add("c", now=0.5)
+
+
+def test_expire_hands_back_the_oldest_first_and_only_those_past_max_wait():
+    queue = BatchQueue(batch_size=4, max_batch_delay_s=0.0, capacity=100, max_wait_s=10.0)
+    for i, now in enumerate((0.0, 1.0, 2.0, 3.0)):
+        queue.add(i, now=now)
+    assert queue.next_expiry() == 10.0
+    assert queue.expire(10.0) == []  # exactly at the deadline is still in time
+    assert queue.expire(11.5) == [0, 1]
+    assert queue.next_expiry() == 12.0
+    assert queue.expire(100.0) == [2, 3]
+    assert queue.next_expiry() is None and len(queue) == 0
+
+
+def test_drain_empties_the_queue():
+    queue = make_queue()
+    fill(queue, "abc", now=0.0)
+    assert queue.drain() == ["a", "b", "c"]
+    assert len(queue) == 0 and queue.take() == []
+
+
+class CountingNow(float):
+    """A clock value that counts how often a queued deadline is compared with it."""
+
+    compared = 0
+
+    def __lt__(self, other: object) -> bool:
+        CountingNow.compared += 1
+        return float(self) < other  # type: ignore[operator]
+
+    def __gt__(self, other: object) -> bool:
+        CountingNow.compared += 1
+        return float(self) > other  # type: ignore[operator]
+
+
+class CountingKey(str):
+    """A request id that counts how often the queue hashes or compares it."""
+
+    touched = 0
+
+    def __hash__(self) -> int:
+        CountingKey.touched += 1
+        return str.__hash__(self)
+
+    def __eq__(self, other: object) -> bool:
+        CountingKey.touched += 1
+        return str.__eq__(self, other)
+
+
+def work_per_event(queued: int) -> tuple[int, int]:
+    """(deadline comparisons of one expiry check, key operations of one cancel) with `queued` waiting."""
+    queue = BatchQueue(batch_size=1, max_batch_delay_s=0.0, capacity=queued + 1, max_wait_s=60.0)
+    keys = [CountingKey(f"request-{i}") for i in range(queued)]
+    for i, key in enumerate(keys):
+        queue.add(i, now=float(i) / queued, key=key)
+    CountingNow.compared = 0
+    assert queue.expire(CountingNow(30.0)) == []
+    compared = CountingNow.compared
+    CountingKey.touched = 0
+    assert queue.discard(keys[queued // 2]) == queued // 2
+    return compared, CountingKey.touched
+
+
+def test_the_work_per_event_does_not_grow_with_the_queue():
+    """Counted, not timed: the broker checks expiry on every message and cancels one by key."""
+    small, large = work_per_event(10), work_per_event(10_000)
+    assert large == small
+    assert small[0] >= 1 and small[1] >= 1  # the counters do see the queue's work

@@ -196,7 +196,7 @@ def test_relative_model_dir_becomes_absolute(tmp_path: Path, monkeypatch: pytest
         ("retry_threshold", "-1", "an integer >= 0"),
         ("option.predict_timeout", "0", "seconds, a number > 0"),
         ("option.predict_timeout", "soon", "seconds, a number > 0"),
-        ("option.model_loading_timeout", "-3", "seconds > 0"),
+        ("option.model_loading_timeout", "-3", "seconds, a number > 0"),
         ("max_request_size", "1MB", "bytes, a positive integer"),
         ("http_workers", "two", "a positive integer"),
         ("fail_fast", "maybe", "true or false"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import json
 import math
 from typing import Any
@@ -25,11 +26,13 @@ from handlers.builtin.formats import (
     ParsedRequest,
     RequestError,
     ResponseWriter,
+    check_token_ids,
     create_writer,
     error_response,
     output_mode,
     parse_request,
 )
+from serving.dialects import Api, api_for_path
 
 try:
     import openai
@@ -67,6 +70,14 @@ def script(texts: list[str], finish: str = "length", final_token: bool = True) -
         events[-1].finish_reason = finish
     else:
         events.append(TokenEvent("r", -1, "", 0.0, finish_reason=finish))
+    return events
+
+
+def with_top(events: list[TokenEvent], alternatives: list[list[tuple[int, str, float]]]) -> list[TokenEvent]:
+    """``events`` with top alternatives (id, text, logprob) attached, as an engine reports them."""
+    for event, alts in zip(events, alternatives, strict=True):
+        event.top_logprobs = tuple((i, lp) for i, _, lp in alts)
+        event.top_texts = tuple(text for _, text, _ in alts)
     return events
 
 
@@ -136,12 +147,18 @@ def test_lmi_parameters_map_to_sampling_params() -> None:
             "details": True,
             "return_full_text": True,
             "decoder_input_details": True,
-            # known but unsupported: accepted and ignored
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.25,
+            "min_p": 0.05,
+            "logit_bias": {"17": -100, "3": 2.5},
+            "stop_token_ids": [2, 9, 2],
             "top_n_tokens": 3,
+            "n": 1,
+            "best_of": 1,
+            # known but unsupported: accepted and ignored
             "truncate": 100,
             "watermark": True,
             "typical_p": 0.5,
-            "best_of": 1,
         },
     }
     parsed = parse_request("invocations", body)
@@ -156,6 +173,12 @@ def test_lmi_parameters_map_to_sampling_params() -> None:
         stop_sequences=("\n\n", "END"),
         ignore_eos=True,
         min_new_tokens=5,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        min_p=0.05,
+        logit_bias=((3, 2.5), (17, -100.0)),
+        stop_token_ids=(2, 9),
+        top_logprobs=3,
     )
     assert parsed.stream
     assert parsed.details
@@ -187,10 +210,38 @@ def test_lmi_greedy_ignores_temperature_zero() -> None:
             ["Unknown field `parameters.max_new_token`", "max_new_tokens", "stop_sequences"],
         ),
         (
-            {"inputs": "x", "parameters": {"best_of": 2}},
-            ["`parameters.best_of`=2 is not supported", "null or 1"],
+            {"inputs": "x", "parameters": {"best_of": 17}},
+            ["`parameters.best_of` must be <= 16, got 17", "at most 16 completions"],
         ),
-        ({"inputs": "x", "parameters": {"n": True}}, ["`parameters.n`=True is not supported"]),
+        ({"inputs": "x", "parameters": {"n": True}}, ["`parameters.n` must be an integer, got True"]),
+        (
+            {"inputs": "x", "parameters": {"n": 3, "best_of": 2}},
+            ["`parameters.best_of` (2) must be >= `parameters.n` (3)"],
+        ),
+        (
+            {"inputs": "x", "stream": True, "parameters": {"n": 2}},
+            ["`parameters.n`=2 works only without streaming", "best_of_sequences"],
+        ),
+        (
+            {"inputs": "x", "stream": True, "parameters": {"best_of": 2}},
+            ["`parameters.best_of`=2 > `parameters.n`=1 cannot be streamed"],
+        ),
+        (
+            {"inputs": "x", "parameters": {"presence_penalty": -2.5}},
+            ["`parameters.presence_penalty` must be >= -2 and <= 2, got -2.5", "0 for no penalty"],
+        ),
+        (
+            {"inputs": "x", "parameters": {"min_p": 1.5}},
+            ["`parameters.min_p` must be >= 0 and <= 1, got 1.5"],
+        ),
+        (
+            {"inputs": "x", "parameters": {"stop_token_ids": [1, -2]}},
+            ["`parameters.stop_token_ids` must be a list of token ids (integers >= 0), got [1, -2]"],
+        ),
+        (
+            {"inputs": "x", "parameters": {"top_n_tokens": 21}},
+            ["`parameters.top_n_tokens` must be <= 20, got 21"],
+        ),
         (
             {"inputs": "x", "parameters": {"max_new_tokens": 0}},
             ["`parameters.max_new_tokens` must be >= 1, got 0"],
@@ -345,8 +396,19 @@ CHAT = [{"role": "user", "content": "hi"}]
     [
         ("v1/completions", {"prompt": ["a", "b"]}, ["`prompt` is a list of 2 prompts"]),
         ("v1/completions", {}, ["Missing `prompt`"]),
-        ("v1/completions", {"prompt": "p", "n": 2}, ["`n`=2 is not supported", "null or 1"]),
-        ("v1/completions", {"prompt": "p", "logprobs": 5}, ["`logprobs` must be 0, 1 or null, got 5"]),
+        ("v1/completions", {"prompt": "p", "n": 17}, ["`n` must be <= 16, got 17", "at most 16 completions"]),
+        ("v1/completions", {"prompt": "p", "n": 0}, ["`n` must be >= 1, got 0"]),
+        ("v1/completions", {"prompt": "p", "logprobs": 6}, ["`logprobs` must be <= 5, got 6"]),
+        (
+            "v1/completions",
+            {"prompt": "p", "n": 3, "best_of": 2},
+            ["`best_of` (2) must be >= `n` (3)", "raise best_of"],
+        ),
+        (
+            "v1/completions",
+            {"prompt": "p", "n": 2, "best_of": 3, "stream": True},
+            ["`best_of`=3 > `n`=2 cannot be streamed", "stream to false"],
+        ),
         ("v1/completions", {"prompt": "p", "echo": True, "logprobs": 1}, ["`echo` with `logprobs`"]),
         ("v1/completions", {"prompt": "p", "temperature": 3}, ["`temperature` must be >= 0 and <= 2, got 3"]),
         ("v1/completions", {"prompt": "p", "max_tokens": 0}, ["`max_tokens` must be >= 1"]),
@@ -357,8 +419,30 @@ CHAT = [{"role": "user", "content": "hi"}]
         ),
         (
             "v1/completions",
-            {"prompt": "p", "presence_penalty": 0.5},
-            ["`presence_penalty`=0.5 is not supported"],
+            {"prompt": "p", "presence_penalty": 2.5},
+            ["`presence_penalty` must be >= -2 and <= 2, got 2.5", "Use 0 for no penalty"],
+        ),
+        (
+            "v1/completions",
+            {"prompt": "p", "frequency_penalty": "high"},
+            ["`frequency_penalty` must be a finite number, got 'high'"],
+        ),
+        (
+            "v1/completions",
+            {"prompt": "p", "logit_bias": {"50256": 101}},
+            ['`logit_bias["50256"]` must be a number from -100 to 100, got 101'],
+        ),
+        (
+            "v1/completions",
+            {"prompt": "p", "logit_bias": {"the": 1}},
+            ["`logit_bias` key 'the' is not a token id", '"50256"'],
+        ),
+        ("v1/completions", {"prompt": "p", "logit_bias": [1]}, ["`logit_bias` must map token ids to biases"]),
+        ("v1/completions", {"prompt": "p", "min_p": -0.1}, ["`min_p` must be >= 0 and <= 1, got -0.1"]),
+        (
+            "v1/completions",
+            {"prompt": "p", "stop_token_ids": 2},
+            ["`stop_token_ids` must be a list of token ids"],
         ),
         ("v1/completions", {"prompt": "p", "stream_options": {"x": 1}}, ["Unknown field `stream_options.x`"]),
         (
@@ -382,9 +466,10 @@ CHAT = [{"role": "user", "content": "hi"}]
         ("v1/chat/completions", {"messages": CHAT, "top_logprobs": 1}, ["requires `logprobs`: true"]),
         (
             "v1/chat/completions",
-            {"messages": CHAT, "logprobs": True, "top_logprobs": 3},
-            ["must be 0, 1 or null"],
+            {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+            ["`top_logprobs` must be <= 20, got 21"],
         ),
+        ("v1/chat/completions", {"messages": CHAT, "best_of": 2}, ["Unknown field `best_of`"]),
         (
             "v1/chat/completions",
             {"messages": CHAT, "tools": [{"type": "function"}]},
@@ -432,7 +517,12 @@ def test_tgi_defaults_and_greedy() -> None:
         ({"temperature": 0}, "`parameters.temperature` must be > 0, got 0"),
         ({"stop_sequences": ["x"]}, "Unknown field `parameters.stop_sequences`"),
         ({"grammar": {"type": "regex", "value": "a+"}}, "`parameters.grammar`"),
-        ({"best_of": 2}, "`parameters.best_of`=2 is not supported"),
+        ({"best_of": 2}, "`parameters.best_of` > 1 needs sampling"),
+        ({"best_of": 2, "do_sample": True, "seed": 1}, "`parameters.seed` must not be set"),
+        ({"best_of": 17, "do_sample": True}, "`parameters.best_of` must be <= 16, got 17"),
+        ({"top_n_tokens": -1}, "`parameters.top_n_tokens` must be >= 0, got -1"),
+        ({"frequency_penalty": 3}, "`parameters.frequency_penalty` must be >= -2 and <= 2, got 3"),
+        ({"presence_penalty": 1}, "Unknown field `parameters.presence_penalty`"),
     ],
 )
 def test_tgi_validation_errors(params: dict[str, Any], expected: str) -> None:
@@ -766,7 +856,8 @@ def test_completion_stream_chunks() -> None:
 @needs_openai
 def test_chat_response_validates() -> None:
     w = writer_for("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 1})
-    _, final = run(w, script(["Hi", "!"], "eos_token"))
+    alternatives = [[(100, "Hi", -0.25), (7, "Hey", -1.5)], [(8, ".", -0.1), (101, "!", -0.5)]]
+    _, final = run(w, with_top(script(["Hi", "!"], "eos_token"), alternatives))
     chat = ChatCompletion.model_validate_json(final)
     assert chat.id == "chatcmpl-req-1"
     assert chat.object == "chat.completion"
@@ -780,7 +871,8 @@ def test_chat_response_validates() -> None:
         ("Hi", -0.25, [72, 105]),
         ("!", -0.5, [33]),
     ]
-    assert choice.logprobs.content[0].top_logprobs[0].token == "Hi"
+    tops = [[(t.token, t.logprob) for t in entry.top_logprobs] for entry in choice.logprobs.content]
+    assert tops == [[("Hi", -0.25)], [(".", -0.1)]]  # the most likely one, not the sampled one
     assert chat.usage is not None
     assert chat.usage.completion_tokens == 2
 
@@ -837,16 +929,15 @@ def test_openai_stream_error_event() -> None:
     assert payloads[1] == "[DONE]"
 
 
-def test_error_response_per_route() -> None:
-    assert json.loads(error_response("/invocations", "bad", 400)[0]) == {"error": "bad", "code": 400}
-    assert json.loads(error_response("/generate", "bad", 400)[0]) == {
-        "error": "bad",
-        "error_type": "validation",
-    }
-    assert (
-        json.loads(error_response("/v1/completions", "bad", 400)[0])["error"]["type"]
-        == "invalid_request_error"
-    )
+def test_error_response_per_api() -> None:
+    status, body = error_response(Api.LMI, "bad", 400)
+    assert status == 400
+    assert json.loads(body) == {"code": 400, "type": "BadRequestException", "message": "bad", "error": "bad"}
+    status, body = error_response(Api.TGI_GENERATE, "bad", 400)
+    assert status == 422  # TGI's validation status
+    assert json.loads(body) == {"error": "bad", "error_type": "validation"}
+    status, body = error_response(Api.OPENAI_COMPLETIONS, "bad", 400)
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
 # ---------------------------------------------------------------------------- the openai SDK end to end
@@ -861,8 +952,8 @@ def openai_client(events: list[TokenEvent], fail: str | None = None) -> Any:
         try:
             parsed = parse_request(request.url.path, request.content)
         except RequestError as exc:
-            body, ctype = error_response(request.url.path, str(exc), 400)
-            return httpx.Response(400, content=body, headers={"content-type": ctype})
+            status, body = error_response(api_for_path(request.url.path), str(exc), 400)
+            return httpx.Response(status, content=body, headers={"content-type": "application/json"})
         writer = create_writer(parsed, "req-1", "test-model", PROMPT, PROMPT_TOKENS)
         body = b"".join(writer.on_event(e) for e in events)
         body += writer.error(fail, 500) if fail else writer.finish()
@@ -915,11 +1006,282 @@ def test_openai_sdk_raises_on_mid_stream_error() -> None:
 @needs_openai
 def test_openai_sdk_gets_validation_error() -> None:
     client = openai_client(script(["x"]))
-    with pytest.raises(openai.BadRequestError, match="`n`=3 is not supported"):
-        client.completions.create(model="m", prompt="hi", n=3)
+    with pytest.raises(openai.BadRequestError, match="`n` must be <= 16, got 17"):
+        client.completions.create(model="m", prompt="hi", n=17)
 
 
 def test_parsed_request_is_a_plain_dataclass() -> None:
     parsed = ParsedRequest(api=API_LMI, prompt="x")
     assert parsed.params == SamplingParams()
     assert parsed.route == "invocations"
+
+
+# ---------------------------------------------------------------------------- n, best_of, top alternatives
+
+
+def completion_events(index: int, texts: list[str], logprobs: list[float], finish: str) -> list[TokenEvent]:
+    """Completion ``index`` of request "r": token ids 10*index + i, the last event carries ``finish``."""
+    events = [
+        TokenEvent("r", 10 * index + i, text, logprob, index=index)
+        for i, (text, logprob) in enumerate(zip(texts, logprobs, strict=True))
+    ]
+    events[-1].finish_reason = finish
+    return events
+
+
+def interleave(*completions: list[TokenEvent]) -> list[TokenEvent]:
+    """The events of several completions in engine order: one token of each per step."""
+    steps = itertools.zip_longest(*completions)
+    return [event for step in steps for event in step if event is not None]
+
+
+def test_openai_knobs_map_to_sampling_params() -> None:
+    body = {
+        "prompt": "p",
+        "n": 2,
+        "best_of": 3,
+        "presence_penalty": 1.5,
+        "frequency_penalty": -2,
+        "logit_bias": {"50256": -100, "11": 3},
+        "min_p": 0.1,
+        "stop_token_ids": [5],
+        "logprobs": 2,
+    }
+    parsed = parse_request("/v1/completions", body)
+    assert parsed.params == SamplingParams(
+        max_new_tokens=16,
+        do_sample=True,
+        n=2,
+        best_of=3,
+        presence_penalty=1.5,
+        frequency_penalty=-2.0,
+        min_p=0.1,
+        logit_bias=((11, 3.0), (50256, -100.0)),
+        stop_token_ids=(5,),
+        top_logprobs=2,
+    )
+    assert parsed.params.num_sequences == 3
+    assert parsed.logprobs == 2
+    assert parse_request("/v1/completions", {"prompt": "p", "n": 2, "best_of": 2}).params.best_of is None
+    chat_body = {"messages": CHAT, "n": 2, "stream": True, "logprobs": True, "top_logprobs": 3}
+    chat = parse_request("/v1/chat/completions", chat_body)
+    assert (chat.params.n, chat.params.num_sequences, chat.params.top_logprobs, chat.logprobs) == (2, 2, 3, 3)
+    plain = parse_request("/v1/chat/completions", {"messages": CHAT, "logprobs": True})
+    assert (plain.logprobs, plain.params.top_logprobs) == (0, 0)
+
+
+def test_lmi_n_and_best_of() -> None:
+    body = {"inputs": "x", "parameters": {"n": 2, "best_of": 4, "do_sample": True}}
+    params = parse_request("invocations", body).params
+    assert (params.n, params.best_of, params.num_sequences) == (2, 4, 4)
+
+
+def test_tgi_best_of_top_n_tokens_and_frequency_penalty() -> None:
+    parameters = {"best_of": 3, "temperature": 0.5, "top_n_tokens": 2, "frequency_penalty": 0.5}
+    params = parse_request("/generate", {"inputs": "x", "parameters": parameters}).params
+    assert (params.n, params.best_of, params.num_sequences) == (3, None, 3)  # TGI returns all best_of
+    assert params.do_sample
+    assert (params.top_logprobs, params.frequency_penalty) == (2, 0.5)
+    with pytest.raises(RequestError, match="`parameters.best_of` > 1 cannot be streamed"):
+        parse_request("/generate_stream", {"inputs": "x", "parameters": parameters})
+
+
+def test_token_ids_are_checked_against_the_vocabulary() -> None:
+    check_token_ids(SamplingParams(logit_bias=((9, 1.0),), stop_token_ids=(0, 9)), vocab_size=10)
+    message = r"`logit_bias` names token id 10, but the vocabulary has 10 tokens \(ids 0..9\)"
+    with pytest.raises(RequestError, match=message):
+        check_token_ids(SamplingParams(logit_bias=((10, 1.0),)), vocab_size=10)
+    with pytest.raises(RequestError, match="`stop_token_ids` names token id 12"):
+        check_token_ids(SamplingParams(stop_token_ids=(3, 12)), vocab_size=10)
+
+
+@needs_openai
+def test_chat_n2_non_stream() -> None:
+    w = writer_for("/v1/chat/completions", {"messages": CHAT, "n": 2})
+    first = completion_events(0, ["A", "B"], [-1.0, -1.0], "eos_token")
+    second = completion_events(1, ["x", "y", "z"], [-0.5] * 3, "length")
+    for event in interleave(first, second):
+        assert not w.done
+        assert w.on_event(event) == b""
+    assert w.done
+    chat = ChatCompletion.model_validate_json(w.finish())
+    assert [(c.index, c.message.content, c.finish_reason) for c in chat.choices] == [
+        (0, "AB", "stop"),
+        (1, "xyz", "length"),
+    ]
+    assert chat.usage is not None
+    assert (chat.usage.completion_tokens, chat.usage.total_tokens) == (5, PROMPT_TOKENS + 5)
+
+
+@needs_openai
+def test_chat_n2_stream_carries_each_choice_index_and_ends_once() -> None:
+    body = {"messages": CHAT, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    w = writer_for("/v1/chat/completions", body)
+    first = completion_events(0, ["A", "B"], [-1.0, -1.0], "eos_token")
+    second = completion_events(1, ["x", "y", "z"], [-0.5] * 3, "length")
+    data = b"".join(w.on_event(e) for e in interleave(first, second))
+    assert w.done
+    assert b"[DONE]" not in data  # nothing closes the stream before finish()
+    payloads = sse_payloads(data + w.finish())
+    assert payloads.count("[DONE]") == 1
+    assert payloads[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(p) for p in payloads[:-1]]
+    choices = [c.choices[0] for c in chunks[:-1]]
+    assert [c.index for c in choices] == [0, 1, 0, 1, 1]
+    assert [c.delta.role for c in choices] == ["assistant", "assistant", None, None, None]
+    text = {i: "".join(c.delta.content or "" for c in choices if c.index == i) for i in (0, 1)}
+    assert text == {0: "AB", 1: "xyz"}
+    assert {c.index: c.finish_reason for c in choices if c.finish_reason} == {0: "stop", 1: "length"}
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+@needs_openai
+def test_completion_n2_stream_and_not() -> None:
+    first = completion_events(0, ["a"], [-1.0], "length")
+    second = completion_events(1, ["b", "c"], [-1.0, -1.0], "stop_sequence")
+    w = writer_for("/v1/completions", {"prompt": PROMPT, "n": 2, "echo": True})
+    completion = Completion.model_validate_json(run(w, interleave(first, second))[1])
+    assert [(c.index, c.text, c.finish_reason) for c in completion.choices] == [
+        (0, PROMPT + "a", "length"),
+        (1, PROMPT + "bc", "stop"),
+    ]
+    w = writer_for("/v1/completions", {"prompt": PROMPT, "n": 2, "stream": True})
+    chunks, final = run(w, interleave(first, second))
+    objects = [json.loads(p) for p in sse_payloads(b"".join(chunks) + final)[:-1]]
+    assert [(o["choices"][0]["index"], o["choices"][0]["text"]) for o in objects] == [
+        (0, "a"),
+        (1, "b"),
+        (1, "c"),
+    ]
+    assert [o["choices"][0]["finish_reason"] for o in objects] == ["length", None, "stop"]
+
+
+@needs_openai
+def test_completion_best_of_returns_the_n_most_likely() -> None:
+    w = writer_for("/v1/completions", {"prompt": PROMPT, "n": 2, "best_of": 3})
+    events = interleave(
+        completion_events(0, ["a", "a"], [-1.0, -1.0], "length"),  # cumulative -2.0
+        completion_events(1, ["b"], [-0.5], "eos_token"),  # -0.5
+        completion_events(2, ["c", "c"], [-0.1, -0.2], "length"),  # -0.3
+    )
+    completion = Completion.model_validate_json(run(w, events)[1])
+    assert [(c.index, c.text) for c in completion.choices] == [(0, "cc"), (1, "b")]
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 5  # every generated token counts, as OpenAI bills
+
+
+@needs_openai
+def test_chat_top_logprobs_3() -> None:
+    body = {"messages": CHAT, "stream": True, "logprobs": True, "top_logprobs": 3}
+    w = writer_for("/v1/chat/completions", body)
+    alternatives = [[(100, "Hi", -0.25), (7, "Hey", -2.5), (8, "Yo", -3.0), (9, "x", -9.0)]]
+    chunks, final = run(w, with_top(script(["Hi"]), alternatives))
+    chunk = ChatCompletionChunk.model_validate_json(sse_payloads(b"".join(chunks) + final)[0])
+    logprobs = chunk.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.content is not None
+    top = [(t.token, t.logprob, t.bytes) for t in logprobs.content[0].top_logprobs]
+    assert top == [("Hi", -0.25, [72, 105]), ("Hey", -2.5, [72, 101, 121]), ("Yo", -3.0, [89, 111])]
+
+
+@needs_openai
+def test_completion_logprobs_2_is_the_legacy_block() -> None:
+    w = writer_for("/v1/completions", {"prompt": PROMPT, "logprobs": 2})
+    alternatives = [
+        [(100, "a", -0.25), (5, "b", -2.0), (6, "c", -3.0)],
+        [(7, "x", -0.1), (101, "yz", -0.5), (8, "w", -4.0)],
+    ]
+    _, final = run(w, with_top(script(["a", "yz"]), alternatives))
+    logprobs = Completion.model_validate_json(final).choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.tokens == ["a", "yz"]
+    assert logprobs.token_logprobs == [-0.25, -0.5]
+    assert logprobs.text_offset == [0, 1]
+    # the sampled token plus the 2 most likely (up to logprobs + 1 entries, as OpenAI documents)
+    assert logprobs.top_logprobs == [{"a": -0.25, "b": -2.0}, {"yz": -0.5, "x": -0.1}]
+
+
+def test_lmi_n2_returns_best_of_sequences() -> None:
+    w = writer_for("invocations", {"inputs": PROMPT, "parameters": {"n": 2, "do_sample": True}})
+    first = completion_events(0, ["He", "llo"], [-0.5, -0.5], "length")
+    second = completion_events(1, ["I", " am"], [-0.1, -0.2], "eos_token")
+    assert json.loads(run(w, interleave(first, second))[1]) == {
+        "generated_text": "I am",
+        "details": {
+            "finish_reason": "eos_token",
+            "generated_tokens": 2,
+            "inputs": PROMPT,
+            "tokens": [
+                {"id": 10, "text": "I", "log_prob": -0.1},
+                {"id": 11, "text": " am", "log_prob": -0.2, "special_token": True},
+            ],
+            "best_of_sequences": [
+                {
+                    "finish_reason": "length",
+                    "generated_tokens": 2,
+                    "tokens": [
+                        {"id": 0, "text": "He", "log_prob": -0.5},
+                        {"id": 1, "text": "llo", "log_prob": -0.5},
+                    ],
+                    "generated_text": "Hello",
+                }
+            ],
+        },
+    }
+
+
+def test_lmi_top_n_tokens() -> None:
+    alternatives = [[(100, "a", -0.25), (3, "b", -1.0)]]
+    w = writer_for("invocations", {"inputs": PROMPT, "parameters": {"top_n_tokens": 2, "details": True}})
+    details = json.loads(run(w, with_top(script(["a"]), alternatives))[1])["details"]
+    assert details["top_tokens"] == [
+        [{"id": 100, "text": "a", "log_prob": -0.25}, {"id": 3, "text": "b", "log_prob": -1.0}]
+    ]
+    w = writer_for("invocations", {"inputs": PROMPT, "stream": True, "parameters": {"top_n_tokens": 1}})
+    line = jsonlines(b"".join(run(w, with_top(script(["a"]), alternatives))[0]))[0]
+    assert line["top_tokens"] == [{"id": 100, "text": "a", "log_prob": -0.25}]
+
+
+@needs_tgi
+def test_tgi_best_of_and_top_n_tokens_validate() -> None:
+    parameters = {"best_of": 2, "do_sample": True, "details": True, "top_n_tokens": 1}
+    w = writer_for("/generate", {"inputs": PROMPT, "parameters": parameters})
+    first = with_top(completion_events(0, ["x"], [-2.0], "length"), [[(4, "q", -0.5)]])
+    second = with_top(completion_events(1, ["y"], [-1.0], "eos_token"), [[(10, "y", -1.0)]])
+    response = TgiResponse.model_validate_json(run(w, interleave(first, second))[1])
+    assert response.generated_text == "y"
+    assert response.details is not None
+    assert response.details.finish_reason == "eos_token"
+    assert [[(t.id, t.text) for t in step] for step in response.details.top_tokens or []] == [[(10, "y")]]
+    others = response.details.best_of_sequences or []
+    assert [(o.generated_text, o.finish_reason, o.generated_tokens) for o in others] == [("x", "length", 1)]
+    w = writer_for("/generate_stream", {"inputs": PROMPT, "parameters": {"top_n_tokens": 1}})
+    chunks, final = run(w, with_top(script(["x"]), [[(100, "x", -0.25)]]))
+    event = TgiStreamResponse.model_validate_json(sse_payloads(b"".join(chunks) + final)[0])
+    assert [(t.id, t.text, t.logprob) for t in event.top_tokens or []] == [(100, "x", -0.25)]
+
+
+def test_writer_done_waits_for_every_completion() -> None:
+    w = writer_for("/v1/completions", {"prompt": PROMPT, "n": 2, "stream": True})
+    w.on_event(TokenEvent("r", 1, "a", -0.1, "length", index=1))
+    assert not w.done
+    w.on_event(TokenEvent("r", 2, "b", -0.1, index=0))
+    assert not w.done
+    # the client went away before completion 0 finished: it is closed as cut short ("length")
+    objects = [json.loads(p) for p in sse_payloads(w.finish())[:-1]]
+    assert [(o["choices"][0]["index"], o["choices"][0]["finish_reason"]) for o in objects] == [(0, "length")]
+
+
+def test_writer_error_ends_every_completion() -> None:
+    w = writer_for("/v1/completions", {"prompt": PROMPT, "n": 2})
+    w.on_event(TokenEvent("r", 1, "a", -0.1, "length", index=1))
+    body = json.loads(w.on_event(TokenEvent("r", -1, "", 0.0, "error", "engine failed", index=0)))
+    assert body["error"]["message"] == "engine failed"
+    assert w.done
+    assert w.error_code == 424
+    with pytest.raises(ValueError, match="event index 2 of request r is outside its 2 completions"):
+        writer_for("/v1/completions", {"prompt": PROMPT, "n": 2}).on_event(
+            TokenEvent("r", 1, "a", 0.0, index=2)
+        )

@@ -21,16 +21,16 @@ def tiny(tmp_path_factory):
     return str(module.make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0))
 
 
-def engine_for(path, **extra):
-    options = {"max_model_len": "64", "max_rolling_batch_size": "4", **extra}
-    return create_rolling_engine(EngineConfig(model_path=path, dtype="fp32", extra=options))
+def engine_for(path, **fields):
+    fields = {"max_model_len": 64, "max_rolling_batch_size": 4, **fields}
+    return create_rolling_engine(EngineConfig(model_path=path, dtype="fp32", **fields))
 
 
 def test_kv_budget_limits_slots_and_names_the_numbers(tiny):
     one_slot = engine_for(tiny).cache.bytes_per_slot()
-    assert engine_for(tiny, kv_cache_memory_bytes=str(2 * one_slot)).free_slots() == 2
+    assert engine_for(tiny, kv_cache_memory_bytes=2 * one_slot).free_capacity() == 2
     with pytest.raises(EngineLoadError, match="kv_cache_memory_bytes=10 cannot hold one sequence"):
-        engine_for(tiny, kv_cache_memory_bytes="10")
+        engine_for(tiny, kv_cache_memory_bytes=10)
 
 
 def test_kernels_option_is_checked_at_load(tiny):
@@ -44,14 +44,14 @@ def test_cancel_frees_the_slot_and_finished_sequences_retire(tiny):
     engine = engine_for(tiny)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     engine.step([GenerationRequest("a", [1, 2, 3], params), GenerationRequest("b", [4, 5], params)], [])
-    assert engine.free_slots() == 2
+    assert engine.free_capacity() == 2
     events = engine.step([], ["a"])
     assert [e.finish_reason for e in events if e.request_id == "a"] == ["cancelled"]
-    assert engine.free_slots() == 3
+    assert engine.free_capacity() == 3
     short = SamplingParams(max_new_tokens=1)
     done = engine.step([GenerationRequest("c", [7], short)], [])
     assert any(e.request_id == "c" and e.finish_reason == "length" for e in done)
-    assert engine.free_slots() == 3  # c came and went in one step; b still holds its slot
+    assert engine.free_capacity() == 3  # c came and went in one step; b still holds its slot
 
 
 def test_too_long_request_is_an_error_event(tiny):
@@ -59,7 +59,7 @@ def test_too_long_request_is_an_error_event(tiny):
     events = engine.step([GenerationRequest("x", list(range(1, 60)), SamplingParams(max_new_tokens=10))], [])
     assert events[0].finish_reason == "error"
     assert "59 prompt tokens + max_new_tokens=10 = 69 exceeds option.max_model_len=64" in events[0].error
-    assert engine.free_slots() == 4
+    assert engine.free_capacity() == 4
 
 
 def test_held_back_text_that_may_start_a_stop_sequence():
@@ -81,3 +81,41 @@ def test_djl_module_handle_serves_a_llama_with_the_dynamic_batch_handler(tiny):
     output = module.handle(request)
     assert output.code == 200
     assert "generated_text" in output.content.get("data").decode()
+
+
+def run_to_end(engine, request: GenerationRequest) -> list:
+    """Every event of ``request``, stepping the engine until each completion has finished."""
+    events = engine.step([request], [])
+    while engine.running:
+        events += engine.step([], [])
+    return events
+
+
+def test_greedy_top_logprobs_reach_the_events(tiny):
+    engine = engine_for(tiny)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, top_logprobs=3)
+    events = run_to_end(engine, GenerationRequest("t", [1, 2, 3], params))
+    assert len(events) == 3
+    for event in events:
+        ids = [t for t, _ in event.top_logprobs]
+        values = [lp for _, lp in event.top_logprobs]
+        assert len(ids) == 3
+        assert ids[0] == event.token_id  # greedy takes the most likely token
+        assert values[0] == pytest.approx(event.logprob)
+        assert values == sorted(values, reverse=True)
+        assert event.top_texts == tuple(engine.tokenizer.decode([t]) for t in ids)
+
+
+def test_logit_bias_and_stop_token_ids(tiny):
+    engine = engine_for(tiny)
+    biased = SamplingParams(max_new_tokens=4, ignore_eos=True, logit_bias=((5, 100.0),))
+    assert [e.token_id for e in run_to_end(engine, GenerationRequest("b", [1, 2], biased))] == [5] * 4
+    free = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    tokens = [e.token_id for e in run_to_end(engine, GenerationRequest("p", [1, 2], free))]
+    stop_at = next(i for i, t in enumerate(tokens) if i > 0 and t not in tokens[:i])  # a token new at i
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop_token_ids=(tokens[stop_at],))
+    stopped = run_to_end(engine, GenerationRequest("s", [1, 2], params))
+    assert [e.token_id for e in stopped] == tokens[: stop_at + 1]
+    assert stopped[-1].finish_reason == "stop_sequence"
+    text = engine.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True)
+    assert "".join(e.text for e in stopped) == text  # without the stop token's text

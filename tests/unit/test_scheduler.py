@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 from engines.scheduler import RollingScheduler
+from engines.types import SamplingParams
 
 
 @dataclass
 class Req:
     request_id: str
     tokens: int = 3  # how many tokens this request generates
+    params: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass
@@ -29,7 +31,7 @@ class FakeEngine:
         self.running: dict[str, int] = {}
         self.steps: list[tuple[list[str], list[str]]] = []
 
-    def free_slots(self) -> int:
+    def free_capacity(self) -> int:
         return self.slots - len(self.running)
 
     def step(self, admit: list[Req], cancel: list[str]) -> list[Event]:
@@ -68,7 +70,7 @@ def test_admits_up_to_max_batch_size_and_retires_finished_at_once():
     assert engine.steps[0][0] == ["r0", "r1"]  # batch limit 2
     sched.step()
     assert engine.steps[1][0] == ["r2"]  # r0 finished after one token: its room went to r2 at once
-    assert sched.running == {"r1", "r2"}
+    assert set(sched.running) == {"r1", "r2"}
 
 
 def test_new_request_joins_without_waiting_for_others_to_finish():
@@ -143,7 +145,7 @@ def test_cancel_waiting_and_running():
     assert not sched.cancel("unknown")
     events = sched.step()
     assert Event("run", "cancelled") in events
-    assert engine.free_slots() == 1  # the cache room came back
+    assert engine.free_capacity() == 1  # the cache room came back
     assert not sched.has_work()
 
 
@@ -152,3 +154,16 @@ def test_step_without_work_does_not_call_the_engine():
     sched = make(engine)
     assert sched.step() == []
     assert engine.steps == []
+
+
+def test_a_request_with_n_completions_takes_n_places_and_runs_until_all_finish():
+    engine = FakeEngine(slots=8)
+    sched = make(engine, batch=3)
+    sched.submit(Req("pair", 2, SamplingParams(n=2)), 1)
+    sched.submit(Req("pair2", 2, SamplingParams(n=2)), 1)
+    sched.step()
+    assert engine.steps[-1][0] == ["pair"]  # 2 + 2 > 3: the second pair waits, FIFO
+    assert sched.running == {"pair": 2}
+    sched.step()  # the fake engine finishes "pair" once; the scheduler expects two final events
+    assert "pair" in sched.running and sched.running["pair"] == 1
+

@@ -20,6 +20,7 @@ from handlers.builtin.formats.request import (
     ROUTE_V1,
     ParsedRequest,
 )
+from handlers.builtin.formats.sampling import check_token_ids
 from handlers.builtin.formats.tgi_request import parse_tgi
 from handlers.builtin.formats.writer import GENERATION_ERROR_CODE, ResponseWriter
 
@@ -38,6 +39,7 @@ __all__ = [
     "ParsedRequest",
     "RequestError",
     "ResponseWriter",
+    "check_token_ids",
     "create_writer",
     "decode_body",
     "error_response",

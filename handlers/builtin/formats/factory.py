@@ -5,10 +5,10 @@ from __future__ import annotations
 from handlers.builtin.formats.lmi_writer import LmiJsonWriter, LmiStreamWriter
 from handlers.builtin.formats.openai_chat_writer import ChatWriter
 from handlers.builtin.formats.openai_completion_writer import CompletionWriter
-from handlers.builtin.formats.openai_writer import openai_error
 from handlers.builtin.formats.request import API_CHAT, API_LMI, API_TGI, ROUTE_INVOCATIONS, ParsedRequest
-from handlers.builtin.formats.tgi_writer import TgiGenerateWriter, TgiStreamWriter, tgi_error
+from handlers.builtin.formats.tgi_writer import TgiGenerateWriter, TgiStreamWriter
 from handlers.builtin.formats.writer import ResponseWriter, WriterContext, dumps
+from serving.dialects import Api, error_reply
 
 OUTPUT_FORMATTERS = ("json", "jsonlines", "sse", "json_chat", "jsonlines_chat")
 """``option.output_formatter`` values understood on /invocations (LMI's names; ``_chat`` = same framing)."""
@@ -55,17 +55,8 @@ def create_writer(
     return cls(ctx, stream=mode != "json", use_sse=mode == "sse")
 
 
-def error_response(route: str, message: str, code: int) -> tuple[bytes, str]:
-    """(body, content type) for a request that failed before any writer existed, e.g. a RequestError.
-
-    LMI: ``{"error", "code"}``; OpenAI: ``{"error": {...}}``; TGI: ``{"error", "error_type"}`` - each what
-    the family's clients parse.
-    """
-    route = route.strip("/")
-    if route.startswith("v1/"):
-        body = openai_error(message, code)
-    elif route.startswith("generate"):
-        body = tgi_error(message, code)
-    else:
-        body = {"error": message, "code": code}
-    return dumps(body), "application/json"
+def error_response(api: Api, message: str, code: int) -> tuple[int, bytes]:
+    """(status, JSON body) for a request that failed before any output, e.g. a RequestError: the
+    dialect's one error policy (serving.dialects), the same one the HTTP front and broker use."""
+    status, body = error_reply(api, code, message)
+    return status, dumps(body)

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from handlers.builtin.formats.errors import RequestError
 from handlers.builtin.formats.openai_request import parse_chat
 from handlers.builtin.formats.request import API_LMI, ROUTE_INVOCATIONS, ParsedRequest
-from handlers.builtin.formats.sampling import KNOB_FIELDS, build_params, read_knobs
+from handlers.builtin.formats.sampling import (
+    KNOB_FIELDS,
+    MAX_TOP_LOGPROBS,
+    PENALTY_FIELDS,
+    VLLM_FIELDS,
+    build_params,
+    read_counts,
+    read_knobs,
+)
 from handlers.builtin.formats.validate import (
     check_fields,
     get_bool,
@@ -22,6 +31,12 @@ PARAMETERS = (
     "max_new_tokens",
     "do_sample",
     *KNOB_FIELDS,
+    *PENALTY_FIELDS,
+    *VLLM_FIELDS,
+    "logit_bias",
+    "n",
+    "best_of",
+    "top_n_tokens",
     "stop_sequences",
     "stop",
     "ignore_eos",
@@ -31,18 +46,11 @@ PARAMETERS = (
     "return_full_text",
     "decoder_input_details",
 )
-IGNORED = ("top_n_tokens", "truncate", "watermark", "typical_p")
-"""Known LMI/TGI knobs accepted and ignored (top tokens, truncation, watermark, typical-p are not offered)."""
-NEUTRAL = {
-    "best_of": (1,),
-    "n": (1,),
-    "num_beams": (1,),
-    "frequency_penalty": (0, 0.0),
-    "grammar": (),
-    "adapter_id": (),
-}
-"""Accepted only as null or a no-op value (the text_generation client sends them as null): the rolling engine
-makes one sequence per request and has no grammar, adapters or frequency penalty."""
+IGNORED = ("truncate", "watermark", "typical_p")
+"""Known LMI/TGI knobs accepted and ignored (truncation, watermark, typical-p are not offered)."""
+NEUTRAL = {"num_beams": (1,), "grammar": (), "adapter_id": ()}
+"""Accepted only as null or a no-op value (the text_generation client sends them as null): there is no
+beam search, grammar or adapter support."""
 
 
 def parse_lmi(body: dict[str, Any]) -> ParsedRequest:
@@ -54,6 +62,13 @@ def parse_lmi(body: dict[str, Any]) -> ParsedRequest:
     p = get_object(body, "parameters", "")
     check_fields(p, "parameters", PARAMETERS, IGNORED, NEUTRAL)
     where = "parameters"
+    stream = get_bool(body, "stream", "", False)
+    n, best_of = read_counts(p, where, stream)
+    if stream and n > 1:
+        raise RequestError(
+            f"`parameters.n`={n} works only without streaming (LMI returns the other sequences in "
+            "details.best_of_sequences at the end). Set stream to false, or n to 1."
+        )
     max_new = get_int(p, "max_new_tokens", where, None, minimum=1)
     stops = get_stop(p, "stop_sequences", where) + get_stop(p, "stop", where)
     ignore_eos = get_bool(p, "ignore_eos", where, False) or get_bool(p, "ignore_eos_token", where, False)
@@ -65,12 +80,15 @@ def parse_lmi(body: dict[str, Any]) -> ParsedRequest:
         stop=tuple(dict.fromkeys(stops)),
         ignore_eos=ignore_eos,
         names=(where, "max_new_tokens", "min_new_tokens"),
+        n=n,
+        best_of=best_of,
+        top_logprobs=get_int(p, "top_n_tokens", where, 0, minimum=0, maximum=MAX_TOP_LOGPROBS),
     )
     return ParsedRequest(
         api=API_LMI,
         params=params,
         prompt=prompt,
-        stream=get_bool(body, "stream", "", False),
+        stream=stream,
         details=get_bool(p, "details", where, False),
         details_explicit=p.get("details") is not None,
         return_full_text=get_bool(p, "return_full_text", where, False),

@@ -7,7 +7,14 @@ from typing import Any
 from handlers.builtin.formats.chat_messages import parse_messages
 from handlers.builtin.formats.errors import RequestError
 from handlers.builtin.formats.request import API_CHAT, API_COMPLETION, ROUTE_V1, ParsedRequest
-from handlers.builtin.formats.sampling import build_params, read_knobs
+from handlers.builtin.formats.sampling import (
+    MAX_TOP_LOGPROBS,
+    PENALTY_FIELDS,
+    VLLM_FIELDS,
+    build_params,
+    read_counts,
+    read_knobs,
+)
 from handlers.builtin.formats.validate import (
     check_fields,
     get_bool,
@@ -23,17 +30,25 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 CHAT_DEFAULT_MAX_TOKENS = 1024
 """OpenAI has no fixed chat default (it runs to the context limit); see ParsedRequest.max_new_tokens_set."""
 
-COMMON = ("model", "temperature", "top_p", "stop", "stream", "stream_options", "seed", "ignore_eos")
-EXTRAS = ("top_k", "repetition_penalty", "min_tokens")
+COMMON = (
+    "model",
+    "temperature",
+    "top_p",
+    "stop",
+    "stream",
+    "stream_options",
+    "seed",
+    "ignore_eos",
+    "n",
+    *PENALTY_FIELDS,
+    "logit_bias",
+)
+EXTRAS = ("top_k", "repetition_penalty", "min_tokens", *VLLM_FIELDS)
 """vLLM's extensions, so clients written for vLLM keep working."""
-COMMON_NEUTRAL = {
-    "n": (1,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "logit_bias": ({},),
-}
-COMPLETION_FIELDS = (*COMMON, *EXTRAS, "prompt", "max_tokens", "logprobs", "echo")
-COMPLETION_NEUTRAL = {**COMMON_NEUTRAL, "best_of": (1,), "suffix": ("",)}
+COMPLETION_FIELDS = (*COMMON, *EXTRAS, "prompt", "max_tokens", "logprobs", "echo", "best_of")
+COMPLETION_NEUTRAL = {"suffix": ("",)}
+COMPLETION_MAX_LOGPROBS = 5
+"""OpenAI's limit for the legacy ``logprobs`` of /v1/completions."""
 CHAT_FIELDS = (
     *COMMON,
     *EXTRAS,
@@ -44,7 +59,6 @@ CHAT_FIELDS = (
     "top_logprobs",
 )
 CHAT_NEUTRAL = {
-    **COMMON_NEUTRAL,
     "tools": ([],),
     "tool_choice": ("none", "auto"),
     "response_format": ({"type": "text"},),
@@ -54,18 +68,9 @@ IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "
 """Bookkeeping fields with no effect on generated text."""
 
 
-def _zero_or_one(body: dict[str, Any], name: str) -> int | None:
-    """How many top alternatives per token; only the sampled token's log-probability is computed."""
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or value not in (0, 1)):
-        raise RequestError(
-            f"`{name}` must be 0, 1 or null, got {value!r}: this server computes only the sampled "
-            "token's log-probability, so it cannot return more alternatives."
-        )
-    return value
-
-
-def _base(body: dict[str, Any], api: str, max_tokens: int | None, default_max: int) -> ParsedRequest:
+def _base(
+    body: dict[str, Any], api: str, max_tokens: int | None, default_max: int, top_logprobs: int
+) -> ParsedRequest:
     """Fields shared by both endpoints; temperature 0 means greedy, as in OpenAI and vLLM."""
     knobs = read_knobs(body, "", max_temperature=2.0, top_k_minus_one=True)
     temperature = 1.0 if knobs.temperature is None else knobs.temperature
@@ -73,6 +78,7 @@ def _base(body: dict[str, Any], api: str, max_tokens: int | None, default_max: i
     options = get_object(body, "stream_options", "")
     check_fields(options, "stream_options", ("include_usage",), ("include_obfuscation",))
     max_name = "max_tokens" if api == API_COMPLETION else "max_completion_tokens"
+    n, best_of = read_counts(body, "", stream)
     params = build_params(
         knobs,
         do_sample=temperature > 0,
@@ -81,6 +87,9 @@ def _base(body: dict[str, Any], api: str, max_tokens: int | None, default_max: i
         stop=get_stop(body, "stop", ""),
         ignore_eos=get_bool(body, "ignore_eos", "", False),
         names=("", max_name, "min_tokens"),
+        n=n,
+        best_of=best_of,
+        top_logprobs=top_logprobs,
     )
     return ParsedRequest(
         api=api,
@@ -94,18 +103,18 @@ def _base(body: dict[str, Any], api: str, max_tokens: int | None, default_max: i
 
 
 def parse_completion(body: dict[str, Any]) -> ParsedRequest:
-    """Parse /v1/completions; ``echo`` becomes return_full_text, ``logprobs`` (0 or 1) per-token logprobs."""
+    """Parse /v1/completions; ``echo`` becomes return_full_text, ``logprobs`` (0..5 alternatives) the
+    legacy per-token logprobs."""
     check_fields(body, "", COMPLETION_FIELDS, IGNORED, COMPLETION_NEUTRAL)
     prompt = get_prompt(body, "prompt")
-    logprobs = _zero_or_one(body, "logprobs")
+    logprobs = get_int(body, "logprobs", "", None, minimum=0, maximum=COMPLETION_MAX_LOGPROBS)
     echo = get_bool(body, "echo", "", False)
     if echo and logprobs is not None:
         raise RequestError(
             "`echo` with `logprobs` is not supported (prompt log-probabilities are not computed)."
         )
-    parsed = _base(
-        body, API_COMPLETION, get_int(body, "max_tokens", "", None, minimum=1), COMPLETION_DEFAULT_MAX_TOKENS
-    )
+    max_tokens = get_int(body, "max_tokens", "", None, minimum=1)
+    parsed = _base(body, API_COMPLETION, max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, logprobs or 0)
     parsed.prompt, parsed.return_full_text, parsed.logprobs = prompt, echo, logprobs
     return parsed
 
@@ -117,11 +126,11 @@ def parse_chat(body: dict[str, Any], route: str = ROUTE_V1) -> ParsedRequest:
     max_tokens = get_int(body, "max_completion_tokens", "", None, minimum=1)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", "", None, minimum=1)
-    top = _zero_or_one(body, "top_logprobs")
+    top = get_int(body, "top_logprobs", "", None, minimum=0, maximum=MAX_TOP_LOGPROBS)
     want_logprobs = get_bool(body, "logprobs", "", False)
     if top is not None and not want_logprobs:
         raise RequestError(f"`top_logprobs`={top} requires `logprobs`: true; set it or drop top_logprobs.")
-    parsed = _base(body, API_CHAT, max_tokens, CHAT_DEFAULT_MAX_TOKENS)
+    parsed = _base(body, API_CHAT, max_tokens, CHAT_DEFAULT_MAX_TOKENS, top or 0)
     parsed.messages, parsed.route = messages, route
     parsed.logprobs = (top or 0) if want_logprobs else None
     return parsed

@@ -5,7 +5,17 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
-from handlers.builtin.formats.writer import SSE_DONE, ResponseWriter, Tok, WriterContext, dumps, jsonline, sse
+from handlers.builtin.formats.writer import (
+    SSE_DONE,
+    Choice,
+    ResponseWriter,
+    Tok,
+    WriterContext,
+    dumps,
+    jsonline,
+    sse,
+)
+from serving.dialects import openai_error
 
 OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 """OpenAI knows only stop/length here; a cut-short ("cancelled") generation reports "length"."""
@@ -17,16 +27,16 @@ def openai_finish(reason: str | None) -> str:
     return OPENAI_FINISH.get(reason or "", "length")
 
 
-def openai_error(message: str, code: int) -> dict[str, Any]:
-    """The error object the openai SDK raises from (also in-stream: ``data: {"error": ...}``)."""
-    kind = "invalid_request_error" if 400 <= code < 500 and code != 424 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+def logprob_or_missing(logprob: float | None) -> float:
+    return MISSING_LOGPROB if logprob is None else logprob
 
 
 class OpenAIWriter(ResponseWriter):
     """Non-stream: one object. Stream: a chunk per token, a usage chunk if asked, then ``[DONE]`` (SSE).
 
-    ``use_sse`` False gives LMI's jsonlines framing of the same chunks (chat through /invocations).
+    With ``n`` > 1 every choice carries its completion's ``index`` (a stream interleaves them) and the
+    usage counts every generated token. ``use_sse`` False gives LMI's jsonlines framing of the same
+    chunks (chat through /invocations).
     """
 
     object_name = ""
@@ -37,7 +47,6 @@ class OpenAIWriter(ResponseWriter):
         super().__init__(ctx)
         self.stream, self.use_sse = stream, use_sse
         self._frame = sse if use_sse else jsonline
-        self._chunks_sent = 0
 
     def content_type(self) -> str:
         if not self.stream:
@@ -53,26 +62,26 @@ class OpenAIWriter(ResponseWriter):
         }
 
     def _usage(self) -> dict[str, int]:
-        prompt, completion = self.ctx.prompt_tokens, len(self.tokens)
+        """Every generated token counts, best_of's unreturned completions included (as OpenAI bills)."""
+        prompt, completion = self.ctx.prompt_tokens, sum(len(c.tokens) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _token_bytes(self, tok: Tok | None, last: bool) -> bytes:
+    def _token_bytes(self, choice: Choice, tok: Tok | None, last: bool) -> bytes:
         if not self.stream:
             return b""
-        choice = self._delta_choice(tok, last)
-        if choice is None:
+        delta = self._delta_choice(choice, tok, last)
+        if delta is None:
             return b""
-        self._chunks_sent += 1
-        chunk = {**self._envelope(chunk=True), "choices": [choice]}
+        choice.chunks_sent += 1
+        chunk = {**self._envelope(chunk=True), "choices": [delta]}
         if self.parsed.include_usage:
             chunk["usage"] = None
         return self._frame(chunk)
 
     def _final_bytes(self) -> bytes:
         if not self.stream:
-            return dumps(
-                {**self._envelope(chunk=False), "choices": [self._full_choice()], "usage": self._usage()}
-            )
+            choices = [self._full_choice(c, i) for i, c in enumerate(self.returned_choices())]
+            return dumps({**self._envelope(chunk=False), "choices": choices, "usage": self._usage()})
         out = b""
         if self.parsed.include_usage:
             out += self._frame({**self._envelope(chunk=True), "choices": [], "usage": self._usage()})
@@ -83,13 +92,14 @@ class OpenAIWriter(ResponseWriter):
             return dumps(openai_error(message, code))
         return self._frame(openai_error(message, code)) + (SSE_DONE if self.use_sse else b"")
 
-    def _finish_or_none(self, last: bool) -> str | None:
-        return openai_finish(self.finish_reason) if last else None
+    @staticmethod
+    def _finish_or_none(choice: Choice, last: bool) -> str | None:
+        return openai_finish(choice.finish_reason) if last else None
 
     @abstractmethod
-    def _delta_choice(self, tok: Tok | None, last: bool) -> dict[str, Any] | None:
-        """The choice of one stream chunk, or None when there is nothing worth a chunk."""
+    def _delta_choice(self, choice: Choice, tok: Tok | None, last: bool) -> dict[str, Any] | None:
+        """The choice of one stream chunk for ``choice``, or None when there is nothing worth a chunk."""
 
     @abstractmethod
-    def _full_choice(self) -> dict[str, Any]:
-        """The single choice of the non-stream response."""
+    def _full_choice(self, choice: Choice, index: int) -> dict[str, Any]:
+        """``choice`` as entry ``index`` of the non-stream response's choices."""

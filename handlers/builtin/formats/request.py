@@ -42,7 +42,7 @@ class ParsedRequest:
     route: str = ROUTE_INVOCATIONS
     model: str | None = None
     logprobs: int | None = None
-    """OpenAI only: None = no logprobs; N = logprobs with N top alternatives (0 or 1 supported)."""
+    """OpenAI only: None = no logprobs; N = logprobs with N top alternatives per token."""
     include_usage: bool = False
     """OpenAI streaming: send a final usage chunk (``stream_options.include_usage``)."""
     max_new_tokens_set: bool = False

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers.builtin.formats.writer import PLACEHOLDER, ResponseWriter, Tok, dumps, sse
+from handlers.builtin.formats.writer import PLACEHOLDER, Choice, ResponseWriter, Tok, dumps, sse
+from serving.dialects import tgi_error
 
 TGI_FINISH = {"length": "length", "eos_token": "eos_token", "stop_sequence": "stop_sequence"}
 """TGI has no "cancelled": a cut-short generation reports "length"."""
-TGI_ERROR_TYPES = {400: "validation", 422: "validation", 429: "overloaded"}
 
 
 def tgi_finish(reason: str | None) -> str:
@@ -19,9 +19,8 @@ def tgi_token(tok: Tok) -> dict[str, Any]:
     return {"id": tok.id, "text": tok.text, "logprob": tok.logprob, "special": tok.special}
 
 
-def tgi_error(message: str, code: int) -> dict[str, str]:
-    """TGI's error body; text_generation maps error_type to its exception classes."""
-    return {"error": message, "error_type": TGI_ERROR_TYPES.get(code, "generation")}
+def tgi_top_tokens(tok: Tok) -> list[dict[str, Any]]:
+    return [tgi_token(alt) for alt in tok.top]
 
 
 class _TgiWriter(ResponseWriter):
@@ -30,25 +29,40 @@ class _TgiWriter(ResponseWriter):
 
 
 class TgiGenerateWriter(_TgiWriter):
-    """``/generate``: one JSON object; ``details`` (with prefill, always empty here) when requested."""
+    """``/generate``: one JSON object; ``details`` (with prefill, always empty here) when requested.
+
+    With best_of > 1 the best completion (highest summed log-probability) is the answer and the others
+    are ``details.best_of_sequences``, as TGI returns them.
+    """
 
     def content_type(self) -> str:
         return "application/json"
 
-    def _token_bytes(self, tok: Tok | None, last: bool) -> bytes:
+    def _token_bytes(self, choice: Choice, tok: Tok | None, last: bool) -> bytes:
         return b""
 
     def _final_bytes(self) -> bytes:
-        body: dict[str, Any] = {"generated_text": self.full_text}
+        best, others = self.best_and_others()
+        body: dict[str, Any] = {"generated_text": self.full_text_of(best)}
         if self.parsed.details:
-            body["details"] = {
-                "finish_reason": tgi_finish(self.finish_reason),
-                "generated_tokens": len(self.tokens),
-                "seed": self._seed(),
-                "prefill": [],
-                "tokens": [tgi_token(t) for t in self.tokens],
-            }
+            body["details"] = self._sequence(best)
+            if others:
+                body["details"]["best_of_sequences"] = [
+                    {"generated_text": self.full_text_of(c), **self._sequence(c)} for c in others
+                ]
         return dumps(body)
+
+    def _sequence(self, choice: Choice) -> dict[str, Any]:
+        sequence: dict[str, Any] = {
+            "finish_reason": tgi_finish(choice.finish_reason),
+            "generated_tokens": len(choice.tokens),
+            "seed": self._seed(),
+            "prefill": [],
+            "tokens": [tgi_token(t) for t in choice.tokens],
+        }
+        if self.parsed.params.top_logprobs:
+            sequence["top_tokens"] = [tgi_top_tokens(t) for t in choice.tokens]
+        return sequence
 
     def _error_bytes(self, message: str, code: int) -> bytes:
         return dumps(tgi_error(message, code))
@@ -60,13 +74,15 @@ class TgiStreamWriter(_TgiWriter):
     def content_type(self) -> str:
         return "text/event-stream"
 
-    def _token_bytes(self, tok: Tok | None, last: bool) -> bytes:
+    def _token_bytes(self, choice: Choice, tok: Tok | None, last: bool) -> bytes:
         event: dict[str, Any] = {
             "index": len(self.tokens) if tok else len(self.tokens) + 1,
             "token": tgi_token(tok or PLACEHOLDER),
             "generated_text": self.full_text if last else None,
             "details": None,
         }
+        if tok is not None and self.parsed.params.top_logprobs:
+            event["top_tokens"] = tgi_top_tokens(tok)
         if last and self.parsed.details:
             event["details"] = {
                 "finish_reason": tgi_finish(self.finish_reason),

@@ -73,6 +73,7 @@ def get_int(
     default: int | None,
     minimum: int | None = None,
     maximum: int | None = None,
+    hint: str = "",
 ) -> int | None:
     value = data.get(name)
     if value is None:
@@ -80,10 +81,11 @@ def get_int(
     field = qualified(where, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(f"`{field}` must be an integer, got {value!r}.")
+    hint = " " + hint if hint else ""
     if minimum is not None and value < minimum:
-        raise RequestError(f"`{field}` must be >= {minimum}, got {value!r}.")
+        raise RequestError(f"`{field}` must be >= {minimum}, got {value!r}.{hint}")
     if maximum is not None and value > maximum:
-        raise RequestError(f"`{field}` must be <= {maximum}, got {value!r}.")
+        raise RequestError(f"`{field}` must be <= {maximum}, got {value!r}.{hint}")
     return value
 
 
@@ -123,6 +125,46 @@ def get_stop(data: Mapping[str, Any], name: str, where: str) -> tuple[str, ...]:
             f"got {value!r}."
         )
     return tuple(items)
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def get_token_ids(data: Mapping[str, Any], name: str, where: str) -> tuple[int, ...]:
+    """A list of token ids (non-negative integers), duplicates dropped."""
+    value = data.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(_is_token_id(v) for v in value):
+        raise RequestError(
+            f"`{qualified(where, name)}` must be a list of token ids (integers >= 0), got {value!r}."
+        )
+    return tuple(dict.fromkeys(value))
+
+
+def get_logit_bias(
+    data: Mapping[str, Any], name: str, where: str, limit: float
+) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"<token id>": bias}`` map as sorted (id, bias) pairs; each bias within +-limit."""
+    value = data.get(name)
+    if value is None:
+        return ()
+    field = qualified(where, name)
+    if not isinstance(value, dict):
+        raise RequestError(f'`{field}` must map token ids to biases, e.g. {{"50256": -100}}, got {value!r}.')
+    pairs: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise RequestError(
+                f'`{field}` key {key!r} is not a token id; use token ids as strings, e.g. "50256".'
+            )
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -limit <= bias <= limit:
+            raise RequestError(
+                f'`{field}["{key}"]` must be a number from {-limit:g} to {limit:g}, got {bias!r}.'
+            )
+        pairs[int(key)] = float(bias)
+    return tuple(sorted(pairs.items()))
 
 
 def get_object(data: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:

@@ -1,0 +1,90 @@
+"""Where a model runs, resolved in the model worker: `option.device=auto`, native bf16, torch threads.
+
+Each choice is logged with its reason. The CPU check reads /proc/cpuinfo text, which tests can feed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from engines.base import EngineLoadError
+
+log = logging.getLogger("engines.device")
+
+CPUINFO = Path("/proc/cpuinfo")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""x86 flags of CPUs whose matrix units compute bf16 natively (oneDNN uses them from torch)."""
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags named on the ``flags`` lines of /proc/cpuinfo text."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == "flags":
+            flags.update(value.split())
+    return flags
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The native-bf16 flags of this CPU (of `cpuinfo` text when given); empty without /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+    return sorted(cpu_flags(cpuinfo).intersection(BF16_CPU_FLAGS))
+
+
+def has_native_bf16(device: str, cpuinfo: str | None = None) -> bool:
+    """Whether `device` (resolved: cpu, cuda, cuda:N) computes bf16 at full speed."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_bf16_flags(cpuinfo))
+
+
+def resolve_device(name: str) -> str:
+    """`auto` → cuda when torch sees a GPU, else cpu; `cuda`/`cuda:N` must exist. Logs the choice."""
+    name = name.strip().lower()
+    available = torch.cuda.is_available()
+    if name == "auto":
+        device = "cuda" if available else "cpu"
+        reason = "CUDA is available" if available else "no CUDA device is visible to torch"
+        log.info("Device: %s (option.device=auto; %s)", device, reason)
+        return device
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match and not available:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise EngineLoadError(
+            f"option.device={name} but torch ({torch.__version__}, {build}) sees no CUDA device. "
+            "Fix: set option.device=cpu (or auto), or run on a GPU machine with a CUDA build of torch."
+        )
+    if match and int(match[1] or 0) >= torch.cuda.device_count():
+        raise EngineLoadError(
+            f"option.device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible. "
+            "Fix: pick an index below that, or check CUDA_VISIBLE_DEVICES."
+        )
+    if not match and name != "cpu":
+        raise EngineLoadError(f"option.device={name!r} is not one of auto, cpu, cuda, cuda:N.")
+    log.info("Device: %s (option.device=%s)", name, name)
+    return name
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Apply option.num_threads to torch's intra-op pool, else keep torch's own choice
+    (OMP_NUM_THREADS when set, else the physical cores). Logs and returns the count."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+        source = "option.num_threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        source = "OMP_NUM_THREADS"
+    else:
+        source = "torch's default: the physical cores"
+    count = torch.get_num_threads()
+    log.info("Torch threads: %d (%s)", count, source)
+    return count

@@ -1,0 +1,323 @@
+"""The declaration of every property key the server or a model worker reads: type, default, values, doc.
+
+``load_config`` parses every declared key once at start-up (a bad value stops the server before any
+model loads); the model worker receives the typed values, and the README's tables are generated from
+this table (``python -m serving.options``). Keys not declared here still reach user handlers as
+strings; the ones in ``COMPAT_KEYS`` are accepted for DJL compatibility and have no effect.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from serving.artifacts.selection import parse_patterns
+from serving.errors import ConfigError
+
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One property key: how its string becomes a typed value, its default, and what it does."""
+
+    key: str
+    """The key as written in serving.properties (``option.*`` for model options)."""
+    type: type
+    """int, float, bool, str or tuple (a list of patterns)."""
+    default: Any
+    doc: str
+    """One line for the README table."""
+    choices: tuple[str, ...] = ()
+    """Allowed values of a str key (compared lower-case); empty: any value."""
+    minimum: int = 1
+    """Smallest allowed int (floats must be finite and > 0)."""
+    unit: str = ""
+    """"seconds", "milliseconds" or "bytes": named in errors."""
+    aliases: tuple[str, ...] = ()
+    """Other keys that set the same value; the first key present wins."""
+    parse: Callable[[str], Any] | None = None
+    """A custom parser (raises ValueError) for values the fields above cannot describe."""
+    expected: str = ""
+    """What a custom parser accepts, for error messages."""
+    shown_default: str = ""
+    """The README's default column when the default is computed at run time."""
+
+    @property
+    def name(self) -> str:
+        """The key without ``option.``: how handlers and the worker's typed values name it."""
+        return self.key.removeprefix("option.")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key, *self.aliases)
+
+    def describe(self) -> str:
+        """What a valid value looks like, e.g. "seconds, a number > 0"."""
+        if self.expected:
+            text = self.expected
+        elif self.type is bool:
+            text = "true or false"
+        elif self.type is float:
+            text = "a number > 0"
+        elif self.type is int:
+            text = "a positive integer" if self.minimum == 1 else f"an integer >= {self.minimum}"
+        elif self.choices:
+            text = "one of " + ", ".join(self.choices)
+        else:
+            text = "a string"
+        return f"{self.unit}, {text}" if self.unit else text
+
+    def convert(self, raw: str) -> Any:
+        """The typed value of `raw`; ValueError when it is not allowed."""
+        text = raw.strip()
+        if self.parse is not None:
+            return self.parse(text)
+        if self.type is bool:
+            if text.lower() not in TRUE + FALSE:
+                raise ValueError
+            return text.lower() in TRUE
+        if self.type is int:
+            if int(text) < self.minimum:
+                raise ValueError
+            return int(text)
+        if self.type is float:
+            if not math.isfinite(float(text)) or float(text) <= 0:
+                raise ValueError
+            return float(text)
+        if self.choices and text.lower() not in self.choices:
+            raise ValueError
+        return text.lower() if self.choices else text
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+    if not match or int(match[1]) > int(match[2]):
+        raise ValueError
+    return int(match[1]), int(match[2])
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.lower()):
+        raise ValueError
+    return text.lower()
+
+
+ROLLING_BATCH_CHOICES = ("auto", "lmi-dist", "scheduler", "vllm", "trtllm", "disable")
+TASK_CHOICES = ("text-generation", "text2text-generation", "feature-extraction", "text-classification",
+                "fill-mask", "text-embedding", "embedding", "sentiment-analysis")  # fmt: skip
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+KERNEL_CHOICES = ("auto", "native", "torch")
+OUTPUT_FORMATTER_CHOICES = ("json", "jsonlines", "sse", "json_chat", "jsonlines_chat")
+LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
+
+_SERVER = [
+    OptionSpec("engine", str, "Python",
+               doc="Accepted for compatibility (`Python`, `MPI`, `DeepSpeed`...); the Python engine is "
+                   "used."),
+    OptionSpec("model_name", str, None,
+               doc="Name used in `/ping` and `/predictions/{model}`.",
+               shown_default="folder name"),
+    OptionSpec("job_queue_size", int, 1000,
+               doc="Requests waiting for a worker; beyond it → 503 at once."),
+    OptionSpec("batch_size", int, 1,
+               doc="Dynamic batch size.",
+               aliases=("max_dynamic_batch_size",)),
+    OptionSpec("max_batch_delay", int, 100,
+               doc="How long a request may be held to fill a batch during a wave of load (never when idle).",
+               minimum=0, unit="milliseconds"),
+    OptionSpec("minWorkers", int, 1,
+               doc="Model worker processes (replicas); requests go to an idle one.",
+               aliases=("cpu.minWorkers", "min_workers")),
+    OptionSpec("maxWorkers", int, None,
+               doc="Accepted as in DJL; must be >= `minWorkers` (`minWorkers` workers run).",
+               aliases=("cpu.maxWorkers", "max_workers"), shown_default="`minWorkers`"),
+    OptionSpec("retry_threshold", int, 10,
+               doc="Worker crashes tolerated before the model is FAILED (DJL's default is 0).",
+               minimum=0),
+    OptionSpec("fail_fast", bool, False,
+               doc="Exit with code 137 when the model is FAILED."),
+    OptionSpec("max_request_size", int, 6 * 1024 * 1024,
+               doc="Request body limit (6 MiB, as SageMaker) → 413.",
+               unit="bytes"),
+    OptionSpec("http_workers", int, 1,
+               doc="HTTP front processes (gevent: each holds thousands of connections)."),
+    OptionSpec("sagemaker_safe_port_range", tuple, None,
+               doc="Set from `SAGEMAKER_SAFE_PORT_RANGE`; validated and recorded (internal traffic uses "
+                   "Unix sockets).",
+               parse=_port_range, expected="a range like 20000-20999"),
+    OptionSpec("download_dir", str, None,
+               doc="Cache root for S3 and archive models (`SERVING_DOWNLOAD_DIR`).",
+               shown_default="`~/.cache/lmi-serving/download`"),
+    OptionSpec("log_level", str, "info",
+               doc="Log level (`SERVING_LOG_LEVEL`).",
+               choices=LOG_LEVEL_CHOICES),
+]  # fmt: skip
+
+_MODEL = [
+    OptionSpec("option.entryPoint", str, None,
+               doc="Handler file or module (see above)."),
+    OptionSpec("option.handler", str, "handle",
+               doc="Function name in the entry point."),
+    OptionSpec("option.env", str, None,
+               doc="`K=V,K2=V2`: extra environment for the model worker processes (not passed to the "
+                   "handler)."),
+    OptionSpec("option.model_id", str, None,
+               doc="Local folder, `s3://bucket/prefix/`, Hub id, or `.tar.gz` archive (see [Model "
+                   "sources](#model-sources-s3-the-hugging-face-hub-archives)).",
+               aliases=("option.s3url",)),
+    OptionSpec("option.revision", str, None,
+               doc="Hub revision."),
+    OptionSpec("option.gguf_file", str, None,
+               doc="The `.gguf` file to load when the model folder holds several."),
+    OptionSpec("option.allow_patterns", tuple, None,
+               doc="Files to fetch (comma-separated or JSON list of patterns); overrides the default "
+                   "selection.",
+               parse=parse_patterns, expected="comma-separated patterns or a JSON list of strings"),
+    OptionSpec("option.ignore_patterns", tuple, None,
+               doc="Files to skip (comma-separated or JSON list of patterns).",
+               parse=parse_patterns, expected="comma-separated patterns or a JSON list of strings"),
+    OptionSpec("option.download_timeout", float, None,
+               doc="Limit for the whole download.",
+               unit="seconds", shown_default="0.9 × `model_loading_timeout`"),
+    OptionSpec("option.download_workers", int, 32,
+               doc="Parallel transfers (s5cmd `--numworkers`, boto3 concurrency)."),
+    OptionSpec("option.download_retries", int, 3,
+               doc="Download attempts, with back-off."),
+    OptionSpec("option.task", str, None,
+               doc="The Hugging Face task; `text-embedding`/`embedding` mean `feature-extraction`, "
+                   "`sentiment-analysis` means `text-classification`.",
+               choices=TASK_CHOICES, shown_default="inferred"),
+    OptionSpec("option.device", str, "auto",
+               doc="`auto` (CUDA when torch sees a GPU, else the CPU), `cpu`, `cuda` or `cuda:N`; the "
+                   "worker logs its choice.",
+               parse=_device, expected="auto, cpu, cuda or cuda:N"),
+    OptionSpec("option.dtype", str, "auto",
+               doc="`auto`: bf16 on GPUs (fp16 without bf16 support) and on CPUs with native bf16 "
+                   "(`avx512_bf16`/`amx_bf16`), else the checkpoint's (fp32 for fp16 checkpoints on CPU).",
+               choices=DTYPE_CHOICES),
+    OptionSpec("option.num_threads", int, None,
+               doc="Torch threads per model worker.",
+               shown_default="`OMP_NUM_THREADS`, else the physical cores"),
+    OptionSpec("option.trust_remote_code", bool, False,
+               doc="Allow model code from the checkpoint."),
+    OptionSpec("option.allow_unsafe_weights", bool, False,
+               doc="Allow pickle checkpoints (`.bin`/`.pt`)."),
+    OptionSpec("option.predict_timeout", float, 120.0,
+               doc="How long a request may take before it gets a 504.",
+               unit="seconds"),
+    OptionSpec("option.model_loading_timeout", float, 240.0,
+               doc="How long a worker may take to load before the model is FAILED.",
+               unit="seconds"),
+    OptionSpec("option.rolling_batch", str, "auto",
+               doc="Continuous batching for supported LLMs (the LMI names mean `auto`); `disable`: dynamic "
+                   "batching.",
+               choices=ROLLING_BATCH_CHOICES),
+    OptionSpec("option.max_rolling_batch_size", int, 32,
+               doc="Sequences decoded together (= KV cache slots)."),
+    OptionSpec("option.max_rolling_batch_prefill_tokens", int, 4096,
+               doc="Prompt tokens admitted per step."),
+    OptionSpec("option.max_model_len", int, None,
+               doc="Tokens per sequence (prompt + generated); sizes the KV cache.",
+               shown_default="min(model, 2048)"),
+    OptionSpec("option.kv_cache_memory_bytes", int, None,
+               doc="KV cache budget in bytes: fewer slots than `max_rolling_batch_size` if it cannot hold "
+                   "that many (start-up fails if not even one fits).",
+               unit="bytes"),
+    OptionSpec("option.kernels", str, "auto",
+               doc="Hot-path ops: `auto` = the native CPU kernels if they build, else torch (torch on GPUs); "
+                   "`native` makes a failed build stop start-up.",
+               choices=KERNEL_CHOICES),
+    OptionSpec("option.output_formatter", str, None,
+               doc="Response framing on `/invocations` (`_chat`: the same framing).",
+               choices=OUTPUT_FORMATTER_CHOICES, shown_default="`json`/`jsonlines`"),
+    OptionSpec("option.tgi_compat", bool, False,
+               doc="TGI-shaped `/invocations` answers."),
+]  # fmt: skip
+
+OPTIONS: dict[str, OptionSpec] = {spec.key: spec for spec in _SERVER + _MODEL}
+"""Every declared key, server keys first."""
+
+COMPAT_KEYS = frozenset(
+    {"load_on_devices", "max_idle_time", "gpu.minWorkers", "gpu.maxWorkers", "required_memory_mb",
+     "reserved_memory_mb", "gpu.required_memory_mb", "gpu.reserved_memory_mb", "log_request_metric",
+     "metrics_aggregation", "metric_dimension", "translatorFactory", "health_check_override", "prometheus",
+     "features", "option.tensor_parallel_degree", "option.pipeline_parallel_degree", "option.device_map",
+     "option.quantize", "option.enable_streaming", "option.pythonExecutable", "option.parallel_loading",
+     "option.mpi_mode", "option.async_mode", "option.low_cpu_mem_usage", "option.normalize",
+     "option.gpu_memory_utilization", "option.enforce_eager", "option.max_num_seqs", "option.chat_template",
+     "option.pooling", "option.max_length", "option.truncation"}
+)  # fmt: skip
+"""DJL / LMI keys accepted without a warning; nothing here reads them."""
+
+KNOWN_KEYS = frozenset(k for spec in OPTIONS.values() for k in spec.keys) | COMPAT_KEYS
+
+
+def parse_value(spec: OptionSpec, key: str, raw: str, source: str) -> Any:
+    """`raw` as `spec`'s type; ConfigError names the key, the value, where it came from and the fix."""
+    try:
+        return spec.convert(raw)
+    except ValueError:
+        expected = spec.describe()
+        raise ConfigError(
+            f"Invalid value {raw!r} for {key} (from {source}): expected {expected}. "
+            f"Fix: set {key}=<{expected}> or remove it to use the default."
+        ) from None
+
+
+def parse_settings(values: Mapping[str, str], sources: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Every declared key's typed value, by `OptionSpec.name`, defaults filled in; an empty value is unset.
+
+    `values` is keyed like serving.properties (``option.max_model_len``); `sources` says where each
+    value came from, for the error message."""
+    settings: dict[str, Any] = {}
+    for spec in OPTIONS.values():
+        key = next((k for k in spec.keys if values.get(k, "").strip()), None)
+        if key is None:
+            settings[spec.name] = spec.default
+        else:
+            source = (sources or {}).get(key, "the model's properties")
+            settings[spec.name] = parse_value(spec, key, values[key], source)
+    return settings
+
+
+def settings_from_properties(properties: Mapping[str, str]) -> dict[str, Any]:
+    """`parse_settings` for handler init properties, where option.* keys arrive without the prefix."""
+    names = {key: key.removeprefix("option.") for spec in OPTIONS.values() for key in spec.keys}
+    return parse_settings({key: properties[name] for key, name in names.items() if name in properties})
+
+
+def markdown_table(option_keys: bool) -> str:
+    """The README table of the declared `option.*` keys, or (False) of the server and model keys."""
+    rows = ["| Key | Default | Meaning |", "|---|---|---|"]
+    for spec in OPTIONS.values():
+        if spec.key.startswith("option.") != option_keys:
+            continue
+        key = f"`{spec.key}`" + (f" ({', '.join(f'`{a}`' for a in spec.aliases)})" if spec.aliases else "")
+        values = f" Values: {', '.join(f'`{c}`' for c in spec.choices)}." if spec.choices else ""
+        rows.append(f"| {key} | {_shown_default(spec)} | {spec.doc}{values} |")
+    return "\n".join(rows)
+
+
+_UNIT_SYMBOLS = {"seconds": " s", "milliseconds": " ms", "bytes": " bytes"}
+
+
+def _shown_default(spec: OptionSpec) -> str:
+    if spec.shown_default:
+        return spec.shown_default
+    if spec.default is None:
+        return "–"
+    if isinstance(spec.default, bool):
+        return f"`{str(spec.default).lower()}`"
+    if isinstance(spec.default, str):
+        return f"`{spec.default}`"
+    value = f"{spec.default:g}" if isinstance(spec.default, float) else str(spec.default)
+    return value + _UNIT_SYMBOLS.get(spec.unit, "")
+
+
+if __name__ == "__main__":
+    print("### Server and model keys\n\n" + markdown_table(option_keys=False) + "\n")
+    print("### `option.*` keys\n\n" + markdown_table(option_keys=True))
