@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-KINDS = ("t5", "bert", "bert-cls", "bert-mlm", "llama")
+KINDS = ("t5", "bert", "bert-cls", "bert-mlm", "llama", "gpt2")
 
 CORPUS = """\
 The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.
@@ -117,6 +117,16 @@ def build_tokenizer(kind: str) -> Any:
         )
         tok.chat_template = LLAMA_CHAT_TEMPLATE
         return tok
+    if kind == "gpt2":  # a causal LM the native engine does not run: served by the HF generate engine
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=_bpe_tokenizer(["<|endoftext|>"], "$A"),
+            bos_token="<|endoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+            model_max_length=128,
+        )
+        tok.chat_template = LLAMA_CHAT_TEMPLATE
+        return tok
     raise ValueError(f"Unknown kind {kind!r}; choose one of {KINDS}")
 
 
@@ -139,6 +149,12 @@ def build_model(kind: str, tokenizer: Any) -> Any:
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
         return tf.LlamaForCausalLM(config)
+    if kind == "gpt2":
+        config = tf.GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        return tf.GPT2LMHeadModel(config)
     config = tf.BertConfig(
         vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,

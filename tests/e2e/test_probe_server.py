@@ -119,6 +119,22 @@ def test_predict_timeout_gives_504_and_worker_keeps_serving(server):
     assert server.post(json_body={"echo": "later"}).json()["echo"] == "later"
 
 
+def test_broker_timeouts_answer_in_the_dialect_of_the_route(server):
+    """A 504 from the broker, seen by an OpenAI and a TGI client: each gets its own error shape."""
+    openai_style = server.post("/v1/completions", json_body={"sleep": 3})
+    assert openai_style.status_code == 504
+    error = openai_style.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == 504
+    assert "predict_timeout" in error["message"]
+    tgi_style = server.post("/generate", json_body={"sleep": 3})
+    assert tgi_style.status_code == 504
+    assert set(tgi_style.json()) == {"error", "error_type"}
+    assert "predict_timeout" in tgi_style.json()["error"]
+    lmi_style = server.post(json_body={"sleep": 3})
+    assert set(lmi_style.json()) == {"code", "type", "message", "error"}
+
+
 def test_stream_content_is_relayed_in_chunks(server):
     with server.post(json_body={"stream": 3, "gap": 0.05}, stream=True) as resp:
         lines = [line for line in resp.iter_lines() if line]
@@ -186,6 +202,26 @@ def test_queue_full_gives_503():
     refused = [r for r in results if r.status_code == 503]
     assert refused, codes
     assert "job_queue_size" in refused[0].json()["message"]
+
+
+@pytest.mark.parametrize(("path", "status"), [("/v1/chat/completions", 429), ("/generate", 429)])
+def test_queue_full_is_429_for_openai_and_tgi_clients(path, status):
+    """Both ecosystems' clients retry a 429 with back-off; a 503 would not be retried by them."""
+    env = {"SERVING_JOB_QUEUE_SIZE": "2", "SERVING_BATCH_SIZE": "1"}
+    with ServerProcess(PROBE, env) as srv:
+        srv.wait_ready()
+        body = {"sleep": 0.8, "messages": [{"role": "user", "content": "x"}]}
+        with cf.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: srv.post(path, json_body=body), range(8)))
+    refused = [r for r in results if r.status_code != 200]
+    codes = [r.status_code for r in results]
+    assert refused, codes
+    assert all(r.status_code == status for r in refused), codes
+    body = refused[0].json()
+    message = body["error"]["message"] if path.startswith("/v1") else body["error"]
+    assert "job_queue_size" in message
+    if path == "/generate":
+        assert body["error_type"] == "overloaded"
 
 
 def test_ping_pending_while_loading_then_healthy():

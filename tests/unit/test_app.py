@@ -131,7 +131,8 @@ def test_oversized_bodies_answer_in_the_dialect_of_the_route(
     body = json.loads(response.data)
     if shape == "openai":
         assert set(body["error"]) == {"message", "type", "param", "code"}
-        assert body["error"]["code"] == 413 and body["error"]["type"] == "invalid_request_error"
+        assert body["error"]["code"] == 413
+        assert body["error"]["type"] == "invalid_request_error"
         assert "max_request_size=10 bytes" in body["error"]["message"]
     else:
         assert body == {"error": body["error"], "error_type": "validation"}

@@ -169,14 +169,16 @@ def test_expire_hands_back_the_oldest_first_and_only_those_past_max_wait():
     assert queue.expire(11.5) == [0, 1]
     assert queue.next_expiry() == 12.0
     assert queue.expire(100.0) == [2, 3]
-    assert queue.next_expiry() is None and len(queue) == 0
+    assert queue.next_expiry() is None
+    assert len(queue) == 0
 
 
 def test_drain_empties_the_queue():
     queue = make_queue()
     fill(queue, "abc", now=0.0)
     assert queue.drain() == ["a", "b", "c"]
-    assert len(queue) == 0 and queue.take() == []
+    assert len(queue) == 0
+    assert queue.take() == []
 
 
 class CountingNow(float):
@@ -225,4 +227,5 @@ def test_the_work_per_event_does_not_grow_with_the_queue():
     """Counted, not timed: the broker checks expiry on every message and cancels one by key."""
     small, large = work_per_event(10), work_per_event(10_000)
     assert large == small
-    assert small[0] >= 1 and small[1] >= 1  # the counters do see the queue's work
+    assert small[0] >= 1
+    assert small[1] >= 1

@@ -937,7 +937,8 @@ def test_error_response_per_api() -> None:
     assert status == 422  # TGI's validation status
     assert json.loads(body) == {"error": "bad", "error_type": "validation"}
     status, body = error_response(Api.OPENAI_COMPLETIONS, "bad", 400)
-    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert status == 400
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
 # ---------------------------------------------------------------------------- the openai SDK end to end

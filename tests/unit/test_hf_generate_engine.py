@@ -119,9 +119,7 @@ def test_greedy_batch_matches_generate_token_for_token(models, kind):
 def test_greedy_matches_the_native_rolling_engine(models):
     from engines.rolling.factory import create_rolling_engine
 
-    rolling = create_rolling_engine(
-        EngineConfig(models["llama"], dtype="fp32", max_model_len=64)
-    )
+    rolling = create_rolling_engine(EngineConfig(models["llama"], dtype="fp32", max_model_len=64))
     engine = engine_for(models["llama"])
     ours, theirs = run_to_end(engine, requests_for(engine)), run_to_end(rolling, requests_for(engine))
     for request_id in ("r0", "r1", "r2"):

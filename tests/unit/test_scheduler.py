@@ -165,5 +165,5 @@ def test_a_request_with_n_completions_takes_n_places_and_runs_until_all_finish()
     assert engine.steps[-1][0] == ["pair"]  # 2 + 2 > 3: the second pair waits, FIFO
     assert sched.running == {"pair": 2}
     sched.step()  # the fake engine finishes "pair" once; the scheduler expects two final events
-    assert "pair" in sched.running and sched.running["pair"] == 1
-
+    assert "pair" in sched.running
+    assert sched.running["pair"] == 1

@@ -1,7 +1,8 @@
 """HF tasks: which transformers Auto class loads the model, and which module serves the requests.
 
 Runner modules are imported only when their task is chosen, so one task's dependencies never
-slow down or break another's.
+slow down or break another's. The generation tasks have no runner here: their Auto class loads the
+model for the generation engines (engines.GENERATION_ENGINES), which serve them.
 """
 
 from __future__ import annotations
@@ -27,16 +28,25 @@ class TaskRunner(Protocol):
 class TaskSpec:
     auto_class: str
     """Name of the transformers Auto class that loads a model for this task."""
-    module: str
-    """Module providing `create_runner(loaded: LoadedModel) -> TaskRunner`."""
+    module: str | None = None
+    """Module providing `create_runner(loaded: LoadedModel) -> TaskRunner`; None when the task engine
+    does not serve the task (text generation, served by the generation engines)."""
 
     def create_runner(self, loaded: LoadedModel) -> TaskRunner:
+        if self.module is None:
+            from engines import GENERATION_ENGINES
+
+            raise EngineLoadError(
+                f"The task engine does not serve {loaded.task!r}: generation tasks are served by the "
+                f"generation engines (engines.GENERATION_ENGINES: {', '.join(GENERATION_ENGINES.names())}) "
+                "through handlers.builtin.generation.GenerationHandler; use create_generation_engine."
+            )
         return importlib.import_module(self.module).create_runner(loaded)
 
 
 TASKS = Registry[TaskSpec]("task")
-TASKS.register("text-generation")(TaskSpec("AutoModelForCausalLM", "engines.hf.tasks.text_generation"))
-TASKS.register("text2text-generation")(TaskSpec("AutoModelForSeq2SeqLM", "engines.hf.tasks.text2text"))
+TASKS.register("text-generation")(TaskSpec("AutoModelForCausalLM"))
+TASKS.register("text2text-generation")(TaskSpec("AutoModelForSeq2SeqLM"))
 TASKS.register("feature-extraction")(TaskSpec("AutoModel", "engines.hf.tasks.feature_extraction"))
 TASKS.register("text-classification")(
     TaskSpec("AutoModelForSequenceClassification", "engines.hf.tasks.text_classification")

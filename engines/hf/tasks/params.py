@@ -6,7 +6,6 @@ are rejected so that typos do not silently fall back to defaults.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -35,22 +34,3 @@ def as_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> i
         upper = f" and <= {maximum}" if maximum is not None else ""
         raise invalid(name, value, f"an integer >= {minimum}{upper}")
     return value
-
-
-def as_float(
-    name: str, value: Any, allowed: str, low: float, high: float = math.inf, *, open_low: bool
-) -> float:
-    """A finite number in [low, high] (or (low, high] when `open_low`), described by `allowed` on failure."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid(name, value, allowed)
-    number = float(value)
-    above_low = number > low if open_low else number >= low
-    if not (math.isfinite(number) and above_low and number <= high):
-        raise invalid(name, value, allowed)
-    return number
-
-
-def as_str_list(name: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(item, str) and item for item in value):
-        raise invalid(name, value, "a list of non-empty strings")
-    return tuple(value)
