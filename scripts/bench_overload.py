@@ -76,9 +76,38 @@ def cpu_by_group(groups: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(cpu_seconds(p) for p in pids) for name, pids in groups.items()}
 
 
+def bare_step_ms(args: argparse.Namespace, env: dict[str, str]) -> float:
+    """p50 of the engine's own step for one sequence (prompt ~110 tokens, --max-new-tokens), in this
+    process, after the server has stopped: the floor a concurrency-1 stream's ITL is compared with."""
+    import statistics
+
+    from engines.base import EngineConfig
+    from engines.hf.default_model import ensure_default_model
+    from engines.rolling.factory import create_rolling_engine
+    from engines.types import GenerationRequest, SamplingParams
+
+    path = args.model_dir or ensure_default_model()
+    dtype = env.get("OPTION_DTYPE", "auto")
+    max_len = int(env.get("OPTION_MAX_MODEL_LEN", "0")) or None
+    engine = create_rolling_engine(
+        EngineConfig(model_path=path, dtype=dtype, max_model_len=max_len, max_rolling_batch_size=args.slots)
+    )
+    prompt = engine.tokenizer("The history of the old harbour town is long and " * 11)["input_ids"]
+    times: list[float] = []
+    for run in range(2):  # the first run warms up
+        times.clear()
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        engine.step([GenerationRequest(f"bare{run}", prompt, params)], [])
+        while engine.running:
+            started = time.perf_counter()
+            engine.step([], [])
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 def run_row(args: argparse.Namespace, url: str, concurrency: int, groups: dict[str, list[int]]) -> dict:
     before, started = cpu_by_group(groups), time.monotonic()
-    cmd = [sys.executable, "-m", "serving.cli", "bench", "--url", url, "--api", args.api, "--quiet"]
+    cmd = [sys.executable, "-m", "serving", "bench", "--url", url, "--api", args.api, "--quiet"]
     cmd += ["--concurrency", str(concurrency), "--max-new-tokens", str(args.max_new_tokens)]
     cmd += ["--duration", str(args.duration), "--num-requests", str(max(2 * concurrency, args.min_requests))]
     cmd += ["--warmup", "0", "--timeout", str(args.timeout)]
@@ -102,8 +131,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=40.0, help="seconds of requests per row (40)")
     parser.add_argument("--min-requests", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--api", default="openai", choices=("lmi", "openai", "tgi"))
+    parser.add_argument(
+        "--api", default="openai-completions", choices=("lmi", "openai-completions", "openai-chat", "tgi")
+    )
     parser.add_argument("--env", nargs="*", default=[], help="extra KEY=VALUE for the server")
+    parser.add_argument(
+        "--bare-step", action="store_true", help="also time the engine's own batch-1 step (after the server)"
+    )
     args = parser.parse_args()
     env = {"OPTION_MAX_ROLLING_BATCH_SIZE": str(args.slots)}
     env.update(item.split("=", 1) for item in args.env)
@@ -112,7 +146,7 @@ def main() -> int:
         srv.wait_ready(timeout_s=600)
         groups = process_groups(srv.proc.pid)
         subprocess.run(  # one warm-up request, untimed
-            [sys.executable, "-m", "serving.cli", "bench", "--url", srv.url, "--api", args.api, "--quiet"]
+            [sys.executable, "-m", "serving", "bench", "--url", srv.url, "--api", args.api, "--quiet"]
             + ["--concurrency", "1", "--num-requests", "2", "--max-new-tokens", "8", "--warmup", "0"],
             cwd=ROOT,
             capture_output=True,
@@ -136,7 +170,12 @@ def main() -> int:
     if args.slots in by_conc and 4 * args.slots in by_conc:
         ratio = by_conc[4 * args.slots] / by_conc[args.slots]
         print(f"tok/s at {4 * args.slots} / tok/s at {args.slots} = {ratio:.2f} (bar: >= 0.90)")
-    print(json.dumps({"slots": args.slots, "max_new_tokens": args.max_new_tokens, "rows": rows}))
+    bare = bare_step_ms(args, env) if args.bare_step else None
+    if bare is not None and 1 in by_conc:
+        itl = next(r["itl_ms"]["p50"] for r in rows if r["concurrency"] == 1)
+        print(f"concurrency 1: ITL p50 {itl:.1f} ms, bare engine step p50 {bare:.1f} ms: {itl / bare:.2f}x")
+    record = {"slots": args.slots, "max_new_tokens": args.max_new_tokens, "bare_step_ms": bare, "rows": rows}
+    print(json.dumps(record))
     return 0
 
 

@@ -1,8 +1,8 @@
-"""Every API dialect on models the native engine does not run, through the real server.
+"""Every API dialect without the native engine's continuous batching, through the real server.
 
-A tiny GPT-2 served with ``rolling_batch=disable`` and ``batch_size=4`` (DJL's dynamic batching) and
-a tiny T5 (text2text) both go through the Hugging Face generate engine behind the same request
-layer as the native engine: the openai and text_generation clients parse every answer, streams
+A tiny Llama served with ``rolling_batch=disable``, a tiny GPT-2 with ``rolling_batch=disable`` and
+``batch_size=4`` (DJL's dynamic batching), and a tiny T5 (text2text) all go through the Hugging Face
+generate engine behind the same request layer as the native engine: the openai and text_generation clients parse every answer, streams
 included, and the sampling parameters OpenAI clients send (n, top_logprobs, penalties) work.
 """
 
@@ -37,6 +37,14 @@ def gpt2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_disabled(tmp_path_factory):
+    path = _tiny("llama", tmp_path_factory.mktemp("llama"))
+    with ServerProcess(path, {"OPTION_ROLLING_BATCH": "disable", "OPTION_DTYPE": "fp32"}) as srv:
+        srv.wait_ready(timeout_s=180)
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def t5(tmp_path_factory):
     path = _tiny("t5", tmp_path_factory.mktemp("t5"))
     with ServerProcess(path, {"OPTION_DTYPE": "fp32"}) as srv:
@@ -48,7 +56,7 @@ def client(srv: ServerProcess):
     return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
 
 
-@pytest.mark.parametrize("server", ["gpt2", "t5"])
+@pytest.mark.parametrize("server", ["llama_disabled", "gpt2", "t5"])
 def test_openai_completions_and_chat_stream_and_not(server, request):
     srv = request.getfixturevalue(server)
     api = client(srv)
@@ -59,7 +67,7 @@ def test_openai_completions_and_chat_stream_and_not(server, request):
     chunks = list(api.completions.create(model="m", prompt="hello", max_tokens=5, stream=True, **greedy))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text  # greedy
     assert chunks[-1].choices[0].finish_reason == "length"
-    if server == "gpt2":  # T5 has no chat template
+    if server != "t5":  # T5 has no chat template
         chat = api.chat.completions.create(model="m", messages=CHAT, max_tokens=4)
         assert chat.choices[0].message.role == "assistant"
 
@@ -93,7 +101,7 @@ def test_openai_n_top_logprobs_and_penalties(gpt2):
     assert penalised.usage.completion_tokens == plain.usage.completion_tokens == 8
 
 
-@pytest.mark.parametrize("server", ["gpt2", "t5"])
+@pytest.mark.parametrize("server", ["llama_disabled", "gpt2", "t5"])
 def test_tgi_client_generate_and_stream(server, request):
     srv = request.getfixturevalue(server)
     tgi = text_generation.Client(srv.url, timeout=60)
@@ -104,9 +112,10 @@ def test_tgi_client_generate_and_stream(server, request):
     assert streamed[-1].generated_text == answer.generated_text
 
 
-@pytest.mark.parametrize("server", ["gpt2", "t5"])
+@pytest.mark.parametrize("server", ["llama_disabled", "gpt2", "t5"])
 def test_lmi_bodies_single_list_and_stream(server, request):
     srv = request.getfixturevalue(server)
+    assert "Text generation on the 'hf-generate' engine" in srv.output()  # not the native engine
     one = srv.post(json_body={"inputs": "hello", "parameters": {"max_new_tokens": 4}})
     assert one.status_code == 200, one.text
     listed = srv.post(json_body={"inputs": ["hello", "a b c"], "parameters": {"max_new_tokens": 4}})

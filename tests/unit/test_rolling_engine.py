@@ -119,3 +119,45 @@ def test_logit_bias_and_stop_token_ids(tiny):
     assert stopped[-1].finish_reason == "stop_sequence"
     text = engine.tokenizer.decode(tokens[:stop_at], skip_special_tokens=True)
     assert "".join(e.text for e in stopped) == text  # without the stop token's text
+
+
+def run_all(engine, requests):
+    """Step until every completion finished; (request id, index) -> token ids."""
+    out: dict[tuple[str, int], list[int]] = {}
+    events = engine.step(requests, [])
+    while True:
+        for event in events:
+            if event.token_id >= 0:
+                out.setdefault((event.request_id, event.index), []).append(event.token_id)
+        if not engine.running:
+            return out
+        events = engine.step([], [])
+
+
+def test_n_completions_share_one_prefill_through_the_copied_cache(tiny):
+    """Greedy completions 1..n-1 run on a copy of completion 0's prompt cache: if the copy were wrong
+    (a position short, another slot's rows), their tokens would differ from a lone n=1 request."""
+    prompt = list(range(5, 25))
+    alone = run_all(engine_for(tiny), [GenerationRequest("one", prompt, SamplingParams(max_new_tokens=8))])
+    engine = engine_for(tiny)
+    forked = run_all(engine, [GenerationRequest("three", prompt, SamplingParams(max_new_tokens=8, n=3))])
+    assert sorted(forked) == [("three", 0), ("three", 1), ("three", 2)]
+    assert all(tokens == alone[("one", 0)] for tokens in forked.values())
+    assert engine.free_capacity() == 4  # every forked slot came back
+
+
+def test_seeded_n_completions_differ_and_completion_0_matches_n_1(tiny):
+    sampled = {"max_new_tokens": 8, "do_sample": True, "temperature": 5.0, "seed": 11}
+    prompt = list(range(5, 15))
+    alone = run_all(engine_for(tiny), [GenerationRequest("a", prompt, SamplingParams(**sampled))])
+    pair = run_all(engine_for(tiny), [GenerationRequest("b", prompt, SamplingParams(**sampled, n=2))])
+    assert pair[("b", 0)] == alone[("a", 0)]
+    assert pair[("b", 1)] != pair[("b", 0)]
+
+
+def test_a_request_needing_more_slots_than_are_free_is_an_error_event(tiny):
+    engine = engine_for(tiny)
+    events = engine.step([GenerationRequest("wide", [5, 6], SamplingParams(n=5))], [])
+    assert [(e.request_id, e.finish_reason) for e in events] == [("wide", "error")]
+    assert "completions need more free sequences" in events[0].error
+    assert engine.free_capacity() == 4
