@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from support import ROOT, ServerProcess
@@ -115,7 +116,8 @@ def test_tgi_client_generate_and_stream(server, request):
 @pytest.mark.parametrize("server", ["llama_disabled", "gpt2", "t5"])
 def test_lmi_bodies_single_list_and_stream(server, request):
     srv = request.getfixturevalue(server)
-    assert "Text generation on the 'hf-generate' engine" in srv.output()  # not the native engine
+    log = Path(srv.log.name).read_text(errors="replace")
+    assert "Text generation on the 'hf-generate' engine" in log  # not the native engine
     one = srv.post(json_body={"inputs": "hello", "parameters": {"max_new_tokens": 4}})
     assert one.status_code == 200, one.text
     listed = srv.post(json_body={"inputs": ["hello", "a b c"], "parameters": {"max_new_tokens": 4}})
