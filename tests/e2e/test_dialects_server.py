@@ -2,8 +2,9 @@
 
 A tiny Llama served with ``rolling_batch=disable``, a tiny GPT-2 with ``rolling_batch=disable`` and
 ``batch_size=4`` (DJL's dynamic batching), and a tiny T5 (text2text) all go through the Hugging Face
-generate engine behind the same request layer as the native engine: the openai and text_generation clients parse every answer, streams
-included, and the sampling parameters OpenAI clients send (n, top_logprobs, penalties) work.
+generate engine behind the same request layer as the native engine: the openai and text_generation
+clients parse every answer, streams included, and the sampling parameters OpenAI clients send (n,
+top_logprobs, penalties) work.
 """
 
 from __future__ import annotations
