@@ -32,14 +32,12 @@ class RollingScheduler:
         engine: GenerationEngine,
         max_batch_size: int,
         max_prefill_tokens: int,
-        queue_capacity: int,
         timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
-        self.queue_capacity = queue_capacity
         self.timeout_s = timeout_s
         self.clock = clock
         self.waiting: OrderedDict[str, Waiting] = OrderedDict()
@@ -50,11 +48,14 @@ class RollingScheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancelled)
 
-    def submit(self, request: GenerationRequest, prompt_len: int) -> None:
-        """Queue a request; OverflowError when the waiting queue is at capacity."""
-        if len(self.waiting) >= self.queue_capacity:
-            raise OverflowError(f"rolling-batch queue full ({self.queue_capacity} waiting)")
-        self.waiting[request.request_id] = Waiting(request, prompt_len, self.clock() + self.timeout_s)
+    def submit(self, request: GenerationRequest, prompt_len: int, deadline: float | None = None) -> None:
+        """Queue a request until ``deadline`` (the broker's, on the same monotonic clock), else for
+        ``timeout_s``. Unbounded: the broker sends a worker no more requests than it has room for."""
+        if deadline is None:
+            deadline = self.clock() + self.timeout_s
+        if self.waiting and deadline < next(reversed(self.waiting.values())).deadline:
+            deadline = next(reversed(self.waiting.values())).deadline  # keep FIFO = deadline order
+        self.waiting[request.request_id] = Waiting(request, prompt_len, deadline)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a waiting request, or free a running one at the next step; False if unknown."""
@@ -102,6 +103,8 @@ class RollingScheduler:
         for event in events:
             if event.finish_reason is not None and event.request_id in self.running:
                 left = self.running[event.request_id] = self.running[event.request_id] - 1
+                if left > 0 and event.finish_reason in ("cancelled", "error"):
+                    self._cancelled.append(event.request_id)  # its other completions end with it
                 if left <= 0 or event.finish_reason in ("cancelled", "error"):
                     del self.running[event.request_id]
         return events

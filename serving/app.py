@@ -138,10 +138,14 @@ def stream_body(
             elif kind == msg.ERR or (kind == msg.END and payload):
                 finished = True
                 log.error("Stream %s failed after the response started: %s", request_id, payload[:500])
-                text = payload.decode(errors="replace")
-                message = json.loads(text)["message"] if kind == msg.ERR else text
-                body = json.dumps(error_reply(infer.api, 500, message)[1]).encode()
-                yield b"data: " + body + b"\n\n" if sse else body + b"\n"
+                error = json.loads(payload) if kind == msg.ERR else {"code": 500, "message": payload.decode()}
+                _, body = error_reply(infer.api, error["code"], error["message"], error.get("type", ""))
+                if not sse:
+                    yield json.dumps(body).encode() + b"\n"
+                    continue
+                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                if infer.api.dialect == "openai":
+                    yield b"data: [DONE]\n\n"  # OpenAI clients stop reading only at [DONE]
             else:
                 finished = kind == msg.END
     finally:

@@ -159,6 +159,7 @@ class Broker:
             )
             self._reply_error(front, request.request_id, error)
         else:
+            request.deadline = now + self.config.predict_timeout_s
             self.queue.add(Pending(front, request), now, key=request.request_id)
             self._dispatch(now)
 

@@ -155,9 +155,10 @@ def load_config(
     model_props = {k: v for k, v in props.values.items() if not k.startswith("option.")}
     _check_download_keys({**model_props, **options})
     name = settings["model_name"] or (os.path.basename(os.path.abspath(model_dir)) if model_dir else "model")
+    settings["model_name"] = re.sub(r"\W", "_", name)  # what /ping, /v1/models and every answer say
     return ServingConfig(
         model_dir=os.path.abspath(model_dir) if model_dir else None,
-        model_name=re.sub(r"\W", "_", name),
+        model_name=settings["model_name"],
         host=host,
         port=port if port is not None else 8080,
         options=options,

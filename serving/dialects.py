@@ -15,8 +15,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-QUEUE_FULL_TYPE = "WlmCapacityException"
-"""The error type of a request refused because the bounded queue is full (serving.errors.QueueFull)."""
+from serving.errors import QueueFull
+
+QUEUE_FULL_TYPE = QueueFull.error_type
+"""The error type of a request refused because the bounded queue is full."""
 
 
 class Api(str, Enum):

@@ -15,9 +15,6 @@ class ServingError(Exception):
         if status_code is not None:
             self.status_code = status_code
 
-    def body(self) -> dict:
-        return {"code": self.status_code, "type": self.error_type, "message": self.message}
-
 
 class ConfigError(ServingError):
     """Start-up configuration is invalid; the server refuses to start."""

@@ -38,6 +38,9 @@ class InferRequest:
     content: list[tuple[str, bytes]]
     api: Api = Api.LMI
     """The route family, set once by the route: how the worker parses the body and shapes answers."""
+    deadline: float | None = None
+    """time.monotonic() (one clock for every process of the host) after which the broker has already
+    answered 504: set by the broker, so a worker that queues the request does not wait longer."""
 
 
 @dataclass

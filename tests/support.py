@@ -85,3 +85,48 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         os.unlink(self.log.name)
+
+
+def tiny_model_script():
+    """scripts/make_tiny_model.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts" / "make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def generation_models(root: Path) -> dict[str, str]:
+    """Seeded random GPT-2, T5 (with a chat template), Llama and BERT classifier checkpoints under
+    ``root``. GPT-2 and T5 use wide initialisations so greedy outputs vary from token to token, which
+    parity tests between engines need."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+    script = tiny_model_script()
+    bpe, t5_tokenizer = script.build_tokenizer("llama"), script.build_tokenizer("t5")
+    t5_tokenizer.chat_template = script.LLAMA_CHAT_TEMPLATE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        gpt2 = GPT2LMHeadModel(
+            GPT2Config(
+                n_layer=2, n_embd=32, n_head=2, vocab_size=len(bpe), n_positions=128, initializer_range=0.5,
+                bos_token_id=bpe.bos_token_id, eos_token_id=bpe.eos_token_id,
+            )
+        )  # fmt: skip
+        t5 = T5ForConditionalGeneration(
+            T5Config(
+                d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=len(t5_tokenizer),
+                initializer_factor=5.0, pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=t5_tokenizer.pad_token_id,
+            )
+        )  # fmt: skip
+    paths = {}
+    for name, model, tokenizer in (("gpt2", gpt2, bpe), ("t5", t5, t5_tokenizer)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    paths["llama"] = str(script.make_tiny_model("llama", root / "llama", seed=0))
+    paths["bert"] = str(script.make_tiny_model("bert-cls", root / "bert", seed=0))
+    return paths

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 
 from engines.base import EngineConfig, EngineLoadError, EngineStats
-from engines.rolling.engine import eos_token_ids
-from engines.rolling.sampling import sample_next
-from engines.rolling.sequence import Sequence
+from engines.sampling import sample_next
+from engines.sequence import Sequence, eos_token_ids, length_error
 from engines.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger("engines.hf")
@@ -195,13 +194,7 @@ class HfGenerateEngine:
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> str | None:
         """A message when prompt + max_new_tokens exceeds max_model_len, else None."""
-        if prompt_len + max_new_tokens > self.max_model_len:
-            return (
-                f"Input is too long: {prompt_len} prompt tokens + max_new_tokens={max_new_tokens} = "
-                f"{prompt_len + max_new_tokens} exceeds option.max_model_len={self.max_model_len}. "
-                "Shorten the prompt or lower max_new_tokens."
-            )
-        return None
+        return length_error(prompt_len, max_new_tokens, self.max_model_len)
 
     def step(self, admit: list[GenerationRequest], cancel: list[str]) -> list[TokenEvent]:
         events: list[TokenEvent] = []

@@ -14,21 +14,11 @@ import torch
 
 from engines.base import EngineStats
 from engines.llama.batch import ForwardBatch
-from engines.rolling.sampling import Sampled, sample_next
-from engines.rolling.sequence import Sequence
+from engines.sampling import Sampled, sample_next
+from engines.sequence import Sequence, length_error
 from engines.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger("engines.rolling")
-
-
-def eos_token_ids(tokenizer: Any, hf_config: Any, generation_config: Any | None) -> set[int]:
-    ids: set[int] = set()
-    for source in (generation_config, hf_config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 class RollingEngine:
@@ -59,13 +49,7 @@ class RollingEngine:
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> str | None:
         """A message when prompt + max_new_tokens cannot fit a cache slot, else None."""
-        if prompt_len + max_new_tokens > self.max_model_len:
-            return (
-                f"Input is too long: {prompt_len} prompt tokens + max_new_tokens={max_new_tokens} = "
-                f"{prompt_len + max_new_tokens} exceeds option.max_model_len={self.max_model_len}. "
-                "Shorten the prompt or lower max_new_tokens."
-            )
-        return None
+        return length_error(prompt_len, max_new_tokens, self.max_model_len)
 
     def step(self, admit: list[GenerationRequest], cancel: list[str]) -> list[TokenEvent]:
         events = [e for request_id in set(cancel) for e in self._cancel(request_id)]
@@ -141,7 +125,7 @@ class RollingEngine:
         """After completion 0's prefill: copy its prompt cache into the other completions' slots and
         let each sample its first token from the same logits row (one prefill for n completions)."""
         rows = []
-        for row, key in enumerate(keys):
+        for row, key in list(enumerate(keys)):  # a snapshot: the loop appends to keys
             for index, fork in self.forks.pop(key, []):
                 self.cache.copy_prefix(seqs[row].slot, fork.slot, len(fork.request.prompt_ids))
                 self.running[(key[0], index)] = fork

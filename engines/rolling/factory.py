@@ -11,7 +11,8 @@ import torch
 
 from engines.base import EngineConfig, EngineLoadError
 from engines.device import configure_threads, has_native_bf16, resolve_device
-from engines.rolling.engine import RollingEngine, eos_token_ids
+from engines.rolling.engine import RollingEngine
+from engines.sequence import eos_token_ids
 
 log = logging.getLogger("engines.rolling")
 

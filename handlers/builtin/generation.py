@@ -20,6 +20,7 @@ from engines.types import GenerationRequest, SamplingParams, TokenEvent
 from handlers.builtin import formats
 from handlers.builtin.formats import GENERATION_ERROR_CODE, ParsedRequest, RequestError, ResponseWriter
 from handlers.replies import AnyReply, Reply, StreamChunk, StreamEnd, StreamStart
+from serving import dialects
 from serving import messages as msg
 from serving.dialects import Api
 
@@ -34,8 +35,8 @@ class GenerationSettings:
 
     model_name: str = "model"
     max_prefill_tokens: int = 4096
-    queue_capacity: int = 1000
     timeout_s: float = 120.0
+    """How long a request may wait for room when it arrived without the broker's deadline."""
     output_formatter: str | None = None
     tgi_compat: bool = False
 
@@ -53,10 +54,10 @@ class Job:
     """Engine request ids of this job that have not finished yet."""
 
 
-def error_reply(request_id: str, api: Api, message: str, code: int) -> Reply:
-    """An error before any output: the dialect's status and body (serving.dialects)."""
-    status, body = formats.error_response(api, message, code)
-    return Reply(request_id, status, dict(JSON), body, message)
+def error_reply(request_id: str, api: Api, code: int, message: str, error_type: str = "") -> Reply:
+    """An error before any output: the dialect's status and body (serving.dialects.error_reply)."""
+    status, body = dialects.error_reply(api, code, message, error_type)
+    return Reply(request_id, status, dict(JSON), json.dumps(body).encode(), message)
 
 
 def _body(request: msg.InferRequest) -> dict:
@@ -73,7 +74,7 @@ class GenerationHandler:
         self.settings = settings
         self.capacity = engine.capacity  # the broker holds the waiting requests (job_queue_size)
         self.scheduler = RollingScheduler(
-            engine, engine.capacity, settings.max_prefill_tokens, settings.queue_capacity, settings.timeout_s
+            engine, engine.capacity, settings.max_prefill_tokens, settings.timeout_s
         )
         self.jobs: dict[str, Job] = {}
         self.owner: dict[str, tuple[str, int]] = {}
@@ -88,26 +89,27 @@ class GenerationHandler:
         try:
             bodies, listed = self._split(api, _body(request))
             prepared = [self._prepare(api, body, request.request_id) for body in bodies]
-            if listed and any(parsed.stream for parsed, *_ in prepared):
-                raise RequestError("`stream` with a list of `inputs` is not supported; send one prompt.")
+            if listed and any(w.content_type() != "application/json" for _, w, _ in prepared):
+                raise RequestError(
+                    "A list of `inputs` is answered with one JSON list: send it without `stream` (and "
+                    "without option.output_formatter=jsonlines/sse), or send one prompt per request."
+                )
         except RequestError as exc:
-            return [error_reply(request.request_id, api, str(exc), 400)]
+            return [error_reply(request.request_id, api, 400, str(exc))]
         except Exception as exc:  # e.g. a chat template rejecting the messages: answer, keep serving
             log.exception("Cannot prepare request %s", request.request_id)
-            return [error_reply(request.request_id, api, f"Cannot prepare the request: {exc}", 400)]
-        job = Job(api, [w for _, w, _ in prepared], prepared[0][0].stream, listed)
-        try:
-            for index, (_, _, generation) in enumerate(prepared):
-                if listed:
-                    generation = dataclasses.replace(generation, request_id=f"{request.request_id}#{index}")
-                self.scheduler.submit(generation, len(generation.prompt_ids))
-                self.owner[generation.request_id] = (request.request_id, index)
-                job.running.add(generation.request_id)
-        except OverflowError as exc:
-            for engine_id in job.running:
-                self.scheduler.cancel(engine_id)
-                self.owner.pop(engine_id, None)
-            return [error_reply(request.request_id, api, f"{exc}; retry later", 503)]
+            return [error_reply(request.request_id, api, 400, f"Cannot prepare the request: {exc}")]
+        writers = [w for _, w, _ in prepared]
+        # The writer decides the framing: option.output_formatter=jsonlines/sse streams on /invocations
+        # even without "stream": true, as in LMI.
+        streams = prepared[0][0].stream or writers[0].content_type() != "application/json"
+        job = Job(api, writers, streams, listed)
+        for index, (_, _, generation) in enumerate(prepared):
+            if listed:
+                generation = dataclasses.replace(generation, request_id=f"{request.request_id}#{index}")
+            self.scheduler.submit(generation, len(generation.prompt_ids), request.deadline)
+            self.owner[generation.request_id] = (request.request_id, index)
+            job.running.add(generation.request_id)
         self.jobs[request.request_id] = job
         return []
 
@@ -206,11 +208,28 @@ class GenerationHandler:
             events = self.scheduler.step()
         except Exception as exc:  # a failed forward: end every sequence in-band, keep serving
             log.exception("Engine step failed")
-            events = self.engine.abort_all(f"engine step failed: {exc}")
-            self.scheduler.reset()
+            events = self._abort_all(f"engine step failed: {exc}")
         for event in events:
-            replies.extend(self._on_event(event))
+            try:
+                replies.extend(self._on_event(event))
+            except Exception as exc:  # a bug in one request's formatting ends that request only
+                log.exception("Cannot answer request %s", event.request_id)
+                replies.extend(self._fail(event.request_id, f"Cannot format the answer: {exc}"))
         return [r for r in replies if r is not None]
+
+    def _abort_all(self, reason: str) -> list[TokenEvent]:
+        """After a failed step: the engine ends what it holds; every request the scheduler had admitted
+        gets a final event even if the engine lost track of it (no request may hang)."""
+        admitted = set(self.scheduler.running)
+        events = self.engine.abort_all(reason)
+        self.scheduler.reset()
+        ended = {e.request_id for e in events if e.finish_reason is not None}
+        return events + [TokenEvent(rid, -1, "", 0.0, "error", reason) for rid in admitted - ended]
+
+    def _fail(self, engine_id: str, message: str) -> list[AnyReply]:
+        request_id, _ = self.owner.get(engine_id, (engine_id, 0))
+        job = self.jobs.get(request_id)
+        return [] if job is None else self._end_with_error(request_id, job, message)
 
     def _expired(self, engine_id: str) -> AnyReply | None:
         request_id, _ = self.owner.get(engine_id, (engine_id, 0))
@@ -218,8 +237,11 @@ class GenerationHandler:
         if job is None:
             return None
         self._drop(request_id)  # the other prompts of a list go too: the answer is one error
-        message = "Timed out waiting for room in the rolling batch (option.predict_timeout); retry later."
-        return error_reply(request_id, job.api, message, 503)
+        message = (
+            f"The request waited option.predict_timeout={self.settings.timeout_s:g} s for room in the "
+            "batch without getting it; retry later or raise option.predict_timeout."
+        )
+        return error_reply(request_id, job.api, 504, message, "PredictTimeoutException")
 
     def _on_event(self, event: TokenEvent) -> list[AnyReply]:
         request_id, index = self.owner.get(event.request_id, (event.request_id, 0))
@@ -252,13 +274,12 @@ class GenerationHandler:
         headers = {"Content-Type": job.writers[0].content_type()}
         if not job.listed:
             return [Reply(request_id, 200, headers, tails[0])]
-        body = b"[" + b",".join(tails) + b"]"  # each LMI JSON body, as one list in prompt order
-        json.loads(body)  # a writer that is not plain JSON here is a bug; fail loudly, not the client
+        body = b"[" + b",".join(tails) + b"]"  # each prompt's JSON body (submit checked), in prompt order
         return [Reply(request_id, 200, headers, body)]
 
     def _end_with_error(self, request_id: str, job: Job, message: str) -> list[AnyReply]:
         self._drop(request_id)
         if not job.started:
-            return [error_reply(request_id, job.api, message, GENERATION_ERROR_CODE)]
+            return [error_reply(request_id, job.api, GENERATION_ERROR_CODE, message)]
         data = job.writers[0].error(message, GENERATION_ERROR_CODE)
         return [StreamChunk(request_id, data), StreamEnd(request_id)]

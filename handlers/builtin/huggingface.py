@@ -19,6 +19,7 @@ from handlers.builtin.generation import GenerationHandler, GenerationSettings
 from handlers.djl_api import Input, Output
 from handlers.replies import Reply
 from handlers.service import error_output
+from serving import dialects
 from serving import messages as msg
 from serving.dialects import Api
 
@@ -112,7 +113,9 @@ def parse_request(item: Input) -> tuple[TaskRequest, bool]:
 
 
 def bad_request(message: str) -> Output:
-    return Output().error(message, code=400, message="Bad request")
+    """The LMI dialect's 400 body (serving/dialects.py), as every other layer answers it."""
+    body = json.dumps(dialects.lmi_error(message, 400))
+    return Output(400, "Bad request").add(body).add_property("Content-Type", "application/json")
 
 
 class HuggingFaceHandler:
@@ -191,7 +194,6 @@ def generation_settings(settings: dict[str, Any]) -> GenerationSettings:
     return GenerationSettings(
         model_name=settings["model_name"] or "model",
         max_prefill_tokens=settings["max_rolling_batch_prefill_tokens"],
-        queue_capacity=settings["job_queue_size"],
         timeout_s=settings["predict_timeout"],
         output_formatter=settings["output_formatter"],
         tgi_compat=settings["tgi_compat"],

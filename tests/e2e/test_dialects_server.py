@@ -88,19 +88,15 @@ def test_openai_n_top_logprobs_and_penalties(gpt2):
     assert content
     assert all(len(t.top_logprobs) == 3 for t in content)
     assert all(t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob for t in content)
+    greedy = {"model": "m", "prompt": "hello", "max_tokens": 16, "temperature": 0, "logprobs": 0}
+    plain = api.completions.create(**greedy, extra_body={"ignore_eos": True})
     penalised = api.completions.create(
-        model="m",
-        prompt="hello",
-        max_tokens=8,
-        temperature=0,
-        presence_penalty=1.5,
-        frequency_penalty=1.0,
-        extra_body={"ignore_eos": True},
+        **greedy, presence_penalty=2.0, frequency_penalty=2.0, extra_body={"ignore_eos": True}
     )
-    plain = api.completions.create(
-        model="m", prompt="hello", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
-    )
-    assert penalised.usage.completion_tokens == plain.usage.completion_tokens == 8
+    plain_tokens, penalised_tokens = plain.choices[0].logprobs.tokens, penalised.choices[0].logprobs.tokens
+    assert len(plain_tokens) == len(penalised_tokens) == 16
+    assert len(set(plain_tokens)) < 16  # the tiny model repeats itself when greedy ...
+    assert len(set(penalised_tokens)) > len(set(plain_tokens))  # ... and the penalties push it apart
 
 
 @pytest.mark.parametrize("server", ["llama_disabled", "gpt2", "t5"])

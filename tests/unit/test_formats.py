@@ -28,11 +28,10 @@ from handlers.builtin.formats import (
     ResponseWriter,
     check_token_ids,
     create_writer,
-    error_response,
     output_mode,
     parse_request,
 )
-from serving.dialects import Api, api_for_path
+from serving.dialects import api_for_path, error_reply
 
 try:
     import openai
@@ -929,18 +928,6 @@ def test_openai_stream_error_event() -> None:
     assert payloads[1] == "[DONE]"
 
 
-def test_error_response_per_api() -> None:
-    status, body = error_response(Api.LMI, "bad", 400)
-    assert status == 400
-    assert json.loads(body) == {"code": 400, "type": "BadRequestException", "message": "bad", "error": "bad"}
-    status, body = error_response(Api.TGI_GENERATE, "bad", 400)
-    assert status == 422  # TGI's validation status
-    assert json.loads(body) == {"error": "bad", "error_type": "validation"}
-    status, body = error_response(Api.OPENAI_COMPLETIONS, "bad", 400)
-    assert status == 400
-    assert json.loads(body)["error"]["type"] == "invalid_request_error"
-
-
 # ---------------------------------------------------------------------------- the openai SDK end to end
 
 
@@ -953,8 +940,8 @@ def openai_client(events: list[TokenEvent], fail: str | None = None) -> Any:
         try:
             parsed = parse_request(request.url.path, request.content)
         except RequestError as exc:
-            status, body = error_response(api_for_path(request.url.path), str(exc), 400)
-            return httpx.Response(status, content=body, headers={"content-type": "application/json"})
+            status, body = error_reply(api_for_path(request.url.path), 400, str(exc))
+            return httpx.Response(status, json=body)
         writer = create_writer(parsed, "req-1", "test-model", PROMPT, PROMPT_TOKENS)
         body = b"".join(writer.on_event(e) for e in events)
         body += writer.error(fail, 500) if fail else writer.finish()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import ROOT
+from support import generation_models
 
 from engines import EngineConfig, create_generation_engine
 from handlers.builtin.generation import GenerationHandler, GenerationSettings
@@ -32,48 +32,8 @@ PROMPTS = (PROMPT, "Hello", "One, two, three, four, five, six, seven")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def save(model: Any, tokenizer: Any, dest: Path) -> Path:
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny) -> dict[str, Path]:
-    """Seeded random checkpoints (as in test_hf_generate_engine.py); wide initialisations so greedy
-    outputs vary from token to token. The T5 tokenizer gets a chat template so chat bodies work."""
-    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
-
-    root = tmp_path_factory.mktemp("generation-handler")
-    bpe, t5_tokenizer = tiny.build_tokenizer("llama"), tiny.build_tokenizer("t5")
-    t5_tokenizer.chat_template = tiny.LLAMA_CHAT_TEMPLATE
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        gpt2 = GPT2LMHeadModel(
-            GPT2Config(
-                n_layer=2, n_embd=32, n_head=2, vocab_size=len(bpe), n_positions=128, initializer_range=0.5,
-                bos_token_id=bpe.bos_token_id, eos_token_id=bpe.eos_token_id,
-            )
-        )  # fmt: skip
-        t5 = T5ForConditionalGeneration(
-            T5Config(
-                d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=len(t5_tokenizer),
-                initializer_factor=5.0, pad_token_id=t5_tokenizer.pad_token_id,
-                eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=t5_tokenizer.pad_token_id,
-            )
-        )  # fmt: skip
-    return {
-        "gpt2": save(gpt2, bpe, root / "gpt2"),
-        "t5": save(t5, t5_tokenizer, root / "t5"),
-        "llama": tiny.make_tiny_model("llama", root / "llama", seed=0),
-    }
+def models(tmp_path_factory) -> dict[str, str]:
+    return generation_models(tmp_path_factory.mktemp("models"))
 
 
 def create_handler(path: Path, engine: str = "hf-generate", **options: Any) -> GenerationHandler:

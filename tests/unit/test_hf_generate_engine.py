@@ -3,12 +3,9 @@ native engine, streaming one token per step, cancellation, n > 1 with seeds, per
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from support import ROOT
+from support import generation_models
 
 from engines.base import EngineConfig, EngineLoadError, GenerationEngine
 from engines.hf.generate_engine import HfGenerateEngine, create_hf_generate_engine
@@ -19,47 +16,8 @@ GREEDY = SamplingParams(max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
-def tiny_script():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def save(model, tokenizer, dest: Path) -> str:
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    return str(dest)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_script) -> dict[str, str]:
-    """Seeded random checkpoints; wide initialisations so greedy outputs vary from token to token."""
-    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
-
-    root = tmp_path_factory.mktemp("hf-generate")
-    bpe, t5_tokenizer = tiny_script.build_tokenizer("llama"), tiny_script.build_tokenizer("t5")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        gpt2 = GPT2LMHeadModel(
-            GPT2Config(
-                n_layer=2, n_embd=32, n_head=2, vocab_size=len(bpe), n_positions=128, initializer_range=0.5,
-                bos_token_id=bpe.bos_token_id, eos_token_id=bpe.eos_token_id,
-            )
-        )  # fmt: skip
-        t5 = T5ForConditionalGeneration(
-            T5Config(
-                d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=len(t5_tokenizer),
-                initializer_factor=5.0, pad_token_id=t5_tokenizer.pad_token_id,
-                eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=t5_tokenizer.pad_token_id,
-            )
-        )  # fmt: skip
-    return {
-        "gpt2": save(gpt2, bpe, root / "gpt2"),
-        "t5": save(t5, t5_tokenizer, root / "t5"),
-        "llama": str(tiny_script.make_tiny_model("llama", root / "llama", seed=0)),
-        "bert": str(tiny_script.make_tiny_model("bert-cls", root / "bert", seed=0)),
-    }
+def models(tmp_path_factory) -> dict[str, str]:
+    return generation_models(tmp_path_factory.mktemp("models"))
 
 
 def engine_for(path: str, **fields: int) -> HfGenerateEngine:

@@ -9,7 +9,7 @@ from support import ROOT
 
 from engines.base import EngineConfig, EngineLoadError
 from engines.rolling.factory import create_rolling_engine
-from engines.rolling.sequence import held_back
+from engines.sequence import held_back
 from engines.types import GenerationRequest, SamplingParams
 
 

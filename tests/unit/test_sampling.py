@@ -1,4 +1,4 @@
-"""The shared sampler (engines.rolling.sampling.sample_next) against plain reference computations."""
+"""The shared sampler (engines.sampling.sample_next) against plain reference computations."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engines.rolling.sampling import sample_next
-from engines.rolling.sequence import Sequence
+from engines.sampling import sample_next
+from engines.sequence import Sequence
 from engines.types import GenerationRequest, SamplingParams
 
 VOCAB = 16

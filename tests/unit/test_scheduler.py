@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pytest
-
 from engines.scheduler import RollingScheduler
 from engines.types import SamplingParams
 
@@ -57,8 +55,8 @@ class Clock:
         return self.now
 
 
-def make(engine=None, batch=4, prefill=100, capacity=10, timeout=5.0, clock=None):
-    return RollingScheduler(engine or FakeEngine(), batch, prefill, capacity, timeout, clock or Clock())
+def make(engine=None, batch=4, prefill=100, timeout=5.0, clock=None):
+    return RollingScheduler(engine or FakeEngine(), batch, prefill, timeout, clock or Clock())
 
 
 def test_admits_up_to_max_batch_size_and_retires_finished_at_once():
@@ -112,12 +110,31 @@ def test_admission_waits_for_free_cache_slots():
     assert engine.steps[-1][0] == ["b"]
 
 
-def test_queue_bound_raises_overflow():
-    sched = make(capacity=2)
-    sched.submit(Req("a"), 1)
-    sched.submit(Req("b"), 1)
-    with pytest.raises(OverflowError, match="queue full"):
-        sched.submit(Req("c"), 1)
+def test_a_given_deadline_wins_and_fifo_stays_deadline_ordered():
+    clock = Clock()
+    sched = make(FakeEngine(slots=0), timeout=100.0, clock=clock)
+    sched.submit(Req("broker"), 1, deadline=3.0)  # the broker's deadline, earlier than timeout_s
+    sched.submit(Req("early"), 1, deadline=1.0)  # never before the one ahead of it
+    sched.submit(Req("own"), 1)  # no deadline given: now + timeout_s
+    clock.now = 3.5
+    assert [r.request_id for r in sched.expire()] == ["broker", "early"]
+    clock.now = 100.5
+    assert [r.request_id for r in sched.expire()] == ["own"]
+
+
+def test_one_failed_completion_of_n_cancels_its_siblings():
+    class OneFails(FakeEngine):
+        def step(self, admit, cancel):
+            self.steps.append(([r.request_id for r in admit], list(cancel)))
+            return [Event("pair", "error")] if admit else [Event(rid, "cancelled") for rid in cancel]
+
+    engine = OneFails()
+    sched = make(engine)
+    sched.submit(Req("pair", 5, SamplingParams(n=2)), 1)
+    sched.step()
+    assert sched.running == {}
+    sched.step()
+    assert engine.steps[-1] == ([], ["pair"])  # the engine is told to free the other completion
 
 
 def test_waiting_requests_expire_after_the_timeout():

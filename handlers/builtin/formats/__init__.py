@@ -5,7 +5,7 @@ and TGI /generate and /generate_stream. Pure functions and classes; no HTTP fram
 """
 
 from handlers.builtin.formats.errors import RequestError
-from handlers.builtin.formats.factory import OUTPUT_FORMATTERS, create_writer, error_response, output_mode
+from handlers.builtin.formats.factory import OUTPUT_FORMATTERS, create_writer, output_mode
 from handlers.builtin.formats.lmi_request import parse_lmi
 from handlers.builtin.formats.openai_request import parse_chat, parse_completion
 from handlers.builtin.formats.parse import ROUTES, decode_body, parse_request
@@ -42,7 +42,6 @@ __all__ = [
     "check_token_ids",
     "create_writer",
     "decode_body",
-    "error_response",
     "output_mode",
     "parse_chat",
     "parse_completion",

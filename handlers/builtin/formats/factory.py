@@ -7,8 +7,7 @@ from handlers.builtin.formats.openai_chat_writer import ChatWriter
 from handlers.builtin.formats.openai_completion_writer import CompletionWriter
 from handlers.builtin.formats.request import API_CHAT, API_LMI, API_TGI, ROUTE_INVOCATIONS, ParsedRequest
 from handlers.builtin.formats.tgi_writer import TgiGenerateWriter, TgiStreamWriter
-from handlers.builtin.formats.writer import ResponseWriter, WriterContext, dumps
-from serving.dialects import Api, error_reply
+from handlers.builtin.formats.writer import ResponseWriter, WriterContext
 
 OUTPUT_FORMATTERS = ("json", "jsonlines", "sse", "json_chat", "jsonlines_chat")
 """``option.output_formatter`` values understood on /invocations (LMI's names; ``_chat`` = same framing)."""
@@ -53,10 +52,3 @@ def create_writer(
         return LmiJsonWriter(ctx) if mode == "json" else LmiStreamWriter(ctx, use_sse=mode == "sse")
     cls = ChatWriter if parsed.api == API_CHAT else CompletionWriter
     return cls(ctx, stream=mode != "json", use_sse=mode == "sse")
-
-
-def error_response(api: Api, message: str, code: int) -> tuple[int, bytes]:
-    """(status, JSON body) for a request that failed before any output, e.g. a RequestError: the
-    dialect's one error policy (serving.dialects), the same one the HTTP front and broker use."""
-    status, body = error_reply(api, code, message)
-    return status, dumps(body)

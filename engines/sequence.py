@@ -6,11 +6,33 @@ from typing import Any
 
 import torch
 
-from engines.rolling.detokenizer import IncrementalDetokenizer
+from engines.detokenizer import IncrementalDetokenizer
 from engines.types import GenerationRequest, TokenEvent
 
 SEED_MODULUS = 2**64
 """torch.Generator seeds are unsigned 64-bit; seed + index wraps around."""
+
+
+def eos_token_ids(tokenizer: Any, hf_config: Any, generation_config: Any | None) -> set[int]:
+    """Every id that ends a generation: the generation config's, the model config's, the tokenizer's."""
+    ids: set[int] = set()
+    for source in (generation_config, hf_config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def length_error(prompt_len: int, max_new_tokens: int, max_model_len: int) -> str | None:
+    """The 400 message for a request that cannot fit ``max_model_len``, naming both numbers; else None."""
+    if prompt_len + max_new_tokens <= max_model_len:
+        return None
+    return (
+        f"Input is too long: {prompt_len} prompt tokens + max_new_tokens={max_new_tokens} = "
+        f"{prompt_len + max_new_tokens} exceeds option.max_model_len={max_model_len}. "
+        "Shorten the prompt or lower max_new_tokens."
+    )
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:

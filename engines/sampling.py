@@ -18,7 +18,7 @@ from engines.types import SamplingParams
 
 
 class SamplingState(Protocol):
-    """What the sampler reads from a running sequence (engines.rolling.sequence.Sequence has it)."""
+    """What the sampler reads from a running sequence (engines.sequence.Sequence has it)."""
 
     params: SamplingParams
     generator: torch.Generator | None
