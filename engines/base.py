@@ -31,7 +31,10 @@ class EngineConfig:
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda or cuda:N; resolved by engines.device."""
     num_threads: int | None = None
-    """Torch threads for this process; None keeps torch's choice (OMP_NUM_THREADS, else the cores)."""
+    """Torch threads for this process; None: OMP_NUM_THREADS, else the physical cores split evenly
+    between ``workers``."""
+    workers: int = 1
+    """Model worker processes sharing this machine (minWorkers): they must not oversubscribe it."""
     trust_remote_code: bool = False
     revision: str | None = None
     allow_unsafe_weights: bool = False

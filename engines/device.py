@@ -75,14 +75,20 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def configure_threads(num_threads: int | None) -> int:
-    """Apply option.num_threads to torch's intra-op pool, else keep torch's own choice
-    (OMP_NUM_THREADS when set, else the physical cores). Logs and returns the count."""
+def configure_threads(num_threads: int | None, workers: int = 1) -> int:
+    """Size torch's intra-op pool: option.num_threads, else OMP_NUM_THREADS, else torch's default (the
+    physical cores) divided between the ``workers`` model processes on this machine, since two
+    workers each running a thread per core make every OpenMP barrier wait on a descheduled thread.
+    Logs and returns the count."""
     if num_threads is not None:
         torch.set_num_threads(num_threads)
         source = "option.num_threads"
     elif os.environ.get("OMP_NUM_THREADS"):
         source = "OMP_NUM_THREADS"
+    elif workers > 1:
+        cores = torch.get_num_threads()
+        torch.set_num_threads(max(1, cores // workers))
+        source = f"{cores} physical cores shared by {workers} model workers"
     else:
         source = "torch's default: the physical cores"
     count = torch.get_num_threads()

@@ -201,7 +201,7 @@ _MODEL = [
                choices=DTYPE_CHOICES),
     OptionSpec("option.num_threads", int, None,
                doc="Torch threads per model worker.",
-               shown_default="`OMP_NUM_THREADS`, else the physical cores"),
+               shown_default="`OMP_NUM_THREADS`, else physical cores / `minWorkers`"),
     OptionSpec("option.trust_remote_code", bool, False,
                doc="Allow model code from the checkpoint."),
     OptionSpec("option.allow_unsafe_weights", bool, False,

@@ -74,7 +74,7 @@ def load(config: EngineConfig) -> LoadedModel:
 
     The returned `LoadedModel.config` names the device actually chosen (never "auto")."""
     config = replace(config, device=resolve_device(config.device))
-    configure_threads(config.num_threads)
+    configure_threads(config.num_threads, config.workers)
     checkpoint = resolve_checkpoint(config)
     hf_config = _load_hf_config(checkpoint, config)
     task = resolve_task(config.task, hf_config, checkpoint)

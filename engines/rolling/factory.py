@@ -71,7 +71,7 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
 
     started = time.perf_counter()
     device = resolve_device(config.device)
-    configure_threads(config.num_threads)
+    configure_threads(config.num_threads, config.workers)
     raw = json.loads((Path(config.model_path) / "config.json").read_text())
     limit = int(raw.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
     max_model_len = config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)

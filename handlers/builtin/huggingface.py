@@ -73,6 +73,7 @@ def engine_config(properties: dict[str, str], options: dict[str, Any] | None = N
         dtype=typed["dtype"],
         device=typed["device"],
         num_threads=typed["num_threads"],
+        workers=typed["minWorkers"],
         trust_remote_code=typed["trust_remote_code"],
         revision=typed["revision"],
         allow_unsafe_weights=typed["allow_unsafe_weights"],

@@ -143,6 +143,22 @@ def test_num_threads_sets_torch_threads_and_none_keeps_them(caplog):
     assert device.configure_threads(None) == before
 
 
+def test_workers_share_the_cores_unless_threads_are_set(caplog, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="engines.device"):
+            assert device.configure_threads(None, workers=before) == 1
+        assert f"{before} physical cores shared by {before} model workers" in caplog.text
+        torch.set_num_threads(before)
+        assert device.configure_threads(None, workers=10 * before) == 1  # never below one thread
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+        assert device.configure_threads(None, workers=before) == before  # the user's choice wins
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- engines read typed EngineConfig fields -----------------------------------------------------
 
 
