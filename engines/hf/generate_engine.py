@@ -4,8 +4,9 @@ It serves the ``GenerationEngine`` contract (engines/base.py) for the models the
 cannot run (GPT-2, T5, BART, ...) and for ``option.rolling_batch=disable``.
 
 Batching policy (lockstep): the requests admitted while no batch runs become one batch (a request with
-``params.n > 1`` gives ``n`` rows). The first step prefills them together and samples one token per
-row; every later step runs one cached decode step for the whole batch. Nobody joins a running batch:
+``params.n > 1`` gives ``n`` rows). The first step prefills each distinct prompt once, copies its
+cache row to its other completions and samples one token per row; every later step runs one cached
+decode step for the whole batch. Nobody joins a running batch:
 ``free_capacity()`` is 0 until every row has finished or been cancelled, so the scheduler keeps new
 requests waiting. Finished rows are not compacted away; they keep being computed (like
 ``model.generate`` does) until the batch ends, but never emit again.
@@ -108,6 +109,10 @@ class CausalInputs:
             inputs["position_ids"] = self.positions
         return inputs
 
+    def expand(self, rows: torch.Tensor) -> None:
+        """After a prefill of distinct prompts: one mask/position row per completion."""
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+
 
 class Seq2SeqInputs:
     """Model inputs of an encoder-decoder batch: the encoder runs once, the decoder once per step."""
@@ -136,6 +141,12 @@ class Seq2SeqInputs:
 
     def decode(self, tokens: torch.Tensor) -> dict[str, Any]:
         return {**self.encoded, "decoder_input_ids": tokens[:, None]}
+
+    def expand(self, rows: torch.Tensor) -> None:
+        """After encoding distinct prompts: one encoder output and mask row per completion."""
+        outputs = self.encoded["encoder_outputs"]
+        outputs.last_hidden_state = outputs.last_hidden_state[rows]
+        self.encoded["attention_mask"] = self.encoded["attention_mask"][rows]
 
 
 @dataclass
@@ -269,11 +280,15 @@ class HfGenerateEngine:
 
     @torch.inference_mode()
     def _prefill(self) -> list[TokenEvent]:
+        """Prefill each distinct request once; its ``n`` completions then share that cache row."""
         rows = self._take_pending()
         inputs = (Seq2SeqInputs if self.is_seq2seq else CausalInputs)(self.model, self.pad_id)
-        prompts = [row.seq.request.prompt_ids for row in rows]
+        first = {row.seq.request_id: i for i, row in enumerate(r for r in rows if r.index == 0)}
+        prompts = [row.seq.request.prompt_ids for row in rows if row.index == 0]
         self.batch = Batch(rows, inputs)
-        return self._forward(inputs.prefill(prompts, self.device))
+        shared = [first[row.seq.request_id] for row in rows]
+        expand = None if len(prompts) == len(rows) else torch.tensor(shared, device=self.device)
+        return self._forward(inputs.prefill(prompts, self.device), expand)
 
     @torch.inference_mode()
     def _decode(self) -> list[TokenEvent]:
@@ -281,16 +296,22 @@ class HfGenerateEngine:
         tokens = torch.tensor([row.last_token for row in batch.rows], dtype=torch.long, device=self.device)
         return self._forward({**batch.inputs.decode(tokens), self.cache_key: batch.past})
 
-    def _forward(self, inputs: dict[str, Any]) -> list[TokenEvent]:
-        """Run the model on `inputs`, then sample and emit one token for every live row."""
+    def _forward(self, inputs: dict[str, Any], expand: torch.Tensor | None = None) -> list[TokenEvent]:
+        """Run the model on `inputs`, then sample and emit one token for every live row. ``expand``
+        maps each batch row to its row of `inputs` (a prefill of distinct prompts for n completions)."""
         batch = self.batch
         output = self.model(**inputs, use_cache=True, return_dict=True)
         fed = inputs["decoder_input_ids" if self.is_seq2seq else "input_ids"]
         batch.past, batch.length = output[self.cache_key], batch.length + fed.shape[1]
+        all_logits = output.logits
+        if expand is not None:
+            batch.past.reorder_cache(expand)  # every completion gets its own copy of the prompt's cache
+            batch.inputs.expand(expand)
+            all_logits = all_logits[expand]
         self.steps += 1
         live = batch.live()
-        picked = torch.tensor([row.seq.slot for row in live], device=output.logits.device)
-        logits = output.logits[picked, -1, :].float().cpu()  # [live rows, vocab]
+        picked = torch.tensor([row.seq.slot for row in live], device=all_logits.device)
+        logits = all_logits[picked, -1, :].float().cpu()  # [live rows, vocab]
         events = []
         picks = sample_next(logits, [row.seq for row in live], self.eos_ids)
         for row, choice in zip(live, picks, strict=True):

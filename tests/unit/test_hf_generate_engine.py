@@ -179,3 +179,31 @@ def test_factory_settings_and_refusals(models):
         engine_for(models["gpt2"], max_model_len=4096)
     with pytest.raises(EngineLoadError, match="'text-classification' model; the generate engine serves"):
         engine_for(models["bert"])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_n_completions_share_one_prefill_row_and_decode_like_n_1(models, kind):
+    """The prompt is prefilled (encoded) once per request; its completions get copies of that cache,
+    mask and encoder output. A wrong copy would make greedy completions differ from a lone request."""
+    engine = engine_for(models[kind])
+    prompt = engine.tokenizer(PROMPTS[0])["input_ids"]
+    alone = run_to_end(engine, [GenerationRequest("one", prompt, GREEDY)])
+    widths = []
+    forward = engine.model.forward
+
+    def spy(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        widths.append(len(ids) if ids is not None else len(kwargs["decoder_input_ids"]))
+        return forward(*args, **kwargs)
+
+    engine.model.forward = spy
+    other = engine.tokenizer(PROMPTS[1])["input_ids"]
+    requests = [
+        GenerationRequest("three", prompt, SamplingParams(max_new_tokens=8, n=3)),
+        GenerationRequest("other", other, GREEDY),
+    ]
+    streams = run_to_end(engine, requests)
+    assert widths[0] == 2  # two distinct prompts prefilled, not four rows
+    assert widths[1] == 4  # then every completion decodes on its own row
+    for index in range(3):
+        assert tokens_of(streams, "three", index) == tokens_of(alone, "one")
