@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from engines.base import EngineConfig, EngineLoadError, EngineStats
+from engines.hf.generate_inputs import CausalInputs, Seq2SeqInputs
 from engines.sampling import sample_next
 from engines.sequence import Sequence, eos_token_ids, length_error
 from engines.types import GenerationRequest, TokenEvent
@@ -71,82 +72,6 @@ def create_hf_generate_engine(config: EngineConfig) -> HfGenerateEngine:
         max_model_len,
     )
     return HfGenerateEngine(loaded.model, loaded.tokenizer, capacity, max_model_len)
-
-
-class CausalInputs:
-    """Model inputs of a decoder-only batch: left-padded prompts, then one token per row per step."""
-
-    def __init__(self, model: Any, pad_id: int) -> None:
-        accepted = inspect.signature(model.forward).parameters
-        self.pad_id = pad_id
-        self.takes_positions = "position_ids" in accepted
-        self.keep_last = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in accepted), None)
-        self.mask = self.positions = torch.empty(0)
-
-    def prefill(self, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        self.mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            self.mask[row, width - len(prompt) :] = 1
-        self.mask = self.mask.to(device)
-        # Left padding must not shift positions: each row counts from its first real token.
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = {"input_ids": ids.to(device), "attention_mask": self.mask}
-        if self.keep_last:  # only the last position's logits are needed: [rows, vocab], not [rows, L, vocab]
-            inputs[self.keep_last] = 1
-        return self._with_positions(inputs)
-
-    def decode(self, tokens: torch.Tensor) -> dict[str, Any]:
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], dim=1)
-        self.positions = self.positions[:, -1:] + 1
-        inputs = {"input_ids": tokens[:, None], "attention_mask": self.mask}
-        return self._with_positions(inputs)
-
-    def _with_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        if self.takes_positions:
-            inputs["position_ids"] = self.positions
-        return inputs
-
-    def expand(self, rows: torch.Tensor) -> None:
-        """After a prefill of distinct prompts: one mask/position row per completion."""
-        self.mask, self.positions = self.mask[rows], self.positions[rows]
-
-
-class Seq2SeqInputs:
-    """Model inputs of an encoder-decoder batch: the encoder runs once, the decoder once per step."""
-
-    def __init__(self, model: Any, pad_id: int) -> None:
-        self.model, self.pad_id = model, pad_id
-        start = getattr(model.generation_config, "decoder_start_token_id", None)
-        self.start_id = start if start is not None else model.config.decoder_start_token_id
-        if self.start_id is None:
-            raise EngineLoadError(f"{type(model).__name__} has no decoder_start_token_id in its config.")
-        self.encoded: dict[str, Any] = {}
-
-    def prefill(self, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
-        width = max(len(p) for p in prompts)
-        # Right padding, as HF tokenizers pad encoder inputs (BART's learned positions start at 0).
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt)
-            mask[row, : len(prompt)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        encoder_outputs = self.model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True)
-        self.encoded = {"encoder_outputs": encoder_outputs, "attention_mask": mask}
-        starts = torch.full((len(prompts), 1), self.start_id, dtype=torch.long, device=device)
-        return {**self.encoded, "decoder_input_ids": starts}
-
-    def decode(self, tokens: torch.Tensor) -> dict[str, Any]:
-        return {**self.encoded, "decoder_input_ids": tokens[:, None]}
-
-    def expand(self, rows: torch.Tensor) -> None:
-        """After encoding distinct prompts: one encoder output and mask row per completion."""
-        outputs = self.encoded["encoder_outputs"]
-        outputs.last_hidden_state = outputs.last_hidden_state[rows]
-        self.encoded["attention_mask"] = self.encoded["attention_mask"][rows]
 
 
 @dataclass
