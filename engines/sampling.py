@@ -10,7 +10,7 @@ torch.Generator when seeded. Rows are independent, so a request's output never d
 from __future__ import annotations
 
 from collections import abc
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -137,3 +137,17 @@ def top_alternatives(logprobs: torch.Tensor, wanted: list[int]) -> list[tuple[tu
     for row, row_ids, row_values in zip(rows, ids.tolist(), values.tolist(), strict=True):
         out[row] = tuple(zip(row_ids[: wanted[row]], row_values[: wanted[row]], strict=True))
     return out
+
+
+def prompt_token_logprobs(
+    logits: torch.Tensor, prompt_ids: abc.Sequence[int], tokenizer: Any
+) -> tuple[tuple[int, str, float | None], ...]:
+    """(id, text, log-probability) per prompt token; ``logits[i]`` ([len(prompt) - 1, vocab]) is the
+    model's prediction after token i, so token i + 1 is scored by it and the first token by nothing."""
+    ids = list(prompt_ids)
+    texts = [tokenizer.decode([token]) for token in ids]
+    if len(ids) < 2:
+        return tuple((t, text, None) for t, text in zip(ids, texts, strict=True))
+    logprobs = torch.log_softmax(logits.float(), -1)
+    scored = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    return ((ids[0], texts[0], None), *zip(ids[1:], texts[1:], scored, strict=True))

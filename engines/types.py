@@ -20,6 +20,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_new_tokens: int = 0
     """EOS and ``stop_token_ids`` are blocked until this many tokens were generated."""
+    prompt_logprobs: bool = False
+    """Report each prompt token's log-probability given the tokens before it (LMI/TGI
+    ``decoder_input_details``); causal models only, on the first event of completion 0."""
     n: int = 1
     """Completions the client gets back (OpenAI/vLLM ``n``)."""
     best_of: int | None = None
@@ -65,6 +68,9 @@ class TokenEvent:
     error: str | None = None
     index: int = 0
     """Which of the request's ``n`` completions this token belongs to."""
+    prompt_tokens: tuple[tuple[int, str, float | None], ...] = ()
+    """(id, text, log-probability) of every prompt token (the first has none), on the first event of
+    completion 0 when ``params.prompt_logprobs`` asked for them."""
     top_logprobs: tuple[tuple[int, float], ...] = ()
     """The ``params.top_logprobs`` most likely tokens (token id, log-probability), most likely first.
 

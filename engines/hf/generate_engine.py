@@ -23,7 +23,7 @@ import torch
 
 from engines.base import EngineConfig, EngineLoadError, EngineStats
 from engines.hf.generate_inputs import CausalInputs, Seq2SeqInputs
-from engines.sampling import sample_next
+from engines.sampling import prompt_token_logprobs, sample_next
 from engines.sequence import Sequence, eos_token_ids, length_error
 from engines.types import GenerationRequest, TokenEvent
 
@@ -213,7 +213,14 @@ class HfGenerateEngine:
         self.batch = Batch(rows, inputs)
         shared = [first[row.seq.request_id] for row in rows]
         expand = None if len(prompts) == len(rows) else torch.tensor(shared, device=self.device)
-        return self._forward(inputs.prefill(prompts, self.device), expand)
+        scored = {} if self.is_seq2seq else {first[r.seq.request_id]: r.seq for r in rows if r.index == 0}
+        scored = {u: seq for u, seq in scored.items() if seq.params.prompt_logprobs}
+        return self._forward(inputs.prefill(prompts, self.device, bool(scored)), expand, scored)
+
+    def _prompt_tokens(self, logits: torch.Tensor, seq: Sequence) -> tuple:
+        """Prompt log-probabilities from one left-padded row of logits [width, vocab]."""
+        ids = seq.request.prompt_ids
+        return prompt_token_logprobs(logits[logits.shape[0] - len(ids) : -1], ids, self.tokenizer)
 
     @torch.inference_mode()
     def _decode(self) -> list[TokenEvent]:
@@ -221,7 +228,9 @@ class HfGenerateEngine:
         tokens = torch.tensor([row.last_token for row in batch.rows], dtype=torch.long, device=self.device)
         return self._forward({**batch.inputs.decode(tokens), self.cache_key: batch.past})
 
-    def _forward(self, inputs: dict[str, Any], expand: torch.Tensor | None = None) -> list[TokenEvent]:
+    def _forward(
+        self, inputs: dict[str, Any], expand: torch.Tensor | None = None, scored: dict | None = None
+    ) -> list[TokenEvent]:
         """Run the model on `inputs`, then sample and emit one token for every live row. ``expand``
         maps each batch row to its row of `inputs` (a prefill of distinct prompts for n completions)."""
         batch = self.batch
@@ -229,6 +238,9 @@ class HfGenerateEngine:
         fed = inputs["decoder_input_ids" if self.is_seq2seq else "input_ids"]
         batch.past, batch.length = output[self.cache_key], batch.length + fed.shape[1]
         all_logits = output.logits
+        prompts = {
+            seq.request_id: self._prompt_tokens(all_logits[u], seq) for u, seq in (scored or {}).items()
+        }
         if expand is not None:
             batch.past.reorder_cache(expand)  # every completion gets its own copy of the prompt's cache
             batch.inputs.expand(expand)
@@ -242,6 +254,8 @@ class HfGenerateEngine:
         for row, choice in zip(live, picks, strict=True):
             event = row.seq.append(*choice)
             event.index, row.last_token = row.index, choice.token_id
+            if row.index == 0:
+                event.prompt_tokens = prompts.get(row.seq.request_id, ())
             row.done = event.finish_reason is not None
             events.append(event)
         return events

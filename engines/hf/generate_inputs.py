@@ -21,7 +21,10 @@ class CausalInputs:
         self.keep_last = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in accepted), None)
         self.mask = self.positions = torch.empty(0)
 
-    def prefill(self, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
+    def prefill(
+        self, prompts: list[list[int]], device: torch.device, every_position: bool = False
+    ) -> dict[str, Any]:
+        """``every_position``: logits for the whole prompt (prompt log-probabilities), not the last."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         self.mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -32,7 +35,7 @@ class CausalInputs:
         # Left padding must not shift positions: each row counts from its first real token.
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         inputs = {"input_ids": ids.to(device), "attention_mask": self.mask}
-        if self.keep_last:  # only the last position's logits are needed: [rows, vocab], not [rows, L, vocab]
+        if self.keep_last and not every_position:  # the last position's logits only: [rows, 1, vocab]
             inputs[self.keep_last] = 1
         return self._with_positions(inputs)
 
@@ -63,7 +66,10 @@ class Seq2SeqInputs:
             raise EngineLoadError(f"{type(model).__name__} has no decoder_start_token_id in its config.")
         self.encoded: dict[str, Any] = {}
 
-    def prefill(self, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
+    def prefill(
+        self, prompts: list[list[int]], device: torch.device, every_position: bool = False
+    ) -> dict[str, Any]:
+        """``every_position`` is ignored: an encoder-decoder scores no prompt tokens."""
         width = max(len(p) for p in prompts)
         # Right padding, as HF tokenizers pad encoder inputs (BART's learned positions start at 0).
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)

@@ -133,15 +133,18 @@ class LlamaModel(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: SlotKVCache) -> torch.Tensor:
-        """Run one step; returns float32 logits [num_seqs, vocab] for each sequence's last new token."""
+    def forward(
+        self, batch: ForwardBatch, cache: SlotKVCache, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run one step; returns float32 logits [num_seqs, vocab] for each sequence's last new token,
+        or for the packed token ``rows`` given (prompt log-probabilities need more than the last)."""
         if max(batch.context_lens) > self.max_model_len:
             raise ValueError(f"A sequence exceeds max_model_len={self.max_model_len}")
         x = functional.embedding(batch.token_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]  # [T, head_dim], once
         for layer, cache_k, cache_v in zip(self.layers, cache.keys, cache.values, strict=True):
             x = layer(x, batch, cache_k, cache_v, cos, sin)
-        last = self.norm(x[batch.last_rows])  # [num_seqs, hidden]
+        last = self.norm(x[batch.last_rows if rows is None else rows])  # [num_seqs, hidden]
         return self.lm_head(last).float()
 
     def pack(self) -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from engines.base import EngineStats
 from engines.llama.batch import ForwardBatch
-from engines.sampling import Sampled, sample_next
+from engines.sampling import Sampled, prompt_token_logprobs, sample_next
 from engines.sequence import Sequence, length_error
 from engines.types import GenerationRequest, TokenEvent
 
@@ -99,14 +99,20 @@ class RollingEngine:
         keys, seqs = list(self.running), list(self.running.values())
         started = time.perf_counter()
         batch = ForwardBatch.build([(s.slot, *s.next_input()) for s in seqs], self.device)
-        logits = self.model(batch, self.cache).float().cpu()  # [num_seqs, vocab] float32
+        scored = self._prompt_rows(seqs, batch)
+        if scored:  # logits for the prompt positions too, after the last rows
+            extra = torch.cat([rows for _, rows in scored])
+            logits = self.model(batch, self.cache, torch.cat([batch.last_rows, extra])).float().cpu()
+            prompts, logits = self._prompt_tokens(seqs, scored, logits[len(seqs) :]), logits[: len(seqs)]
+        else:
+            prompts, logits = {}, self.model(batch, self.cache).float().cpu()  # [num_seqs, vocab]
         self.steps += 1
         if self.forks:
             keys, seqs, logits = self._fork(keys, seqs, logits)
         events = []
         for key, seq, picked in zip(keys, seqs, self._sample(seqs, logits), strict=True):
             event = seq.append(*picked)
-            event.index = key[1]
+            event.index, event.prompt_tokens = key[1], prompts.get(key, ())
             if event.finish_reason is not None:
                 self.running.pop(key, None)
                 self.cache.free(seq.slot)
@@ -118,6 +124,29 @@ class RollingEngine:
             (time.perf_counter() - started) * 1000,
         )
         return events
+
+    @staticmethod
+    def _prompt_rows(seqs: list[Sequence], batch: ForwardBatch) -> list[tuple[int, torch.Tensor]]:
+        """(position in seqs, packed rows of its prompt but the last) for prefills that asked for
+        prompt log-probabilities."""
+        out, start = [], 0
+        for i, (seq, length) in enumerate(zip(seqs, batch.query_lens, strict=True)):
+            if seq.params.prompt_logprobs and seq.num_cached == 0 and length > 1:
+                out.append((i, torch.arange(start, start + length - 1, device=batch.token_ids.device)))
+            start += length
+        return out
+
+    def _prompt_tokens(
+        self, seqs: list[Sequence], scored: list[tuple[int, torch.Tensor]], logits: torch.Tensor
+    ) -> dict[tuple[str, int], tuple]:
+        out, offset = {}, 0
+        for i, rows in scored:
+            chunk = logits[offset : offset + len(rows)]
+            offset += len(rows)
+            out[(seqs[i].request_id, 0)] = prompt_token_logprobs(
+                chunk, seqs[i].request.prompt_ids, self.tokenizer
+            )
+        return out
 
     def _fork(
         self, keys: list[tuple[str, int]], seqs: list[Sequence], logits: torch.Tensor

@@ -131,6 +131,8 @@ class GenerationHandler:
         parsed = formats.parse_request(route.value, body)
         prompt_text, prompt_ids = self._tokenize(parsed)
         params = self._fit_default_length(parsed, len(prompt_ids))
+        if parsed.decoder_input_details:
+            params = dataclasses.replace(params, prompt_logprobs=True)
         formats.check_token_ids(params, len(self.tokenizer))
         if params.num_sequences > self.engine.capacity:
             raise RequestError(

@@ -108,6 +108,11 @@ def test_tgi_client_generate_and_stream(server, request):
     streamed = list(tgi.generate_stream("hello", max_new_tokens=4))
     assert "".join(r.token.text for r in streamed if not r.token.special) == answer.generated_text
     assert streamed[-1].generated_text == answer.generated_text
+    if server != "t5":  # decoder_input_details: the prompt tokens scored (an encoder input is not)
+        prefill = tgi.generate("a b c", max_new_tokens=1, decoder_input_details=True).details.prefill
+        assert len(prefill) >= 3
+        assert prefill[0].logprob is None
+        assert all(t.logprob is not None and t.logprob <= 0 for t in prefill[1:])
 
 
 @pytest.mark.parametrize("server", ["llama_disabled", "gpt2", "t5"])

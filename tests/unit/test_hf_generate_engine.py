@@ -207,3 +207,39 @@ def test_n_completions_share_one_prefill_row_and_decode_like_n_1(models, kind):
     assert widths[1] == 4  # then every completion decodes on its own row
     for index in range(3):
         assert tokens_of(streams, "three", index) == tokens_of(alone, "one")
+
+
+def reference_prompt_logprobs(path: str, prompt: list[int]) -> list[float]:
+    """log p(token i | tokens before it) from one plain transformers forward, i >= 1."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), -1)
+    return [float(logprobs[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+
+
+@pytest.mark.parametrize("engine_name", ["hf-generate", "native"])
+def test_prompt_logprobs_match_a_plain_forward(models, engine_name):
+    """decoder_input_details: both engines score every prompt token like one plain forward does,
+    also when the prompt shares a (left-padded) batch with a longer one."""
+    from engines.rolling.factory import create_rolling_engine
+
+    path = models["llama"]
+    engine = (
+        engine_for(path)
+        if engine_name == "hf-generate"
+        else create_rolling_engine(EngineConfig(path, dtype="fp32", max_model_len=64))
+    )
+    short, long = (engine.tokenizer(p)["input_ids"] for p in (PROMPTS[0], PROMPTS[2]))
+    asked = SamplingParams(max_new_tokens=2, prompt_logprobs=True)
+    events = engine.step(
+        [GenerationRequest("short", short, asked), GenerationRequest("long", long, GREEDY)], []
+    )
+    first = next(e for e in events if e.request_id == "short")
+    assert [t for t, _, _ in first.prompt_tokens] == short
+    assert first.prompt_tokens[0][2] is None
+    ours = [lp for _, _, lp in first.prompt_tokens[1:]]
+    assert ours == pytest.approx(reference_prompt_logprobs(path, short), abs=1e-4)
+    assert next(e for e in events if e.request_id == "long").prompt_tokens == ()  # not asked for

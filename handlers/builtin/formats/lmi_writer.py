@@ -59,7 +59,7 @@ class _LmiWriter(ResponseWriter):
             if self.parsed.params.top_logprobs:
                 details["top_tokens"] = [self._top_tokens(t) for t in choice.tokens]
         if self.parsed.decoder_input_details or (compat and with_tokens):
-            details["prefill"] = []  # prompt-token log-probabilities are not computed by the rolling engine
+            details["prefill"] = self.prefill
         if compat:
             details["seed"] = self.parsed.params.seed if self.parsed.params.do_sample else None
         return details

@@ -29,7 +29,7 @@ class _TgiWriter(ResponseWriter):
 
 
 class TgiGenerateWriter(_TgiWriter):
-    """``/generate``: one JSON object; ``details`` (with prefill, always empty here) when requested.
+    """``/generate``: one JSON object; ``details`` (``prefill`` with decoder_input_details) when requested.
 
     With best_of > 1 the best completion (highest summed log-probability) is the answer and the others
     are ``details.best_of_sequences``, as TGI returns them.
@@ -57,7 +57,7 @@ class TgiGenerateWriter(_TgiWriter):
             "finish_reason": tgi_finish(choice.finish_reason),
             "generated_tokens": len(choice.tokens),
             "seed": self._seed(),
-            "prefill": [],
+            "prefill": self.prefill,
             "tokens": [tgi_token(t) for t in choice.tokens],
         }
         if self.parsed.params.top_logprobs:

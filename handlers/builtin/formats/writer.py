@@ -108,6 +108,8 @@ class ResponseWriter(ABC):
         self.ctx = ctx
         self.parsed = ctx.parsed
         self.choices = [Choice(i) for i in range(ctx.parsed.params.num_sequences)]
+        self.prefill: list[dict[str, Any]] = []
+        """TGI/LMI ``details.prefill``: the prompt tokens with their log-probabilities, when asked."""
         self.error_code: int | None = None
         """Set by ``error``; a worker that has sent nothing yet can use it as the HTTP status."""
         self.started = False
@@ -173,6 +175,11 @@ class ResponseWriter(ABC):
         choice = self.choices[event.index]
         if choice.finish_reason is not None:
             return b""
+        if event.prompt_tokens:
+            self.prefill = [
+                {"id": token, "text": text, "logprob": finite(logprob)}
+                for token, text, logprob in event.prompt_tokens
+            ]
         tok = None
         if event.token_id >= 0:
             tok = token_of(event, self.parsed.params.top_logprobs)
