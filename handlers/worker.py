@@ -123,9 +123,13 @@ class Worker:
 class GenerationWorker:
     """Continuous batching: take requests whenever they come, run one engine step per loop."""
 
+    STATS_INTERVAL_S = 30.0
+
     def __init__(self, sock: zmq.Socket, handler: GenerationHandler) -> None:
         self.sock = sock
         self.handler = handler
+        self._stats_at = time.monotonic()
+        self._stats_steps = 0
 
     def serve_forever(self) -> None:
         while True:
@@ -133,6 +137,24 @@ class GenerationWorker:
                 self._receive()
             if self.handler.has_work():
                 self._send(self.handler.step())
+            if time.monotonic() - self._stats_at >= self.STATS_INTERVAL_S:
+                self._log_stats()
+
+    def _log_stats(self) -> None:
+        """What the engine holds, every STATS_INTERVAL_S while it works: the operator's view of load."""
+        now, stats = time.monotonic(), self.handler.engine.stats()
+        rate = (stats.steps - self._stats_steps) / (now - self._stats_at)
+        self._stats_at, self._stats_steps = now, stats.steps
+        if rate > 0:
+            log.info(
+                "engine: %d/%d sequences, %d/%d cache tokens, %.1f steps/s, %d waiting",
+                stats.running,
+                stats.capacity,
+                stats.cache_tokens_used,
+                stats.cache_tokens_total,
+                rate,
+                len(self.handler.scheduler.waiting),
+            )
 
     def _receive(self) -> None:
         replies: list[AnyReply] = []

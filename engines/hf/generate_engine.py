@@ -161,9 +161,8 @@ class HfGenerateEngine:
     def stats(self) -> EngineStats:
         rows = len(self.batch.rows) if self.batch else 0
         length = self.batch.length if self.batch else 0
-        return EngineStats(
-            running=rows, capacity=self.capacity, cache_tokens_used=rows * length, steps=self.steps
-        )
+        total = self.capacity * self.max_model_len  # the most a batch's cache can hold
+        return EngineStats(rows, self.capacity, rows * length, total, self.steps)
 
     def _invalid(self, request: GenerationRequest) -> str | None:
         """Why this request cannot run here, or None; checked before it can disturb a batch."""

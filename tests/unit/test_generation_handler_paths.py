@@ -73,8 +73,10 @@ class ScriptedEngine:
         self.running.clear()
         return [TokenEvent(rid, -1, "", 0.0, "error", reason, index=i) for rid, i in keys]
 
+    steps = 0
+
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.running), self.capacity)
+        return EngineStats(len(self.running), self.capacity, steps=self.steps)
 
 
 def make(engine: ScriptedEngine | None = None, **settings) -> tuple[GenerationHandler, ScriptedEngine]:
@@ -211,3 +213,20 @@ def test_a_burst_larger_than_the_slots_waits_in_the_worker_and_is_all_served():
     assert sorted(r.request_id for r in replies) == sorted(f"r{i}" for i in range(10))
     assert all(r.code == 200 for r in replies)
     assert_clean(handler, engine)
+
+
+def test_the_worker_logs_what_the_engine_holds_while_it_works(caplog):
+    import logging
+
+    from handlers.worker import GenerationWorker
+
+    handler, engine = make(ScriptedEngine(tokens=10))
+    worker = GenerationWorker(None, handler)  # no socket needed to log
+    handler.submit(request("r", {**LMI, "parameters": {"max_new_tokens": 10}}))
+    handler.step()
+    handler.step()
+    engine.steps = 2
+    worker._stats_at -= 1.0
+    with caplog.at_level(logging.INFO, logger="handlers.worker"):
+        worker._log_stats()
+    assert "engine: 1/4 sequences" in caplog.text
