@@ -127,8 +127,7 @@ class GenerationHandler:
         self, api: Api, body: dict, request_id: str
     ) -> tuple[ParsedRequest, ResponseWriter, GenerationRequest]:
         tgi_compat = self.settings.tgi_compat or api is Api.TGI_COMPAT
-        route = Api.LMI if api is Api.TGI_COMPAT else api
-        parsed = formats.parse_request(route.value, body)
+        parsed = formats.parse_request(api, body)
         prompt_text, prompt_ids = self._tokenize(parsed)
         params = self._fit_default_length(parsed, len(prompt_ids))
         if parsed.decoder_input_details:

@@ -8,7 +8,7 @@ from handlers.builtin.formats.errors import RequestError
 from handlers.builtin.formats.factory import OUTPUT_FORMATTERS, create_writer, output_mode
 from handlers.builtin.formats.lmi_request import parse_lmi
 from handlers.builtin.formats.openai_request import parse_chat, parse_completion
-from handlers.builtin.formats.parse import ROUTES, decode_body, parse_request
+from handlers.builtin.formats.parse import decode_body, parse_request
 from handlers.builtin.formats.request import (
     API_CHAT,
     API_COMPLETION,
@@ -32,7 +32,6 @@ __all__ = [
     "APIS",
     "GENERATION_ERROR_CODE",
     "OUTPUT_FORMATTERS",
-    "ROUTES",
     "ROUTE_INVOCATIONS",
     "ROUTE_TGI",
     "ROUTE_V1",

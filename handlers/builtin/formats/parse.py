@@ -1,4 +1,4 @@
-"""One entry point from (route, body) to a ParsedRequest, so the worker needs no per-API branching."""
+"""One entry point from (API, body) to a ParsedRequest, so the worker needs no per-API branching."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from handlers.builtin.formats.lmi_request import parse_lmi
 from handlers.builtin.formats.openai_request import parse_chat, parse_completion
 from handlers.builtin.formats.request import ParsedRequest
 from handlers.builtin.formats.tgi_request import parse_tgi
-
-ROUTES = ("invocations", "v1/completions", "v1/chat/completions", "generate", "generate_stream")
+from serving.dialects import Api
 
 
 def decode_body(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
@@ -27,20 +26,17 @@ def decode_body(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-def parse_request(route: str, body: bytes | str | dict[str, Any]) -> ParsedRequest:
-    """Parse a body for ``route`` (see ROUTES; leading "/" optional).
+def parse_request(api: Api, body: bytes | str | dict[str, Any]) -> ParsedRequest:
+    """Parse a body for the route's ``api`` (serving.dialects.Api, set once by the route).
 
     /v1/chat/completions without ``messages`` is read as an LMI body, as DJL-Serving routes it like
-    /invocations.
+    /invocations; TGI's root route (``Api.TGI_COMPAT``) takes LMI bodies too.
     """
-    route = route.strip("/")
     data = decode_body(body)
-    if route == "invocations" or (route == "v1/chat/completions" and "messages" not in data):
+    if api in (Api.LMI, Api.TGI_COMPAT) or (api is Api.OPENAI_CHAT and "messages" not in data):
         return parse_lmi(data)
-    if route == "v1/chat/completions":
+    if api is Api.OPENAI_CHAT:
         return parse_chat(data)
-    if route == "v1/completions":
+    if api is Api.OPENAI_COMPLETIONS:
         return parse_completion(data)
-    if route in ("generate", "generate_stream"):
-        return parse_tgi(data, stream=route == "generate_stream")
-    raise ValueError(f"unknown route {route!r}; expected one of {', '.join(ROUTES)}")
+    return parse_tgi(data, stream=api is Api.TGI_STREAM)
