@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from serving.artifacts import FetchOptions, fetch
 from serving.artifacts.fetch import ARCHIVE_SUFFIXES, source_kind
@@ -27,8 +28,12 @@ def _archive_in(model_dir: str | None) -> str | None:
     return os.path.join(model_dir, archives[0]) if len(archives) == 1 else None
 
 
-def localize_model(properties: dict[str, str], model_dir: str | None) -> dict[str, str]:
-    """`properties` with model_id naming a local folder whenever the model came from S3 or an archive."""
+def localize_model(
+    properties: dict[str, str], model_dir: str | None, settings: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """`properties` with model_id naming a local folder whenever the model came from S3 or an archive.
+
+    ``settings``: the typed values the server validated (the worker spec); else parsed from properties."""
     source = properties.get("model_id") or properties.get("s3url")
     if source and model_dir and not source.startswith("s3://") and not os.path.isabs(source):
         relative = os.path.join(model_dir, source)
@@ -36,6 +41,7 @@ def localize_model(properties: dict[str, str], model_dir: str | None) -> dict[st
     source = source or _archive_in(model_dir)
     if not source or source_kind(source) not in ("s3", "archive"):
         return properties
-    local = fetch(source, FetchOptions.from_properties(properties))
+    options = FetchOptions.from_settings(settings) if settings else FetchOptions.from_properties(properties)
+    local = fetch(source, options)
     log.info("Model %s is at %s", source, local)
     return {**properties, "model_id": str(local)}

@@ -55,7 +55,7 @@ class HandlerService:
     def initialize(self) -> None:
         from handlers.artifacts import localize_model
 
-        self.properties = localize_model(self.properties, self.model_dir)
+        self.properties = localize_model(self.properties, self.model_dir, self.settings)
         entry = loader.resolve_entry_point(self.model_dir, self.properties)
         log.info("Loading entry point %s", entry)
         module = loader.load_entry_point(entry)

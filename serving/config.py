@@ -119,16 +119,6 @@ def _validate(settings: dict[str, Any]) -> None:
         )
 
 
-def _check_download_keys(props: dict[str, str]) -> None:
-    """Bad download settings stop start-up here, not minutes later inside a model worker."""
-    from serving.artifacts import FetchOptions
-
-    try:
-        FetchOptions.from_properties(props)
-    except ValueError as exc:
-        raise ConfigError(f"Invalid download setting: {exc}. Fix or remove it.") from None
-
-
 def load_config(
     model_dir: str | None,
     environ: Mapping[str, str] | None = None,
@@ -153,7 +143,6 @@ def load_config(
     _validate(settings)
     options = {k[len("option.") :]: v for k, v in props.values.items() if k.startswith("option.")}
     model_props = {k: v for k, v in props.values.items() if not k.startswith("option.")}
-    _check_download_keys({**model_props, **options})
     name = settings["model_name"] or (os.path.basename(os.path.abspath(model_dir)) if model_dir else "model")
     settings["model_name"] = re.sub(r"\W", "_", name)  # what /ping, /v1/models and every answer say
     return ServingConfig(

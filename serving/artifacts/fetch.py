@@ -6,11 +6,12 @@ import importlib
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from serving.artifacts.errors import ArtifactError
-from serving.artifacts.selection import parse_patterns
 
 log = logging.getLogger("serving.artifacts")
 
@@ -58,35 +59,30 @@ class FetchOptions:
         return url + ("?" + "&".join(parts) if parts else "")
 
     @classmethod
-    def from_properties(cls, props: dict[str, str]) -> FetchOptions:
-        """Parse and check the download keys once; ValueError names the bad key."""
-
-        def number(key: str, default: float, kind: type) -> float:
-            raw = props.get(key)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = kind(raw)
-            except ValueError:
-                value = 0
-            if value <= 0:
-                raise ValueError(f"{key}={raw!r} must be a positive number")
-            return value
-
-        from serving.config import DEFAULT_MODEL_LOADING_TIMEOUT_S
-
-        loading = number("model_loading_timeout", DEFAULT_MODEL_LOADING_TIMEOUT_S, float)
+    def from_settings(cls, settings: Mapping[str, Any]) -> FetchOptions:
+        """From the typed values of the option declaration (serving/options.py), parsed there once."""
         return cls(
-            download_dir=props.get("download_dir") or None,
-            allow_patterns=parse_patterns(props.get("allow_patterns")),
-            ignore_patterns=parse_patterns(props.get("ignore_patterns")),
-            revision=props.get("revision") or None,
-            timeout_s=number("download_timeout", 0.9 * loading, float),
-            workers=int(number("download_workers", 32, int)),
-            retries=int(number("download_retries", 3, int)),
-            allow_unsafe_weights=props.get("allow_unsafe_weights", "false").strip().lower()
-            in ("true", "1", "yes"),
+            download_dir=settings["download_dir"],
+            allow_patterns=settings["allow_patterns"],
+            ignore_patterns=settings["ignore_patterns"],
+            revision=settings["revision"],
+            timeout_s=settings["download_timeout"] or 0.9 * settings["model_loading_timeout"],
+            workers=settings["download_workers"],
+            retries=settings["download_retries"],
+            allow_unsafe_weights=settings["allow_unsafe_weights"],
         )
+
+    @classmethod
+    def from_properties(cls, props: Mapping[str, str]) -> FetchOptions:
+        """From string properties (``lmi pull``, DJL entry points), through the same declaration;
+        ValueError names the bad key, its value and the fix."""
+        from serving.errors import ConfigError
+        from serving.options import settings_from_properties  # it imports this package
+
+        try:
+            return cls.from_settings(settings_from_properties(props))
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
 
 def source_kind(source: str) -> str | None:

@@ -63,7 +63,7 @@ def test_patterns_parse_from_csv_or_json_and_bad_values_name_the_key():
     assert parse_patterns("") is None
     with pytest.raises(ValueError, match="not a JSON list"):
         parse_patterns("[*.json")
-    with pytest.raises(ValueError, match="download_timeout='soon' must be a positive number"):
+    with pytest.raises(ValueError, match="Invalid value 'soon' for option.download_timeout"):
         FetchOptions.from_properties({"download_timeout": "soon"})
     assert FetchOptions.from_properties({"model_loading_timeout": "100"}).timeout_s == pytest.approx(90)
 
@@ -179,6 +179,18 @@ def test_a_new_download_merges_into_a_users_folder_with_nested_files(tmp_path):
 def test_fetch_options_must_be_positive():
     with pytest.raises(ValueError, match="must be positive"):
         FetchOptions(retries=0)
+
+
+def test_fetch_options_come_from_the_typed_settings_of_the_config(tmp_path):
+    """The worker builds its download options from the values load_config parsed, not from strings."""
+    from serving.config import load_config
+
+    environ = {"OPTION_MODEL_LOADING_TIMEOUT": "100", "OPTION_ALLOW_PATTERNS": "*.json, *.safetensors"}
+    options = FetchOptions.from_settings(load_config(str(tmp_path), environ).settings)
+    assert options.timeout_s == pytest.approx(90)  # 0.9 x model_loading_timeout by default
+    assert options.allow_patterns == ("*.json", "*.safetensors")
+    environ["OPTION_DOWNLOAD_TIMEOUT"] = "30"
+    assert FetchOptions.from_settings(load_config(str(tmp_path), environ).settings).timeout_s == 30
 
 
 def test_only_connection_failures_fall_back_to_the_hub_cache():
