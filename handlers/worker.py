@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         sock.close()
         sys.exit(3)
     generation = service.generation_handler
-    capacity = generation.capacity if generation is not None else 0
+    # The broker holds what waits beyond this (job_queue_size) and sends a request when there is room.
+    capacity = generation.engine.capacity if generation is not None else 0
     sock.send_multipart([msg.READY, json.dumps({"rolling_capacity": capacity}).encode()])
     if generation is not None:
         GenerationWorker(sock, generation).serve_forever()

@@ -72,7 +72,6 @@ class GenerationHandler:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.settings = settings
-        self.capacity = engine.capacity  # the broker holds the waiting requests (job_queue_size)
         self.scheduler = RollingScheduler(
             engine, engine.capacity, settings.max_prefill_tokens, settings.timeout_s
         )
@@ -189,10 +188,10 @@ class GenerationHandler:
 
         def collect(batch: list[AnyReply]) -> None:
             for reply in batch:
-                if isinstance(reply, (Reply, StreamStart)):
+                if isinstance(reply, Reply):
+                    replies[reply.request_id] = reply
+                elif isinstance(reply, StreamStart):
                     replies[reply.request_id] = Reply(reply.request_id, reply.code, reply.headers)
-                    if isinstance(reply, Reply):
-                        replies[reply.request_id] = reply
                 elif isinstance(reply, StreamChunk):
                     replies[reply.request_id].body += reply.data
 
