@@ -250,3 +250,54 @@ def test_invocations_with_another_model_name_is_404(client: FlaskClient):
 )
 def test_guess_mimetype(body: object, mimetype: str):
     assert guess_mimetype(body) == mimetype  # type: ignore[arg-type]
+
+
+# ---- errors after a stream has started ------------------------------------------------------------
+
+
+class ScriptedBroker:
+    """Replays broker frames for one request, as serving.client.BrokerClient.events yields them."""
+
+    def __init__(self, frames: list[tuple[bytes, bytes]]) -> None:
+        self.frames, self.cancelled = frames, []
+
+    def events(self, request: object):  # noqa: ANN201 - mirrors BrokerClient.events
+        yield from self.frames
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "expected"),
+    [
+        (
+            "/v1/completions",
+            "text/event-stream",
+            b'data: {"error": {"message": "too slow", "type": "server_error", "param": null, "code": 504}}'
+            b"\n\ndata: [DONE]\n\n",
+        ),
+        (
+            "/generate_stream",
+            "text/event-stream",
+            b'data: {"error": "too slow", "error_type": "generation"}\n\n',
+        ),
+        (
+            "/invocations",
+            "application/jsonlines",
+            b'{"code": 504, "type": "PredictTimeoutException", "message": "too slow", "error": "too slow"}\n',
+        ),
+    ],
+)
+def test_a_broker_error_mid_stream_keeps_its_status_in_the_dialect_and_framing(path, content_type, expected):
+    from serving import messages as msg
+
+    head = msg.InferResponse(200, "OK", {"Content-Type": content_type})
+    error = json.dumps({"code": 504, "type": "PredictTimeoutException", "message": "too slow"}).encode()
+    broker = ScriptedBroker([(msg.START, msg.dumps(head)), (msg.CHUNK, b"first\n"), (msg.ERR, error)])
+    app = create_app(ServingConfig(model_dir=None), broker)  # type: ignore[arg-type]
+    body = {"prompt": "x", "stream": True} if path.startswith("/v1") else {"inputs": "x", "stream": True}
+    response = app.test_client().post(path, json=body)
+    assert response.status_code == 200  # sent before the failure
+    assert response.data == b"first\n" + expected
+    assert broker.cancelled == []  # the stream ended with its terminal frame: nothing to cancel
