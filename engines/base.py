@@ -48,7 +48,17 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     """KV cache budget; fewer slots than max_rolling_batch_size when it cannot hold that many."""
     kernels: str = "auto"
-    """Hot-path ops of the native engine: auto, native or torch."""
+    """Hot-path ops of the native engine: auto, native, triton or torch."""
+    max_rolling_batch_prefill_tokens: int = 4096
+    """Prompt tokens computed per step: longer prompts are split into chunks across steps."""
+    block_size: int = 16
+    """Tokens per KV-cache block (a power of two)."""
+    enable_prefix_caching: bool = True
+    """Reuse the cached blocks of prompts that start like an earlier one."""
+    gpu_memory_utilization: float = 0.9
+    """On GPUs: the share of the device's memory the weights, activations and KV cache may use."""
+    enforce_eager: bool = False
+    """On GPUs: no CUDA graphs for decode steps."""
     extra: dict[str, str] = field(default_factory=dict)
     """Every init property as a string (option.* without the prefix), for settings no field covers."""
 
@@ -91,6 +101,15 @@ class EngineStats:
     cache_tokens_total: int = 0
     steps: int = 0
     """Engine steps run since start."""
+    waiting: int = 0
+    """Sequences admitted but not computing now (not started yet, or preempted)."""
+    preemptions: int = 0
+    """Sequences preempted (their cache freed, recomputed later) since start."""
+    cache_blocks_total: int = 0
+    cache_blocks_free: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    """Prompt tokens looked up in / found in the prefix cache since start."""
 
 
 @runtime_checkable
@@ -105,9 +124,11 @@ class GenerationEngine(Protocol):
     * ``tokenizer`` is a Hugging Face tokenizer (``__call__``, ``decode``, ``apply_chat_template``).
     * ``step(admit, cancel)`` adds the admitted requests, drops the cancelled request ids (each gets a
       final event with finish_reason "cancelled"), runs one step and returns the events it produced:
-      at least one per running sequence for a streaming engine, or every token of the finished
-      requests for a lockstep engine. A request's last event (per completion ``index``) carries its
-      finish_reason. It never raises for one bad request: that request gets a finish_reason "error".
+      one per sequence that produced a token this step for a streaming engine (a sequence whose
+      prompt is still being computed in chunks, or that waits for cache room, produces none), or
+      every token of the finished requests for a lockstep engine. A request's last event (per
+      completion ``index``) carries its finish_reason. It never raises for one bad request: that
+      request gets a finish_reason "error".
     * ``abort_all(reason)`` ends every running request with an "error" event (after a failed step).
     * ``stats()`` is cheap and may be called every step.
     """

@@ -81,7 +81,8 @@ class RollingScheduler:
     def _admit(self) -> list[GenerationRequest]:
         room = min(self.max_batch_size - sum(self.running.values()), self.engine.free_capacity())
         admitted: list[GenerationRequest] = []
-        budget = self.max_prefill_tokens
+        # an engine that splits prompts into chunks spends the token budget itself
+        budget = float("inf") if getattr(self.engine, "chunked_prefill", False) else self.max_prefill_tokens
         while self.waiting and room > 0:
             head = next(iter(self.waiting.values()))
             width = head.request.params.num_sequences  # one prefill, but each completion holds a sequence

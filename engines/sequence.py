@@ -1,4 +1,4 @@
-"""One running generation: its cache slot, tokens, streamed text and stop conditions."""
+"""One running generation: its cache room, tokens, streamed text and stop conditions."""
 
 from __future__ import annotations
 
@@ -52,9 +52,18 @@ class Sequence:
     def __init__(
         self, request: GenerationRequest, slot: int, tokenizer: Any, eos_ids: set[int], index: int = 0
     ) -> None:
+        """slot: the engine's row for it (the lockstep engine's batch row; -1 in the paged engine,
+        whose room is ``blocks``)."""
         self.request = request
         self.params = request.params
         self.slot = slot
+        self.token_ids: list[int] = list(request.prompt_ids)
+        """Prompt then generated ids: what the cache must hold (recomputed after a preemption)."""
+        self.blocks: list[int] = []
+        """Paged engine: the cache blocks holding token_ids[:num_cached], in order."""
+        self.block_keys: list[bytes] = []
+        """Paged engine: prefix-cache keys of the leading full blocks already sealed."""
+        self.preemptions = 0
         self.index = index
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -64,6 +73,7 @@ class Sequence:
         """Generated token id -> occurrences, kept up to date by ``append`` (presence/frequency penalty)."""
         self._prompt_ids: set[int] | None = None
         self.num_cached = 0
+        """Tokens whose K/V are in the cache; the engine advances it after each forward."""
         self.text = ""
         self.emitted = 0
         self.scanned = 0  # text before this offset holds no stop sequence
@@ -77,11 +87,15 @@ class Sequence:
     def request_id(self) -> str:
         return self.request.request_id
 
-    def next_input(self) -> tuple[list[int], int]:
-        """Tokens to feed this step and the position of the first: the prompt once, then the last token."""
-        if self.num_cached == 0:
-            return self.request.prompt_ids, 0
-        return self.output_ids[-1:], self.num_cached
+    def next_input(self, limit: int | None = None) -> tuple[list[int], int]:
+        """Tokens to feed this step (at most ``limit``) and the position of the first: every token not
+        yet cached, so the prompt (in chunks), then each new token, and everything after a preemption."""
+        end = len(self.token_ids) if limit is None else min(len(self.token_ids), self.num_cached + limit)
+        return self.token_ids[self.num_cached : end], self.num_cached
+
+    def uncomputed(self) -> int:
+        """Tokens still to feed before the next token can be sampled."""
+        return len(self.token_ids) - self.num_cached
 
     def penalized_ids(self) -> list[int]:
         """Distinct ids of the prompt and the generated tokens (repetition penalty)."""
@@ -96,10 +110,10 @@ class Sequence:
     def append(
         self, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...] = ()
     ) -> TokenEvent:
-        """Record the sampled token; returns its event, final when a stop condition is met."""
-        fed, _ = self.next_input()
-        self.num_cached += len(fed)
+        """Record the sampled token; returns its event, final when a stop condition is met. The engine
+        has already counted the fed tokens into ``num_cached``."""
         self.output_ids.append(token_id)
+        self.token_ids.append(token_id)
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         is_eos = token_id in self.eos_ids and not self.params.ignore_eos
         is_stop = token_id in self.stop_ids

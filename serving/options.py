@@ -93,6 +93,20 @@ class OptionSpec:
         return text.lower() if self.choices else text
 
 
+def _block_size(text: str) -> int:
+    value = int(text)
+    if value < 1 or value > 256 or value & (value - 1):
+        raise ValueError
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise ValueError
+    return value
+
+
 def _port_range(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
     if not match or int(match[1]) > int(match[2]):
@@ -110,7 +124,7 @@ ROLLING_BATCH_CHOICES = ("auto", "lmi-dist", "scheduler", "vllm", "trtllm", "dis
 TASK_CHOICES = ("text-generation", "text2text-generation", "feature-extraction", "text-classification",
                 "fill-mask", "text-embedding", "embedding", "sentiment-analysis")  # fmt: skip
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
-KERNEL_CHOICES = ("auto", "native", "torch")
+KERNEL_CHOICES = ("auto", "native", "triton", "torch")
 OUTPUT_FORMATTER_CHOICES = ("json", "jsonlines", "sse", "json_chat", "jsonlines_chat")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 
@@ -217,19 +231,31 @@ _MODEL = [
                    "batching.",
                choices=ROLLING_BATCH_CHOICES),
     OptionSpec("option.max_rolling_batch_size", int, 32,
-               doc="Sequences decoded together (= KV cache slots)."),
+               doc="Sequences running at once (on CPU the KV cache holds this many of `max_model_len`)."),
     OptionSpec("option.max_rolling_batch_prefill_tokens", int, 4096,
-               doc="Prompt tokens admitted per step."),
+               doc="Prompt tokens computed per step (native engine: longer prompts are split into chunks "
+                   "that run alongside the decodes)."),
+    OptionSpec("option.enable_prefix_caching", bool, True,
+               doc="Native engine: prompts starting like an earlier one reuse its cached KV blocks."),
+    OptionSpec("option.block_size", int, 16,
+               doc="Native engine: tokens per KV-cache block.",
+               parse=_block_size, expected="a power of two from 1 to 256"),
+    OptionSpec("option.gpu_memory_utilization", float, 0.9,
+               doc="Native engine on a GPU: share of the device memory for weights, activations and the "
+                   "KV cache, which takes what the others leave.",
+               parse=_fraction, expected="a number in (0, 1]"),
+    OptionSpec("option.enforce_eager", bool, False,
+               doc="Native engine on a GPU: run decode steps eagerly instead of as captured CUDA graphs."),
     OptionSpec("option.max_model_len", int, None,
                doc="Tokens per sequence (prompt + generated); sizes the KV cache.",
                shown_default="min(model, 2048)"),
     OptionSpec("option.kv_cache_memory_bytes", int, None,
-               doc="KV cache budget in bytes: fewer slots than `max_rolling_batch_size` if it cannot hold "
-                   "that many (start-up fails if not even one fits).",
+               doc="KV cache budget in bytes (start-up fails if it cannot hold one sequence of "
+                   "`max_model_len`); on GPUs it overrides `gpu_memory_utilization`.",
                unit="bytes"),
     OptionSpec("option.kernels", str, "auto",
-               doc="Hot-path ops: `auto` = the native CPU kernels if they build, else torch (torch on GPUs); "
-                   "`native` makes a failed build stop start-up.",
+               doc="Hot-path ops: `auto` = the native CPU kernels if they build (Triton on GPUs), else "
+                   "torch; `native`/`triton` make a failure stop start-up.",
                choices=KERNEL_CHOICES),
     OptionSpec("option.output_formatter", str, None,
                doc="Response framing on `/invocations` (`_chat`: the same framing).",
@@ -248,7 +274,7 @@ COMPAT_KEYS = frozenset(
      "features", "option.tensor_parallel_degree", "option.pipeline_parallel_degree", "option.device_map",
      "option.quantize", "option.enable_streaming", "option.pythonExecutable", "option.parallel_loading",
      "option.mpi_mode", "option.async_mode", "option.low_cpu_mem_usage", "option.normalize",
-     "option.gpu_memory_utilization", "option.enforce_eager", "option.max_num_seqs", "option.chat_template",
+     "option.max_num_seqs", "option.chat_template",
      "option.pooling", "option.max_length", "option.truncation"}
 )  # fmt: skip
 """DJL / LMI keys accepted without a warning; nothing here reads them."""

@@ -28,7 +28,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp")
 without it. The library links the libgomp torch already loaded (same soname), so one thread pool."""
 LDFLAGS = ("-fopenmp",)
 EXTRA_CFLAGS = {
-    "decode_attention": ("-ffast-math",),
+    "paged_attention": ("-ffast-math",),
     "fused_ops": ("-ffp-contract=off",),
 }
 """Per kernel: attention may reassociate sums and needs -ffast-math for glibc's vectorised expf (with

@@ -1,9 +1,10 @@
-"""The decoder's CPU hot-path ops behind one small interface: plain-torch references and native kernels.
+"""The decoder's hot-path ops behind one small interface: plain-torch references and kernels.
 
-`TorchOps` is the definition (HF's rounding, step by step) and runs anywhere, GPUs included;
-`NativeOps` runs the same ops as compiled CPU kernels (csrc/fused_ops.cpp, csrc/decode_attention.cpp)
-and is tested against `TorchOps`. `option.kernels` picks one: auto (native on CPU when it builds),
-native, or torch.
+`TorchOps` is the definition (HF's rounding, step by step; attention as in engines/kernels/paged.py)
+and runs anywhere; `NativeOps` runs the same ops as compiled CPU kernels (csrc/fused_ops.cpp,
+csrc/paged_attention.cpp) and `TritonOps` (engines/kernels/triton_ops.py) as Triton kernels for GPUs;
+both are tested against `TorchOps`. `option.kernels` picks one: auto (native on CPU when it builds,
+Triton on CUDA when it imports), native, triton, or torch.
 """
 
 from __future__ import annotations
@@ -15,13 +16,22 @@ import torch
 from torch.nn import functional
 
 from engines.kernels.build import KernelBuildError, load_kernel
-from engines.kernels.decode_attention import native_decode_attention
+from engines.kernels.native_attention import native_paged_attention
+from engines.kernels.paged import (
+    PagedAttentionMeta,
+    batched_decode_attention,
+    paged_attention_reference,
+    sequence_attention,
+)
 
 log = logging.getLogger("engines.kernels")
 
-CHOICES = ("auto", "native", "torch")
+CHOICES = ("auto", "native", "triton", "torch")
 MAX_GROUP, MAX_HEAD_DIM = 16, 256
-"""Limits of the native kernels' stack buffers (csrc/decode_attention.cpp kMaxGroup, kMaxHeadDim)."""
+"""Limits of the native kernels' stack buffers (csrc/paged_attention.cpp kMaxGroup, kMaxHeadDim)."""
+LONG_PREFILL_TOKENS = 384
+"""Above this many tokens a prefill chunk is faster in SDPA than as per-token native kernel queries (bf16,
+2 cores: 2x300 tokens 308 vs 359 ms with the kernel, 2x1000 1758 vs 1443 ms with SDPA)."""
 
 
 def native_unsupported(heads: int, kv_heads: int, head_dim: int) -> str | None:
@@ -35,10 +45,18 @@ def native_unsupported(heads: int, kv_heads: int, head_dim: int) -> str | None:
 
 
 class TorchOps:
-    """Reference implementations; `decode_attention = None` means the engine's batched SDPA."""
+    """Reference implementations."""
 
     name = "torch"
-    decode_attention = None
+
+    @staticmethod
+    def attention(
+        q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: PagedAttentionMeta
+    ) -> torch.Tensor:
+        """q [T, heads, head_dim] over the paged cache (this step's K/V already written) -> same shape."""
+        if meta.decode_only:
+            return batched_decode_attention(q, cache_k, cache_v, meta)
+        return paged_attention_reference(q, cache_k, cache_v, meta)
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,15 +83,15 @@ class TorchOps:
         qkv: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
+        offsets: torch.Tensor,
+        blocks: torch.Tensor,
         heads: int,
         kv_heads: int,
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
     ) -> torch.Tensor:
         """Rotate q and k of qkv [T, (heads + 2 kv_heads) * head_dim] by each token's cos/sin rows
-        [T, head_dim] and store k and v at (slot, :, position) of the caches.
+        [T, head_dim] and store k and v at (block, :, offset) of the paged caches.
 
         Returns q [T, heads, head_dim]."""
         tokens, head_dim = qkv.shape[0], cache_k.shape[-1]
@@ -82,8 +100,8 @@ class TorchOps:
         half = head_dim // 2
         rotated = qk * c + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * s
         v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
-        cache_k[slots, :, positions] = rotated[:, heads:]
-        cache_v[slots, :, positions] = v
+        cache_k[blocks, :, offsets] = rotated[:, heads:]
+        cache_v[blocks, :, offsets] = v
         return rotated[:, :heads]
 
 
@@ -92,7 +110,28 @@ class NativeOps(TorchOps):
     torch's vectorised exp beats a scalar loop, and there is no second pass to save."""
 
     name = "native"
-    decode_attention = staticmethod(native_decode_attention)
+
+    @staticmethod
+    def attention(
+        q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: PagedAttentionMeta
+    ) -> torch.Tensor:
+        """The native kernel for every token, except chunks over LONG_PREFILL_TOKENS (causal SDPA)."""
+        if meta.max_query_len <= LONG_PREFILL_TOKENS:
+            return native_paged_attention(q, cache_k, cache_v, meta)
+        starts, contexts = meta.query_start.tolist(), meta.context_lens.tolist()
+        short = torch.ones(q.shape[0], dtype=torch.bool)
+        out = q.new_empty(q.shape)
+        for s, context in enumerate(contexts):
+            start, end = starts[s], starts[s + 1]
+            if end - start > LONG_PREFILL_TOKENS:
+                short[start:end] = False
+                out[start:end] = sequence_attention(
+                    q[start:end], cache_k, cache_v, meta.block_tables[s], context
+                )
+        rows = short.nonzero().flatten()
+        if rows.numel():
+            out[rows] = native_paged_attention(q[rows], cache_k, cache_v, meta, rows)
+        return out
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,12 +154,15 @@ def select_ops(
     choice: str, device: torch.device | str, shape: tuple[int, int, int] | None = None
 ) -> type[TorchOps]:
     """The ops for `option.kernels`: auto (native on CPU when they build and fit the model's
-    (heads, kv_heads, head_dim) `shape`, else torch with a warning), native (or an error), torch."""
+    (heads, kv_heads, head_dim) `shape`, Triton on GPUs when it imports, else torch with a warning);
+    native, triton (or an error); torch."""
     if choice not in CHOICES:
         raise ValueError(f"option.kernels={choice!r} is not one of {', '.join(CHOICES)}")
     on_cpu = torch.device(device).type == "cpu"
-    if choice == "torch" or (choice == "auto" and not on_cpu):
+    if choice == "torch":
         return TorchOps
+    if choice == "triton" or (choice == "auto" and not on_cpu):
+        return _triton_ops(choice, device)
     if not on_cpu:
         raise ValueError(f"option.kernels=native runs on CPU only, not on {device}")
     reason = native_unsupported(*shape) if shape else None
@@ -130,7 +172,7 @@ def select_ops(
         log.warning("Native kernels cannot run this model (%s); using the plain-torch ops", reason)
         return TorchOps
     try:
-        load_kernel("decode_attention")
+        load_kernel("paged_attention")
         load_kernel("fused_ops")
     except KernelBuildError as exc:
         if choice == "native":
@@ -138,3 +180,19 @@ def select_ops(
         log.warning("%s; using the plain-torch ops instead (slower)", exc)
         return TorchOps
     return NativeOps
+
+
+def _triton_ops(choice: str, device: torch.device | str) -> type[TorchOps]:
+    """TritonOps where Triton runs (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    try:
+        from engines.kernels.triton_ops import TritonOps, triton_available
+    except ImportError as exc:
+        reason: str | None = f"Triton does not import ({exc})"
+    else:
+        reason = triton_available(device)
+    if reason is None:
+        return TritonOps
+    if choice == "triton":
+        raise ValueError(f"option.kernels=triton cannot run on {device}: {reason}")
+    log.warning("Triton kernels cannot run on %s (%s); using the plain-torch ops (slower)", device, reason)
+    return TorchOps

@@ -1,4 +1,4 @@
-"""A LlamaForCausalLM-compatible decoder for continuous batching over a `SlotKVCache`.
+"""A LlamaForCausalLM-compatible decoder for continuous batching over a `PagedKVCache`.
 
 All projections, norms and MLPs run once over the packed [T, hidden] tokens of every sequence in the
 step (prefill chunks and decode tokens alike); only attention looks at per-sequence structure. q/k/v
@@ -13,9 +13,8 @@ from torch import nn
 from torch.nn import functional
 
 from engines.kernels.ops import TorchOps
-from engines.llama.attention import attend
 from engines.llama.batch import ForwardBatch
-from engines.llama.kv_cache import SlotKVCache
+from engines.llama.kv_cache import PagedKVCache
 from engines.llama.linear import Linear
 from engines.llama.rope import rope_tables
 from engines.llama.spec import LlamaSpec
@@ -77,14 +76,14 @@ class DecoderLayer(nn.Module):
             qkv,
             cos,
             sin,
-            batch.positions,
-            batch.token_slots,
+            batch.token_offsets,
+            batch.token_blocks,
             spec.num_heads,
             spec.num_kv_heads,
             cache_k,
             cache_v,
         )  # [T, heads, head_dim]; k and v are in the cache now
-        attended = self.o_proj(attend(q, cache_k, cache_v, batch, self.ops.decode_attention))
+        attended = self.o_proj(self.ops.attention(q, cache_k, cache_v, batch.meta).flatten(1))
         normed, h = self.post_norm.add_forward(attended, x)  # h = x + attention
         return h + self.down(self.ops.silu_mul(self.gate_up(normed)))
 
@@ -119,22 +118,16 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_model_len, head_dim]
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def make_cache(self, num_slots: int) -> SlotKVCache:
-        """A cache shaped for this model, with `num_slots` sequences of up to max_model_len tokens."""
+    def make_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A paged cache shaped for this model: ``num_blocks`` blocks of ``block_size`` tokens."""
         spec, device = self.spec, self.embed_tokens.device
-        return SlotKVCache(
-            spec.num_layers,
-            num_slots,
-            self.max_model_len,
-            spec.num_kv_heads,
-            spec.head_dim,
-            self.dtype,
-            device,
+        return PagedKVCache(
+            spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim, self.dtype, device
         )
 
     @torch.inference_mode()
     def forward(
-        self, batch: ForwardBatch, cache: SlotKVCache, rows: torch.Tensor | None = None
+        self, batch: ForwardBatch, cache: PagedKVCache, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Run one step; returns float32 logits [num_seqs, vocab] for each sequence's last new token,
         or for the packed token ``rows`` given (prompt log-probabilities need more than the last)."""

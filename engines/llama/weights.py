@@ -14,7 +14,6 @@ import torch
 from safetensors import safe_open
 
 from engines.kernels.ops import TorchOps
-from engines.llama.kv_cache import SlotKVCache
 from engines.llama.model import LlamaModel
 from engines.llama.spec import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES, LlamaSpec
 
@@ -26,12 +25,12 @@ def load_llama(
     model_path: str,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    num_slots: int = 8,
     max_model_len: int = 2048,
     pack: bool = True,
     ops: type[TorchOps] = TorchOps,
-) -> tuple[LlamaModel, SlotKVCache, Any]:
-    """Model, a cache of `num_slots` sequences and the HF config; NotImplementedError if unsupported.
+) -> tuple[LlamaModel, Any]:
+    """Model and the HF config; NotImplementedError if unsupported. (The KV cache is sized after
+    loading, from the memory the weights left: `LlamaModel.make_cache`.)
 
     `pack` pre-packs the projection weights for oneDNN on CPU (faster; see `linear.Linear.pack`);
     `ops` are the hot-path ops: plain torch, or the native CPU kernels (engines.kernels.ops)."""
@@ -46,7 +45,7 @@ def load_llama(
     if pack:
         model.pack()
     model.eval()
-    return model, model.make_cache(num_slots), hf_config
+    return model, hf_config
 
 
 def check_supported(raw_config: dict[str, Any], max_model_len: int) -> None:

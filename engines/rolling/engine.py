@@ -1,7 +1,9 @@
-"""RollingEngine: one model forward per step for every running sequence, over a preallocated KV cache.
+"""RollingEngine: continuous batching over a paged KV cache, one model forward per step.
 
-The scheduler decides who joins (`admit`) and who leaves early (`cancel`); this class owns the cache
-slots, runs the packed prefill+decode forward, samples, and reports one TokenEvent per sequence.
+The scheduler decides who joins (`admit`) and who leaves early (`cancel`); the step planner
+(engines/paging/planner.py) decides which tokens of which sequence run in this step (decodes, prompt
+chunks) within the cache's blocks; this class runs the packed forward, samples, and reports one
+TokenEvent per sequence that produced a token.
 """
 
 from __future__ import annotations
@@ -14,41 +16,75 @@ import torch
 
 from engines.base import EngineStats
 from engines.llama.batch import ForwardBatch
+from engines.paging.block_manager import BlockManager
+from engines.paging.planner import Scheduled, StepPlanner
 from engines.sampling import Sampled, prompt_token_logprobs, sample_next
 from engines.sequence import Sequence, length_error
 from engines.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger("engines.rolling")
 
+Key = tuple[str, int]
+"""(request id, completion index)."""
+
 
 class RollingEngine:
-    """The native engine's ``GenerationEngine`` (engines/base.py): continuous batching over slots."""
+    """The native engine's ``GenerationEngine`` (engines/base.py)."""
 
-    def __init__(self, model: Any, cache: Any, tokenizer: Any, eos_ids: set[int], max_model_len: int) -> None:
+    chunked_prefill = True
+    """It splits prompts into chunks itself: the scheduler admits by sequence count only."""
+
+    def __init__(
+        self,
+        model: Any,
+        cache: Any,
+        tokenizer: Any,
+        eos_ids: set[int],
+        max_model_len: int,
+        max_num_seqs: int,
+        prefill_tokens: int = 4096,
+        enable_prefix_caching: bool = True,
+    ) -> None:
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
+        self.capacity = max_num_seqs
         self.device = next(model.parameters()).device
-        self.running: dict[tuple[str, int], Sequence] = {}
-        """(request id, completion index) → its sequence, in admission order."""
-        self.forks: dict[tuple[str, int], list[tuple[int, Sequence]]] = {}
-        """Completions 1..n-1 of a request, waiting for completion 0's prefill to copy its cache."""
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, enable_prefix_caching)
+        self.planner = StepPlanner(self.blocks, prefill_tokens)
+        self.sequences: dict[Key, Sequence] = {}
+        """Every admitted completion, running or waiting, in admission order."""
+        self.forks: dict[Key, list[Sequence]] = {}
+        """Completions 1..n-1 of a request, waiting for completion 0's prompt to share its cache."""
         self.steps = 0
 
     @property
-    def capacity(self) -> int:
-        return self.cache.num_slots
+    def running(self) -> dict[Key, Sequence]:
+        """Every admitted completion that has not finished (computing now or waiting for room)."""
+        return self.sequences
 
     def free_capacity(self) -> int:
-        return self.cache.num_free()
+        return self.capacity - len(self.sequences) - sum(len(f) for f in self.forks.values())
 
     def stats(self) -> EngineStats:
-        used = sum(seq.num_cached for seq in self.running.values())
-        total = self.cache.num_slots * self.max_model_len
-        return EngineStats(len(self.running), self.capacity, used, total, self.steps)
+        size, total = self.blocks.block_size, self.blocks.num_blocks
+        free = self.blocks.num_free()
+        return EngineStats(
+            running=len(self.planner.running),
+            capacity=self.capacity,
+            cache_tokens_used=(total - free) * size,
+            cache_tokens_total=total * size,
+            steps=self.steps,
+            waiting=len(self.planner.waiting) + sum(len(f) for f in self.forks.values()),
+            preemptions=self.planner.preemptions,
+            cache_blocks_total=total,
+            cache_blocks_free=free,
+            prefix_queried_tokens=self.blocks.stats.queried_tokens,
+            prefix_hit_tokens=self.blocks.stats.hit_tokens,
+        )
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> str | None:
-        """A message when prompt + max_new_tokens cannot fit a cache slot, else None."""
+        """A message when prompt + max_new_tokens cannot fit one sequence, else None."""
         return length_error(prompt_len, max_new_tokens, self.max_model_len)
 
     def step(self, admit: list[GenerationRequest], cancel: list[str]) -> list[TokenEvent]:
@@ -59,123 +95,136 @@ class RollingEngine:
                 events.append(TokenEvent(request.request_id, -1, "", 0.0, "error", error))
                 continue
             self._start(request)
-        if self.running:
-            events.extend(self._forward())
+        plan = self.planner.plan()
+        if plan:
+            events.extend(self._forward(plan))
         return events
 
     def _invalid(self, request: GenerationRequest) -> str | None:
         if not request.prompt_ids:
             return "The prompt is empty: it encodes to no tokens."
-        if request.params.num_sequences > self.cache.num_free():
-            return (
-                f"{request.params.num_sequences} completions need more free sequences than the cache has now."
-            )
+        if request.params.num_sequences > self.free_capacity():
+            wanted = request.params.num_sequences
+            return f"{wanted} completions need more free sequences than the engine has now."
         return self.check_length(len(request.prompt_ids), request.params.max_new_tokens)
 
     def _start(self, request: GenerationRequest) -> None:
-        """Completion 0 prefills the prompt; the others get a copy of its cache and their own RNG."""
-        first = Sequence(request, self.cache.allocate(), self.tokenizer, self.eos_ids)
-        self.running[(request.request_id, 0)] = first
-        forks = []
-        for index in range(1, request.params.num_sequences):
-            forks.append(
-                (index, Sequence(request, self.cache.allocate(), self.tokenizer, self.eos_ids, index))
-            )
+        """Completion 0 computes the prompt; the others share its cache once it has (one prefill)."""
+        first = Sequence(request, -1, self.tokenizer, self.eos_ids)
+        self.sequences[(request.request_id, 0)] = first
+        self.planner.add(first)
+        forks = [
+            Sequence(request, -1, self.tokenizer, self.eos_ids, index)
+            for index in range(1, request.params.num_sequences)
+        ]
         if forks:
             self.forks[(request.request_id, 0)] = forks
 
     def _cancel(self, request_id: str) -> list[TokenEvent]:
         events = []
-        for key in [k for k in self.running if k[0] == request_id]:
-            seq = self.running.pop(key)
-            self.cache.free(seq.slot)
-            for _, fork in self.forks.pop(key, []):
-                self.cache.free(fork.slot)
+        for key in [k for k in self.sequences if k[0] == request_id]:
+            self.planner.finish(self.sequences.pop(key))
+            self.forks.pop(key, None)
             events.append(TokenEvent(request_id, -1, "", 0.0, "cancelled", index=key[1]))
         return events
 
     @torch.inference_mode()
-    def _forward(self) -> list[TokenEvent]:
-        keys, seqs = list(self.running), list(self.running.values())
+    def _forward(self, plan: list[Scheduled]) -> list[TokenEvent]:
         started = time.perf_counter()
-        batch = ForwardBatch.build([(s.slot, *s.next_input()) for s in seqs], self.device)
-        scored = self._prompt_rows(seqs, batch)
-        if scored:  # logits for the prompt positions too, after the last rows
-            extra = torch.cat([rows for _, rows in scored])
-            logits = self.model(batch, self.cache, torch.cat([batch.last_rows, extra])).float().cpu()
-            prompts, logits = self._prompt_tokens(seqs, scored, logits[len(seqs) :]), logits[: len(seqs)]
-        else:
-            prompts, logits = {}, self.model(batch, self.cache).float().cpu()  # [num_seqs, vocab]
+        batch = ForwardBatch.build(
+            [(item.seq.blocks, *item.seq.next_input(item.num_tokens)) for item in plan],
+            self.blocks.block_size,
+            self.device,
+        )
+        sampling = [i for i, item in enumerate(plan) if item.samples]
+        scored = self._prompt_rows(plan, batch)
+        rows = [batch.last_rows[sampling]] + [r for _, r in scored]
+        logits = self.model(batch, self.cache, torch.cat(rows)).float().cpu()
+        prompts = self._prompt_tokens(plan, scored, logits[len(sampling) :])
+        logits = logits[: len(sampling)]
+        for item in plan:
+            self.planner.computed(item)
         self.steps += 1
+        seqs = [plan[i].seq for i in sampling]
         if self.forks:
-            keys, seqs, logits = self._fork(keys, seqs, logits)
+            seqs, logits = self._fork(seqs, logits)
         events = []
-        for key, seq, picked in zip(keys, seqs, self._sample(seqs, logits), strict=True):
+        for seq, picked in zip(seqs, self._sample(seqs, logits), strict=True):
             event = seq.append(*picked)
-            event.index, event.prompt_tokens = key[1], prompts.get(key, ())
+            event.prompt_tokens = prompts.get(id(seq), ())
             if event.finish_reason is not None:
-                self.running.pop(key, None)
-                self.cache.free(seq.slot)
+                self.sequences.pop((seq.request_id, seq.index), None)
+                self.planner.finish(seq)
             events.append(event)
         log.debug(
-            "step: %d seqs, %d tokens, %.1f ms",
-            len(seqs),
+            "step: %d seqs, %d tokens, %d sampled, %.1f ms",
+            len(plan),
             len(batch.token_ids),
+            len(seqs),
             (time.perf_counter() - started) * 1000,
         )
         return events
 
     @staticmethod
-    def _prompt_rows(seqs: list[Sequence], batch: ForwardBatch) -> list[tuple[int, torch.Tensor]]:
-        """(position in seqs, packed rows of its prompt but the last) for prefills that asked for
-        prompt log-probabilities."""
+    def _prompt_rows(plan: list[Scheduled], batch: ForwardBatch) -> list[tuple[Sequence, torch.Tensor]]:
+        """(sequence, packed rows of its prompt but the last) for whole-prompt prefills that asked for
+        prompt log-probabilities (not again when recomputing after a preemption)."""
         out, start = [], 0
-        for i, (seq, length) in enumerate(zip(seqs, batch.query_lens, strict=True)):
-            if seq.params.prompt_logprobs and seq.num_cached == 0 and length > 1:
-                out.append((i, torch.arange(start, start + length - 1, device=batch.token_ids.device)))
+        for item, length in zip(plan, batch.query_lens, strict=True):
+            seq = item.seq
+            if seq.params.prompt_logprobs and seq.num_cached == 0 and not seq.output_ids and length > 1:
+                out.append((seq, torch.arange(start, start + length - 1, device=batch.token_ids.device)))
             start += length
         return out
 
     def _prompt_tokens(
-        self, seqs: list[Sequence], scored: list[tuple[int, torch.Tensor]], logits: torch.Tensor
-    ) -> dict[tuple[str, int], tuple]:
+        self, plan: list[Scheduled], scored: list[tuple[Sequence, torch.Tensor]], logits: torch.Tensor
+    ) -> dict[int, tuple]:
         out, offset = {}, 0
-        for i, rows in scored:
+        for seq, rows in scored:
             chunk = logits[offset : offset + len(rows)]
             offset += len(rows)
-            out[(seqs[i].request_id, 0)] = prompt_token_logprobs(
-                chunk, seqs[i].request.prompt_ids, self.tokenizer
-            )
+            out[id(seq)] = prompt_token_logprobs(chunk, seq.request.prompt_ids, self.tokenizer)
         return out
 
-    def _fork(
-        self, keys: list[tuple[str, int]], seqs: list[Sequence], logits: torch.Tensor
-    ) -> tuple[list[tuple[str, int]], list[Sequence], torch.Tensor]:
-        """After completion 0's prefill: copy its prompt cache into the other completions' slots and
-        let each sample its first token from the same logits row (one prefill for n completions)."""
-        rows = []
-        for row, key in list(enumerate(keys)):  # a snapshot: the loop appends to keys
-            for index, fork in self.forks.pop(key, []):
-                self.cache.copy_prefix(seqs[row].slot, fork.slot, len(fork.request.prompt_ids))
-                self.running[(key[0], index)] = fork
-                keys.append((key[0], index))
-                seqs.append(fork)
-                rows.append(row)
-        return keys, seqs, torch.cat([logits, logits[rows]]) if rows else logits
+    def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """After completion 0's prompt: the other completions share its full blocks, get a copy of its
+        last partial block, and sample their first token from the same logits row."""
+        rows, out = [], list(seqs)
+        for row, seq in enumerate(seqs):
+            for fork in self.forks.pop((seq.request_id, 0), []) if seq.index == 0 else []:
+                self.sequences[(fork.request_id, fork.index)] = fork
+                if self._share_prompt(seq, fork):
+                    out.append(fork)
+                    rows.append(row)
+                else:  # no block for the copy: it computes the prompt itself when room frees up
+                    self.planner.add(fork, front=True)
+        return out, torch.cat([logits, logits[rows]]) if rows else logits
+
+    def _share_prompt(self, source: Sequence, fork: Sequence) -> bool:
+        size, prompt = self.blocks.block_size, len(source.request.prompt_ids)
+        full, partial = prompt // size, prompt % size
+        copy = self.blocks.allocate(1) if partial else []
+        if copy is None:
+            return False
+        self.blocks.hold(source.blocks[:full])
+        if partial:
+            self.cache.copy_blocks([(source.blocks[full], copy[0])])
+        fork.blocks = source.blocks[:full] + copy
+        fork.block_keys = source.block_keys[:full]
+        fork.num_cached = prompt
+        self.planner.running.append(fork)
+        return True
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sampled]:
-        """Row i's next token, its log-probability and top alternatives, for ``seqs[i]``; feed each to
-        ``seqs[i].append(*picked)``."""
+        """Row i's next token, its log-probability and top alternatives, for ``seqs[i]``."""
         return sample_next(logits, seqs, self.eos_ids)
 
     def abort_all(self, reason: str) -> list[TokenEvent]:
-        """After a failed step: free every slot and end every sequence with an error."""
-        events = [TokenEvent(rid, -1, "", 0.0, "error", reason, index=i) for rid, i in self.running]
-        for seq in self.running.values():
-            self.cache.free(seq.slot)
-        for forks in self.forks.values():
-            for _, fork in forks:
-                self.cache.free(fork.slot)
-        self.running.clear()
+        """After a failed step: free every sequence's blocks and end each with an error."""
+        events = [TokenEvent(rid, -1, "", 0.0, "error", reason, index=i) for rid, i in self.sequences]
+        for seq in self.sequences.values():
+            self.planner.finish(seq)
+        self.sequences.clear()
         self.forks.clear()
         return events

@@ -82,6 +82,11 @@ def engine_config(properties: dict[str, str], options: dict[str, Any] | None = N
         max_model_len=typed["max_model_len"],
         kv_cache_memory_bytes=typed["kv_cache_memory_bytes"],
         kernels=typed["kernels"],
+        max_rolling_batch_prefill_tokens=typed["max_rolling_batch_prefill_tokens"],
+        block_size=typed["block_size"],
+        enable_prefix_caching=typed["enable_prefix_caching"],
+        gpu_memory_utilization=typed["gpu_memory_utilization"],
+        enforce_eager=typed["enforce_eager"],
         extra=dict(properties),
     )
 

@@ -123,7 +123,7 @@ def test_readme_tables_list_every_declared_key_once():
         ("OPTION_MAX_ROLLING_BATCH_SIZE", "abc", "option.max_rolling_batch_size", "a positive integer"),
         ("OPTION_MAX_MODEL_LEN", "0", "option.max_model_len", "a positive integer"),
         ("OPTION_KV_CACHE_MEMORY_BYTES", "1GB", "option.kv_cache_memory_bytes", "bytes, a positive integer"),
-        ("OPTION_KERNELS", "flash", "option.kernels", "one of auto, native, torch"),
+        ("OPTION_KERNELS", "flash", "option.kernels", "one of auto, native, triton, torch"),
         ("OPTION_DTYPE", "fp8", "option.dtype", "one of auto, fp32, fp16, bf16"),
         ("OPTION_DEVICE", "gpu", "option.device", "auto, cpu, cuda or cuda:N"),
         ("OPTION_DEVICE", "cuda:x", "option.device", "auto, cpu, cuda or cuda:N"),

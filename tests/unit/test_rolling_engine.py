@@ -1,4 +1,4 @@
-"""RollingEngine on a tiny seeded Llama: KV budget sizing, cancellation frees slots, stop handling."""
+"""RollingEngine on a tiny seeded Llama: KV budget sizing, cancellation frees room, stop handling."""
 
 from __future__ import annotations
 
@@ -26,10 +26,13 @@ def engine_for(path, **fields):
     return create_rolling_engine(EngineConfig(model_path=path, dtype="fp32", **fields))
 
 
-def test_kv_budget_limits_slots_and_names_the_numbers(tiny):
-    one_slot = engine_for(tiny).cache.bytes_per_slot()
-    assert engine_for(tiny, kv_cache_memory_bytes=2 * one_slot).free_capacity() == 2
-    with pytest.raises(EngineLoadError, match="kv_cache_memory_bytes=10 cannot hold one sequence"):
+def test_kv_budget_sizes_the_blocks_and_names_the_numbers(tiny):
+    engine = engine_for(tiny)
+    per_block = engine.cache.bytes_per_block()
+    smaller = engine_for(tiny, kv_cache_memory_bytes=7 * per_block + 5)
+    assert smaller.cache.num_blocks == 7
+    assert smaller.free_capacity() == engine.free_capacity()  # sequences share blocks; none is reserved
+    with pytest.raises(EngineLoadError, match=r"option.kv_cache_memory_bytes\) holds 0 blocks of 16 tokens"):
         engine_for(tiny, kv_cache_memory_bytes=10)
 
 

@@ -1,11 +1,14 @@
-// Decode attention over a slot KV cache on CPU: one new query token per sequence, GQA-aware.
+// Attention over a paged KV cache on CPU: every packed query token attends its own sequence's first
+// kv_len cached keys, read through that sequence's block table. Decode tokens and the tokens of short
+// prefill chunks alike are such queries (a chunk's token at position p has kv_len p + 1: causal).
 //
-// Each (sequence, kv head) pair is one work item: the query heads sharing that kv head are processed
-// together so every K/V row is read from memory once, and each sequence reads only its own kv_len rows
-// (no padding to the longest sequence, unlike a masked SDPA call). Keys are taken in blocks: scores for
+// Each (token, kv head) pair is one work item: the query heads sharing that kv head are processed
+// together so every K/V row is read from memory once, and each token reads only its own kv_len rows
+// (no padding to the longest sequence, unlike a masked SDPA call). Rows are located per key block of 32:
+// cache block table[p / block_size], row p % block_size, so any power-of-two block size works. Keys are taken in blocks: scores for
 // the whole block first, then one online-softmax rescale per block, then the V accumulation, which keeps
 // the loops free of serial dependencies so the compiler vectorises them. Accumulation is in float32.
-// The plain-torch reference is engines/kernels/decode_attention.py:decode_attention_reference.
+// The plain-torch reference is engines/kernels/paged.py:paged_attention_reference.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -14,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -33,7 +37,17 @@ struct Item {
   int64_t q_head_stride;
   int64_t kv_row_stride;
   float scale;
+  const int32_t* table;   // this token's sequence's block table
+  int64_t block_shift;    // log2(block_size)
+  int64_t block_stride;   // elements between cache blocks
 };
+
+// Where position p's row of this kv head starts: base points at block 0 of the head.
+template <typename T>
+inline const T* row_at(const T* base, int64_t p, const Item& item) {
+  const int64_t mask = (int64_t{1} << item.block_shift) - 1;
+  return base + item.table[p >> item.block_shift] * item.block_stride + (p & mask) * item.kv_row_stride;
+}
 
 // kHeadDim > 0 fixes head_dim at compile time so the inner loops unroll fully.
 template <typename T, int64_t kHeadDim>
@@ -60,7 +74,7 @@ void attend_one(const T* q, const T* k, const T* v, T* out, const Item& item) {
   for (int64_t t0 = 0; t0 < item.kv_len; t0 += kBlock) {
     const int64_t n = std::min(kBlock, item.kv_len - t0);
     for (int64_t t = 0; t < n; ++t) {
-      const T* k_row = k + (t0 + t) * item.kv_row_stride;
+      const T* k_row = row_at(k, t0 + t, item);
       for (int64_t d = 0; d < head_dim; ++d) kf[t * head_dim + d] = static_cast<float>(k_row[d]);
     }
     for (int64_t g = 0; g < group; ++g) {
@@ -84,7 +98,7 @@ void attend_one(const T* q, const T* k, const T* v, T* out, const Item& item) {
       for (int64_t d = 0; d < head_dim; ++d) acc[g * head_dim + d] *= rescale;
     }
     for (int64_t t = 0; t < n; ++t) {
-      const T* v_row = v + (t0 + t) * item.kv_row_stride;
+      const T* v_row = row_at(v, t0 + t, item);
       for (int64_t d = 0; d < head_dim; ++d) vblock[t * head_dim + d] = static_cast<float>(v_row[d]);
     }
     for (int64_t g = 0; g < group; ++g) {
@@ -154,8 +168,8 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat1
     // the next block's rows start arriving while this one is computed
     for (int64_t t = t0 + kBlock; t < std::min(t0 + 2 * kBlock, item.kv_len); ++t) {
       for (int64_t byte = 0; byte < kHeadDim * 2; byte += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(k + t * item.kv_row_stride) + byte, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(v + t * item.kv_row_stride) + byte, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row_at(k, t, item)) + byte, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row_at(v, t, item)) + byte, _MM_HINT_T0);
       }
     }
     for (int64_t g = 0; g < group; ++g) {
@@ -164,7 +178,7 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat1
         for (int64_t i = 0; i < 16; ++i) {
           partial[i] = _mm512_setzero_ps();
           if (half + i < n) {
-            const at::BFloat16* row = k + (t0 + half + i) * item.kv_row_stride;
+            const at::BFloat16* row = row_at(k, t0 + half + i, item);
             for (int64_t c = 0; c < kChunks; ++c)
               partial[i] = _mm512_dpbf16_ps(partial[i], qv[g][c], load_bh(row + 32 * c));
           }
@@ -193,8 +207,8 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat1
     }
     // p.v over key pairs: interleave rows t and t+1 so each 32-bit lane holds (v_t[d], v_t+1[d]).
     for (int64_t t = 0; t < n; t += 2) {
-      const at::BFloat16* row0 = v + (t0 + t) * item.kv_row_stride;
-      const at::BFloat16* row1 = row0 + item.kv_row_stride;
+      const at::BFloat16* row0 = row_at(v, t0 + t, item);
+      const at::BFloat16* row1 = t + 1 < n ? row_at(v, t0 + t + 1, item) : row0;
       for (int64_t c = 0; c < kChunks; ++c) {
         const __m512i a = _mm512_loadu_si512(row0 + 32 * c);
         const __m512i b = t + 1 < n ? _mm512_loadu_si512(row1 + 32 * c) : _mm512_setzero_si512();
@@ -230,7 +244,8 @@ void attend_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat1
 
 template <typename T>
 void run(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
-         const int64_t* slots, const int64_t* kv_lens, torch::Tensor& out, float scale) {
+         const int32_t* tables, int64_t table_width, const int64_t* token_seq, const int64_t* kv_lens,
+         int64_t block_shift, torch::Tensor& out, float scale) {
   const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = cache_k.size(1), group = heads / kv_heads;
   auto kernel = head_dim == 64 ? attend_one<T, 64> : head_dim == 128 ? attend_one<T, 128> : attend_one<T, 0>;
@@ -251,10 +266,10 @@ void run(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tens
     for (int64_t lane = begin; lane < end; ++lane) {
       for (int64_t index = lane; index < items; index += lanes) {
         const int64_t b = index / kv_heads, h = index % kv_heads;
-        const Item item{group, head_dim, kv_lens[b], q.stride(1), cache_k.stride(2), scale};
-        kernel(q_ptr + b * q.stride(0) + h * group * q.stride(1),
-               k_ptr + slots[b] * cache_k.stride(0) + h * cache_k.stride(1),
-               v_ptr + slots[b] * cache_v.stride(0) + h * cache_v.stride(1),
+        const Item item{group,         head_dim, kv_lens[b], q.stride(1), cache_k.stride(2), scale,
+                        tables + token_seq[b] * table_width, block_shift, cache_k.stride(0)};
+        kernel(q_ptr + b * q.stride(0) + h * group * q.stride(1), k_ptr + h * cache_k.stride(1),
+               v_ptr + h * cache_v.stride(1),
                out_ptr + (b * heads + h * group) * head_dim, item);
       }
     }
@@ -263,38 +278,62 @@ void run(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tens
 
 }  // namespace
 
-// q [B, heads, head_dim]; cache_k, cache_v [slots, kv_heads, max_len, head_dim]; slots, kv_lens [B] int64.
-// Returns [B, heads, head_dim]: sequence b's query attends positions [0, kv_lens[b]) of slot slots[b].
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
-                               const torch::Tensor& slots, const torch::Tensor& kv_lens, double scale) {
-  for (const auto* t : {&q, &cache_k, &cache_v, &slots, &kv_lens})
-    TORCH_CHECK(t->device().is_cpu(), "decode_attention runs on CPU tensors");
+// q [T, heads, head_dim]; cache_k, cache_v [num_blocks, kv_heads, block_size, head_dim] (block_size a
+// power of two); block_tables [S, max_blocks] int32; token_seq, kv_lens [T] int64. Returns
+// [T, heads, head_dim]: token t attends positions [0, kv_lens[t]) of sequence token_seq[t].
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                              const torch::Tensor& block_tables, const torch::Tensor& token_seq,
+                              const torch::Tensor& kv_lens, double scale) {
+  for (const auto* t : {&q, &cache_k, &cache_v, &block_tables, &token_seq, &kv_lens})
+    TORCH_CHECK(t->device().is_cpu(), "paged_attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(), "bad ranks or shapes");
   TORCH_CHECK(cache_k.strides() == cache_v.strides(), "cache_k and cache_v must share a layout");
   TORCH_CHECK(q.stride(2) == 1 && cache_k.stride(3) == 1, "head_dim must be the contiguous dimension");
   TORCH_CHECK(q.scalar_type() == cache_k.scalar_type() && q.scalar_type() == cache_v.scalar_type(),
               "q and the cache must share a dtype");
   const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = cache_k.size(1);
+  const int64_t num_blocks = cache_k.size(0), block_size = cache_k.size(2);
   TORCH_CHECK(kv_heads > 0 && cache_k.size(3) == head_dim && heads % kv_heads == 0,
               "heads must be a multiple of kv_heads");
   TORCH_CHECK(heads / kv_heads <= kMaxGroup && head_dim <= kMaxHeadDim, "group or head_dim too large");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && kv_lens.scalar_type() == torch::kInt64, "int64 indices");
-  TORCH_CHECK(slots.numel() == q.size(0) && kv_lens.numel() == q.size(0), "one slot and kv_len per query");
-  auto slots_c = slots.contiguous();
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, "block_size must be a power of two");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kInt32, "block_tables: [S, N] int32");
+  TORCH_CHECK(token_seq.scalar_type() == torch::kInt64 && kv_lens.scalar_type() == torch::kInt64, "int64 indices");
+  TORCH_CHECK(token_seq.numel() == q.size(0) && kv_lens.numel() == q.size(0), "one sequence and kv_len per query");
+  auto tables_c = block_tables.contiguous();
+  auto seq_c = token_seq.contiguous();
   auto lens_c = kv_lens.contiguous();
-  const int64_t* slot_ptr = slots_c.data_ptr<int64_t>();
+  const int32_t* table_ptr = tables_c.data_ptr<int32_t>();
+  const int64_t* seq_ptr = seq_c.data_ptr<int64_t>();
   const int64_t* len_ptr = lens_c.data_ptr<int64_t>();
-  for (int64_t b = 0; b < q.size(0); ++b) {
-    TORCH_CHECK(slot_ptr[b] >= 0 && slot_ptr[b] < cache_k.size(0), "slot out of range");
-    TORCH_CHECK(len_ptr[b] >= 1 && len_ptr[b] <= cache_k.size(2), "kv_len out of range");
+  const int64_t num_seqs = block_tables.size(0), width = block_tables.size(1);
+  std::vector<int64_t> checked(num_seqs, 0);  // blocks of each sequence already range-checked
+  for (int64_t t = 0; t < q.size(0); ++t) {
+    const int64_t s = seq_ptr[t];
+    TORCH_CHECK(s >= 0 && s < num_seqs, "token_seq out of range");
+    TORCH_CHECK(len_ptr[t] >= 1 && len_ptr[t] <= width * block_size, "kv_len out of range");
+    const int64_t used = (len_ptr[t] + block_size - 1) / block_size;
+    for (int64_t i = checked[s]; i < used; ++i) {
+      const int32_t block = table_ptr[s * width + i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block id out of range");
+    }
+    checked[s] = std::max(checked[s], used);
   }
+  int64_t shift = 0;
+  while ((int64_t{1} << shift) < block_size) ++shift;
   auto out = torch::empty({q.size(0), heads, head_dim}, q.options());
   const float fscale = static_cast<float>(scale);
   switch (q.scalar_type()) {
-    case torch::kFloat: run<float>(q, cache_k, cache_v, slot_ptr, len_ptr, out, fscale); break;
-    case torch::kBFloat16: run<at::BFloat16>(q, cache_k, cache_v, slot_ptr, len_ptr, out, fscale); break;
-    case torch::kHalf: run<at::Half>(q, cache_k, cache_v, slot_ptr, len_ptr, out, fscale); break;
-    default: TORCH_CHECK(false, "decode_attention supports float32, bfloat16 and float16");
+    case torch::kFloat:
+      run<float>(q, cache_k, cache_v, table_ptr, width, seq_ptr, len_ptr, shift, out, fscale);
+      break;
+    case torch::kBFloat16:
+      run<at::BFloat16>(q, cache_k, cache_v, table_ptr, width, seq_ptr, len_ptr, shift, out, fscale);
+      break;
+    case torch::kHalf:
+      run<at::Half>(q, cache_k, cache_v, table_ptr, width, seq_ptr, len_ptr, shift, out, fscale);
+      break;
+    default: TORCH_CHECK(false, "paged_attention supports float32, bfloat16 and float16");
   }
   return out;
 }
@@ -309,6 +348,6 @@ bool bf16_fast_path() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "Decode attention over a slot KV cache (CPU)");
+  m.def("paged_attention", &paged_attention, "Attention over a paged KV cache (CPU)");
   m.def("bf16_fast_path", &bf16_fast_path, "True when bf16 runs on the AVX-512 BF16 path");
 }

@@ -1,0 +1,30 @@
+"""The native CPU attention over the paged KV cache (csrc/paged_attention.cpp).
+
+Every packed token is one query over its own sequence's cached prefix, so decode tokens and short
+prefill chunks share one call per layer; the definition it is tested against is
+engines/kernels/paged.py:paged_attention_reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engines.kernels.build import load_kernel
+from engines.kernels.paged import PagedAttentionMeta
+
+
+def native_paged_attention(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    meta: PagedAttentionMeta,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [T, heads, head_dim] -> [T, heads, head_dim]; with ``rows``, q holds only those packed tokens."""
+    token_seq, kv_lens = meta.token_seq, meta.token_kv_lens
+    if rows is not None:
+        token_seq, kv_lens = token_seq[rows], kv_lens[rows]
+    kernel = load_kernel("paged_attention")
+    return kernel.paged_attention(
+        q, cache_k, cache_v, meta.block_tables, token_seq, kv_lens, q.shape[-1] ** -0.5
+    )
