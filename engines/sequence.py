@@ -64,6 +64,8 @@ class Sequence:
         self.block_keys: list[bytes] = []
         """Paged engine: prefix-cache keys of the leading full blocks already sealed."""
         self.preemptions = 0
+        self.cached_prompt_tokens = 0
+        """Prompt tokens found in the prefix cache when it started (not counting recomputes)."""
         self.index = index
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids

@@ -71,6 +71,9 @@ class TokenEvent:
     prompt_tokens: tuple[tuple[int, str, float | None], ...] = ()
     """(id, text, log-probability) of every prompt token (the first has none), on the first event of
     completion 0 when ``params.prompt_logprobs`` asked for them."""
+    cached_tokens: int = 0
+    """Prompt tokens whose K/V came from the prefix cache, on each completion's first event (OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens``)."""
     top_logprobs: tuple[tuple[int, float], ...] = ()
     """The ``params.top_logprobs`` most likely tokens (token id, log-probability), most likely first.
 

@@ -64,6 +64,27 @@ class ForwardBatch:
                 raise ValueError(f"{len(table)} blocks of {self.block_size} cannot hold {context} tokens")
 
     @classmethod
+    def from_tensors(
+        cls,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: PagedAttentionMeta,
+        token_blocks: torch.Tensor,
+        token_offsets: torch.Tensor,
+        last_rows: torch.Tensor,
+        block_size: int,
+    ) -> ForwardBatch:
+        """A decode batch over ready device tensors (a CUDA graph's static buffers): nothing is built
+        or copied, so the tensors the graph captured are the ones later steps overwrite."""
+        batch = cls.__new__(cls)
+        count = token_ids.shape[0]
+        batch.token_ids, batch.positions, batch.meta = token_ids, positions, meta
+        batch.block_tables, batch.query_lens, batch.context_lens = [], [1] * count, [1] * count
+        batch.block_size, batch.token_blocks, batch.token_offsets = block_size, token_blocks, token_offsets
+        batch.last_rows = last_rows
+        return batch
+
+    @classmethod
     def build(
         cls,
         seqs: Sequence[tuple[Sequence[int], Sequence[int], int]],

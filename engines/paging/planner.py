@@ -11,11 +11,14 @@ the cache filled and a greedy request's output does not change.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 
 from engines.paging.block_manager import ROOT_HASH, BlockManager
 from engines.sequence import Sequence
+
+log = logging.getLogger("engines.rolling")
 
 
 @dataclass
@@ -84,6 +87,8 @@ class StepPlanner:
             return
         seq.blocks, seq.block_keys = self.blocks.match_prefix(seq.token_ids)
         seq.num_cached = len(seq.blocks) * self.blocks.block_size
+        if not seq.output_ids:
+            seq.cached_prompt_tokens = seq.num_cached
 
     def _prefill(self, seq: Sequence, budget: int, held: set[int]) -> int:
         """Prompt tokens ``seq`` computes this step (0: none, it waits); takes their blocks. A prompt
@@ -144,6 +149,13 @@ class StepPlanner:
         seq.blocks, seq.block_keys, seq.num_cached = [], [], 0
         seq.preemptions += 1
         self.preemptions += 1
+        log.info(
+            "KV cache full: preempted completion %d of request %s (%d tokens); it recomputes them when "
+            "blocks free up",
+            seq.index,
+            seq.request_id,
+            len(seq.token_ids),
+        )
         self.waiting.appendleft(seq)
 
     def computed(self, item: Scheduled) -> None:

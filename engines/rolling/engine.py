@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 from engines.base import EngineStats
+from engines.device_sampling import SamplingTensors, device_generator, sample_batch, to_host
 from engines.llama.batch import ForwardBatch
 from engines.paging.block_manager import BlockManager
 from engines.paging.planner import Scheduled, StepPlanner
+from engines.rolling.cuda_graphs import DecodeGraphRunner
 from engines.sampling import Sampled, prompt_token_logprobs, sample_next
 from engines.sequence import Sequence, length_error
 from engines.types import GenerationRequest, TokenEvent
@@ -44,13 +46,21 @@ class RollingEngine:
         max_num_seqs: int,
         prefill_tokens: int = 4096,
         enable_prefix_caching: bool = True,
+        graphs: DecodeGraphRunner | None = None,
+        reserved_blocks: int = 0,
     ) -> None:
+        """graphs: captured decode steps (CUDA); reserved_blocks: the cache's last blocks, kept out of
+        the allocator (the graphs' padding block)."""
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
+        self.graphs = graphs
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.capacity = max_num_seqs
         self.device = next(model.parameters()).device
-        self.blocks = BlockManager(cache.num_blocks, cache.block_size, enable_prefix_caching)
+        self.blocks = BlockManager(
+            cache.num_blocks - reserved_blocks, cache.block_size, enable_prefix_caching
+        )
+        self.on_device_sampling = self.device.type == "cuda"
         self.planner = StepPlanner(self.blocks, prefill_tokens)
         self.sequences: dict[Key, Sequence] = {}
         """Every admitted completion, running or waiting, in admission order."""
@@ -110,15 +120,18 @@ class RollingEngine:
 
     def _start(self, request: GenerationRequest) -> None:
         """Completion 0 computes the prompt; the others share its cache once it has (one prefill)."""
-        first = Sequence(request, -1, self.tokenizer, self.eos_ids)
+        first = self._sequence(request, 0)
         self.sequences[(request.request_id, 0)] = first
         self.planner.add(first)
-        forks = [
-            Sequence(request, -1, self.tokenizer, self.eos_ids, index)
-            for index in range(1, request.params.num_sequences)
-        ]
+        forks = [self._sequence(request, index) for index in range(1, request.params.num_sequences)]
         if forks:
             self.forks[(request.request_id, 0)] = forks
+
+    def _sequence(self, request: GenerationRequest, index: int) -> Sequence:
+        seq = Sequence(request, -1, self.tokenizer, self.eos_ids, index)
+        if self.on_device_sampling:  # its seeded draws come from a generator on the GPU
+            seq.generator = device_generator(request.params, index, self.device)
+        return seq
 
     def _cancel(self, request_id: str) -> list[TokenEvent]:
         events = []
@@ -138,8 +151,13 @@ class RollingEngine:
         )
         sampling = [i for i, item in enumerate(plan) if item.samples]
         scored = self._prompt_rows(plan, batch)
-        rows = [batch.last_rows[sampling]] + [r for _, r in scored]
-        logits = self.model(batch, self.cache, torch.cat(rows)).float().cpu()
+        if self.graphs is not None and batch.meta.decode_only and len(plan) <= self.graphs.max_batch():
+            logits = self.graphs.run(batch)  # decode only: every row samples, in plan order
+        else:
+            rows = [batch.last_rows[sampling]] + [r for _, r in scored]
+            logits = self.model(batch, self.cache, torch.cat(rows)).float()
+        if not self.on_device_sampling:
+            logits = logits.cpu()
         prompts = self._prompt_tokens(plan, scored, logits[len(sampling) :])
         logits = logits[: len(sampling)]
         for item in plan:
@@ -150,7 +168,10 @@ class RollingEngine:
             seqs, logits = self._fork(seqs, logits)
         events = []
         for seq, picked in zip(seqs, self._sample(seqs, logits), strict=True):
+            first = not seq.output_ids
             event = seq.append(*picked)
+            if first:
+                event.cached_tokens = seq.cached_prompt_tokens
             event.prompt_tokens = prompts.get(id(seq), ())
             if event.finish_reason is not None:
                 self.sequences.pop((seq.request_id, seq.index), None)
@@ -217,8 +238,14 @@ class RollingEngine:
         return True
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sampled]:
-        """Row i's next token, its log-probability and top alternatives, for ``seqs[i]``."""
-        return sample_next(logits, seqs, self.eos_ids)
+        """Row i's next token, its log-probability and top alternatives, for ``seqs[i]``: on a GPU as
+        one batched operation there with one copy of the results to the host."""
+        if not self.on_device_sampling:
+            return sample_next(logits, seqs, self.eos_ids)
+        tensors = SamplingTensors.build(seqs, self.eos_ids, logits.shape[-1], self.device)
+        wanted = [seq.params.top_logprobs for seq in seqs]
+        picked = sample_batch(logits, tensors, [seq.generator for seq in seqs], max(wanted, default=0))
+        return to_host(picked, wanted)
 
     def abort_all(self, reason: str) -> list[TokenEvent]:
         """After a failed step: free every sequence's blocks and end each with an error."""

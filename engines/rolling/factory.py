@@ -6,6 +6,9 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from engines.base import EngineConfig, EngineLoadError
 from engines.device import configure_threads, has_native_bf16, resolve_device
@@ -59,7 +62,9 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
         raise EngineLoadError(str(exc)) from exc
     model, hf_config = load_llama(config.model_path, dtype, device, max_model_len, ops=ops)
     blocks = cache_blocks(model, config, max_model_len)
-    cache = model.make_cache(blocks, config.block_size)
+    use_graphs = torch.device(device).type == "cuda" and not config.enforce_eager and ops.name == "triton"
+    cache = model.make_cache(blocks + use_graphs, config.block_size)  # + the graphs' padding block
+    graphs = _capture_graphs(model, cache, config, max_model_len) if use_graphs else None
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     try:
         generation = GenerationConfig.from_pretrained(config.model_path)
@@ -90,5 +95,21 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
         config.max_rolling_batch_size,
         config.max_rolling_batch_prefill_tokens,
         config.enable_prefix_caching,
+        graphs,
+        reserved_blocks=int(use_graphs),
     )
 
+
+def _capture_graphs(model: Any, cache: Any, config: EngineConfig, max_model_len: int) -> Any:
+    """The decode CUDA graphs, or None (eager decode, with a warning) when capture fails."""
+    from engines.rolling.cuda_graphs import DecodeGraphRunner
+
+    runner = DecodeGraphRunner(
+        model, cache, config.max_rolling_batch_size, max_model_len, cache.num_blocks - 1
+    )
+    try:
+        runner.capture()
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        log.warning("CUDA graph capture failed (%s); decode steps run eagerly", exc)
+        return None
+    return runner

@@ -164,3 +164,51 @@ def test_a_request_needing_more_slots_than_are_free_is_an_error_event(tiny):
     assert [(e.request_id, e.finish_reason) for e in events] == [("wide", "error")]
     assert "completions need more free sequences" in events[0].error
     assert engine.free_capacity() == 4
+
+
+def test_device_sampler_path_gives_the_host_samplers_greedy_tokens(tiny):
+    """The GPU engine samples with engines/device_sampling.py; forced on here (CPU tensors), greedy
+    tokens, their log-probabilities and the top alternatives equal the host sampler's."""
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, top_logprobs=2, repetition_penalty=1.3)
+    requests = [GenerationRequest("a", [1, 2, 3], params), GenerationRequest("b", [4, 5, 6, 7], params)]
+    host = engine_for(tiny)
+    device = engine_for(tiny)
+    device.on_device_sampling = True
+    expected = [e for r in requests for e in run_to_end(host, r)]
+    actual = [e for r in requests for e in run_to_end(device, r)]
+    assert [e.token_id for e in actual] == [e.token_id for e in expected]
+    for got, want in zip(actual, expected, strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert [t for t, _ in got.top_logprobs] == [t for t, _ in want.top_logprobs]
+
+
+def test_a_prefix_cache_hit_gives_the_tokens_of_a_cold_prompt(tiny):
+    """The second prompt reuses the first one's full blocks; its tokens equal those of an engine
+    without prefix caching, and the hit is reported on its first event."""
+    shared = list(range(3, 40))
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    warm = engine_for(tiny)
+    run_to_end(warm, GenerationRequest("first", shared + [41], params))
+    hit = run_to_end(warm, GenerationRequest("second", shared + [42, 43], params))
+    cold = run_to_end(
+        engine_for(tiny, enable_prefix_caching=False), GenerationRequest("x", shared + [42, 43], params)
+    )
+    assert [e.token_id for e in hit] == [e.token_id for e in cold]
+    assert hit[0].cached_tokens == 32  # two full blocks of 16
+    assert cold[0].cached_tokens == 0
+    assert warm.stats().prefix_hit_tokens == 32
+
+
+def test_chunked_prefill_and_a_full_cache_keep_greedy_outputs(tiny):
+    """A 10-token prefill budget splits every prompt; 6 blocks for 3 long sequences force preemption.
+    Neither changes a greedy output."""
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    prompts = {"a": list(range(3, 30)), "b": list(range(40, 52)), "c": [7, 8, 9]}
+    requests = [GenerationRequest(rid, p, params) for rid, p in prompts.items()]
+    alone = {rid: run_all(engine_for(tiny), [r]) for rid, r in zip(prompts, requests, strict=True)}
+    per_block = engine_for(tiny).cache.bytes_per_block()
+    tight = engine_for(tiny, max_rolling_batch_prefill_tokens=10, kv_cache_memory_bytes=6 * per_block)
+    together = run_all(tight, requests)
+    assert together == {key: tokens for out in alone.values() for key, tokens in out.items()}
+    assert tight.stats().preemptions > 0
+    assert tight.blocks.num_free() == 6  # every block came back (sealed ones stay cached, unheld)

@@ -61,10 +61,18 @@ class OpenAIWriter(ResponseWriter):
             "model": self.ctx.model_name,
         }
 
-    def _usage(self) -> dict[str, int]:
-        """Every generated token counts, best_of's unreturned completions included (as OpenAI bills)."""
+    def _usage(self) -> dict[str, Any]:
+        """Every generated token counts, best_of's unreturned completions included (as OpenAI bills);
+        prompt tokens served from the prefix cache are reported as OpenAI does, when there are any."""
         prompt, completion = self.ctx.prompt_tokens, sum(len(c.tokens) for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        if self.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
 
     def _token_bytes(self, choice: Choice, tok: Tok | None, last: bool) -> bytes:
         if not self.stream:

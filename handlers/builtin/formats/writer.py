@@ -109,6 +109,8 @@ class ResponseWriter(ABC):
         self.parsed = ctx.parsed
         self.choices = [Choice(i) for i in range(ctx.parsed.params.num_sequences)]
         self.prefill: list[dict[str, Any]] = []
+        self.cached_tokens = 0
+        """Prompt tokens the engine found in its prefix cache (reported in OpenAI usage)."""
         """TGI/LMI ``details.prefill``: the prompt tokens with their log-probabilities, when asked."""
         self.error_code: int | None = None
         """Set by ``error``; a worker that has sent nothing yet can use it as the HTTP status."""
@@ -175,6 +177,7 @@ class ResponseWriter(ABC):
         choice = self.choices[event.index]
         if choice.finish_reason is not None:
             return b""
+        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         if event.prompt_tokens:
             self.prefill = [
                 {"id": token, "text": text, "logprob": finite(logprob)}
