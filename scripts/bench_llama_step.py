@@ -1,7 +1,9 @@
 """Time the native Llama engine's forward steps on the bundled SmolLM2-135M model.
 
 Prints decode-step latency and tokens/s for several batch sizes at a fixed context length, one
-batched prefill, and (with --attention) the decode-attention variants the engine chose between.
+batched prefill, and (with --attention) the decode-attention variants the engine chooses between.
+The paged KV cache gives each sequence contiguous blocks (enough for every slot at the longest
+length), so the figures measure the bare step, not the block allocator.
 Each figure is the best of --repeats runs, because other processes on a small machine add noise.
 
     python scripts/bench_llama_step.py --dtype bf16 fp32 --batch-sizes 1 8 32 64 --context 200
@@ -16,13 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.nn import functional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.hf.default_model import ensure_default_model  # noqa: E402
-from engines.kernels.decode_attention import native_decode_attention  # noqa: E402
+from engines.kernels.native_attention import native_paged_attention  # noqa: E402
 from engines.kernels.ops import CHOICES, select_ops  # noqa: E402
+from engines.kernels.paged import (  # noqa: E402
+    PagedAttentionMeta,
+    batched_decode_attention,
+    paged_attention_reference,
+)
 from engines.llama.batch import ForwardBatch  # noqa: E402
 from engines.llama.weights import load_llama  # noqa: E402
 
@@ -42,11 +48,19 @@ def best_seconds(fn: Callable[[], object], iterations: int, repeats: int) -> flo
     return best
 
 
-def decode_batch(batch_size: int, context: int) -> ForwardBatch:
-    """One new token for each of slots 0..batch_size-1, each with `context` tokens in the cache.
+def block_tables(slots: int, max_len: int, block_size: int) -> list[list[int]]:
+    """Contiguous blocks per sequence: slot s owns blocks [s * n, (s + 1) * n) for max_len tokens."""
+    per_slot = -(-max_len // block_size)
+    return [list(range(slot * per_slot, (slot + 1) * per_slot)) for slot in range(slots)]
+
+
+def decode_batch(tables: list[list[int]], batch_size: int, context: int, block_size: int) -> ForwardBatch:
+    """One new token for each of the first batch_size sequences, each with `context` tokens cached.
 
     The cached K/V are whatever the cache holds (zeros); their values do not change the timing."""
-    return ForwardBatch.build([(slot, [100 + slot], context - 1) for slot in range(batch_size)])
+    return ForwardBatch.build(
+        [(tables[slot], [100 + slot], context - 1) for slot in range(batch_size)], block_size
+    )
 
 
 def bench_model(args: argparse.Namespace, name: str) -> None:
@@ -54,15 +68,17 @@ def bench_model(args: argparse.Namespace, name: str) -> None:
     slots = max(max(args.batch_sizes), args.prefill_seqs)
     ops = select_ops(args.kernels, "cpu")
     path = ensure_default_model()
-    model, cache, _ = load_llama(path, DTYPES[name], "cpu", slots, max_len, not args.no_pack, ops)
+    model, _ = load_llama(path, DTYPES[name], "cpu", max_len, not args.no_pack, ops)
+    tables = block_tables(slots, max_len, args.block_size)
+    cache = model.make_cache(slots * len(tables[0]), args.block_size)
     for batch_size in args.batch_sizes:
-        batch = decode_batch(batch_size, args.context)
+        batch = decode_batch(tables, batch_size, args.context, args.block_size)
         seconds = best_seconds(lambda batch=batch: model(batch, cache), args.iterations, args.repeats)
         rate = batch_size / seconds
         print(f"| {name} | decode | {batch_size} | {args.context} | {seconds * 1e3:.1f} | {rate:.0f} |")
-    prompts = [(slot, [(7 * slot + i) % 1000 + 10 for i in range(args.prefill_len)], 0)
+    prompts = [(tables[slot], [(7 * slot + i) % 1000 + 10 for i in range(args.prefill_len)], 0)
                for slot in range(args.prefill_seqs)]  # fmt: skip
-    batch = ForwardBatch.build(prompts)
+    batch = ForwardBatch.build(prompts, args.block_size)
     seconds = best_seconds(lambda: model(batch, cache), 1, args.repeats)
     tokens = args.prefill_seqs * args.prefill_len
     print(f"| {name} | prefill {args.prefill_seqs}x{args.prefill_len} | {args.prefill_seqs} | 0 "
@@ -72,32 +88,17 @@ def bench_model(args: argparse.Namespace, name: str) -> None:
 def bench_attention(args: argparse.Namespace, name: str) -> None:
     """One layer's decode attention for SmolLM2's shapes (9 heads, 3 kv heads, head_dim 64)."""
     dtype, batch, length, heads, kv_heads, dim = DTYPES[name], max(args.batch_sizes), args.context, 9, 3, 64
-    cache_k = torch.randn(batch, kv_heads, length + 64, dim, dtype=dtype)
+    tables = block_tables(batch, length, args.block_size)
+    cache_k = torch.randn(batch * len(tables[0]), kv_heads, args.block_size, dim, dtype=dtype)
     cache_v = torch.randn_like(cache_k)
-    keys, values = cache_k[:, :, :length], cache_v[:, :, :length]  # the engine's zero-copy view
-    q = torch.randn(batch, heads, 1, dim, dtype=dtype)
-    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
-    slots = torch.arange(batch)
-    kv_lens = torch.full((batch,), length, dtype=torch.int64)
-    group = heads // kv_heads
-    native = native_decode_attention
+    q = torch.randn(batch, heads, dim, dtype=dtype)
+    meta = PagedAttentionMeta.build(tables, [1] * batch, [length] * batch)
     variants = {
-        "native kernel (default)": lambda: native(q.view(-1, heads, dim), cache_k, cache_v, slots, kv_lens),
-        "view, query heads as rows (--kernels torch)": lambda: functional.scaled_dot_product_attention(
-            q.view(batch, kv_heads, group, dim), keys, values, attn_mask=mask
+        "native kernel (default)": lambda: native_paged_attention(q, cache_k, cache_v, meta),
+        "gathered blocks, one SDPA call (--kernels torch)": lambda: batched_decode_attention(
+            q, cache_k, cache_v, meta
         ),
-        "view, enable_gqa": lambda: functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=True
-        ),
-        "view, repeat_interleave": lambda: functional.scaled_dot_product_attention(
-            q, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), attn_mask=mask
-        ),
-        "gather, query heads as rows": lambda: functional.scaled_dot_product_attention(
-            q.view(batch, kv_heads, group, dim),
-            cache_k[slots, :, :length],
-            cache_v[slots, :, :length],
-            attn_mask=mask,
-        ),
+        "per-sequence SDPA (reference)": lambda: paged_attention_reference(q, cache_k, cache_v, meta),
     }
     for label, fn in variants.items():
         seconds = best_seconds(fn, args.iterations, args.repeats)
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--attention", action="store_true", help="also time decode-attention variants")
     parser.add_argument("--kernels", choices=CHOICES, default="auto", help="option.kernels")
+    parser.add_argument("--block-size", type=int, default=16, help="option.block_size (a power of two)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(

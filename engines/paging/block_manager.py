@@ -80,9 +80,12 @@ class BlockManager:
             blocks.append(block)
             keys.append(key)
             parent = key
-        self.stats.queried_tokens += len(token_ids)
-        self.stats.hit_tokens += len(blocks) * self.block_size
         return blocks, keys
+
+    def record_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        """Count one prompt's lookup in the stats (once per prompt, however long it waited)."""
+        self.stats.queried_tokens += queried_tokens
+        self.stats.hit_tokens += hit_tokens
 
     def allocate(self, count: int) -> list[int] | None:
         """``count`` fresh blocks, evicting unheld cached ones if needed; None (and nothing taken) when

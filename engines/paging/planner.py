@@ -104,8 +104,10 @@ class StepPlanner:
                 self.blocks.release(seq.blocks)  # the prefix hits go back until it gets room
                 seq.blocks, seq.block_keys, seq.num_cached = [], [], 0
                 return 0
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
+            if not seq.output_ids:  # a new prompt, not a recompute: count its prefix lookup once
+                self.blocks.record_lookup(len(seq.token_ids), seq.cached_prompt_tokens)
             return granted
         if self._room(seq) < (want if whole else 1) and not self._grow(seq, want if whole else 1, held):
             return 0

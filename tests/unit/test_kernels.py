@@ -1,5 +1,5 @@
 """The native CPU kernels against their plain-torch references (engines.kernels.ops.TorchOps and
-decode_attention_reference), and the choice between them.
+engines.kernels.paged.paged_attention_reference), and the choice between them.
 
 The kernels are compiled on first use (cached under LMI_KERNEL_CACHE or the user cache dir), so the
 first run of this file pays the ~40 s build once for the whole suite.
@@ -16,84 +16,153 @@ import pytest
 import torch
 from support import ROOT
 
-from engines.kernels.decode_attention import decode_attention_reference, native_decode_attention
+from engines.kernels.build import load_kernel
+from engines.kernels.native_attention import native_paged_attention
 from engines.kernels.ops import NativeOps, TorchOps, select_ops
+from engines.kernels.paged import PagedAttentionMeta, paged_attention_reference
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+"""Against the float32 reference: summation order in float32, one output rounding (and, on the bf16
+fast path, probabilities rounded to bf16) otherwise."""
+SHAPES = [(9, 3, 64, 16), (8, 2, 128, 32), (4, 4, 64, 64), (8, 1, 128, 16), (6, 1, 80, 32), (4, 4, 32, 16)]
+"""(heads, kv_heads, head_dim, block_size): SmolLM2's GQA, Llama-style GQA, MHA, group 8, and the generic
+(not compile-time) head_dim path."""
 
 
-def _case(dtype, heads, kv_heads, head_dim, kv_lens, slots, seed=0):
+def _lens(block_size: int) -> tuple[list[int], list[int]]:
+    """(context_lens, query_lens): decodes and chunks ending on a block boundary, one past it, within
+    the first block, and a chunk that crosses a boundary after a cached prefix."""
+    contexts = [1, block_size, block_size + 1, 2 * block_size, 2 * block_size + 1, 3 * block_size - 5, 297]
+    return contexts, [1, 1, 2, 5, 1, 7, 33]
+
+
+def _paged_case(
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int],
+    context_lens: list[int],
+    query_lens: list[int],
+    fill: float = float("nan"),
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PagedAttentionMeta]:
+    """q (a strided view, as the engine slices it from the fused projection), caches whose blocks are
+    dealt to the sequences in shuffled order, and ``fill`` in every row no sequence owns."""
+    heads, kv_heads, head_dim, block_size = shape
     generator = torch.Generator().manual_seed(seed)
-    cache_k = torch.randn(8, kv_heads, 300, head_dim, generator=generator).to(dtype)
-    cache_v = torch.randn(8, kv_heads, 300, head_dim, generator=generator).to(dtype)
-    # q as a strided view (the engine passes a slice of its fused q/k projection)
-    fused = torch.randn(len(slots), heads + kv_heads, head_dim, generator=generator).to(dtype)
-    q = fused[:, :heads]
-    return q, cache_k, cache_v, torch.tensor(slots), torch.tensor(kv_lens)
+    needed = [-(-context // block_size) for context in context_lens]
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = [order[sum(needed[:s]) : sum(needed[: s + 1])] for s in range(len(needed))]
+    cache_k = torch.full((num_blocks, kv_heads, block_size, head_dim), fill)
+    cache_v = torch.full_like(cache_k, fill)
+    for table, context in zip(tables, context_lens, strict=True):
+        rows = torch.randn(2, context, kv_heads, head_dim, generator=generator)
+        for position in range(context):
+            block, offset = table[position // block_size], position % block_size
+            cache_k[block, :, offset], cache_v[block, :, offset] = rows[0, position], rows[1, position]
+    fused = torch.randn(sum(query_lens), heads + kv_heads, head_dim, generator=generator)
+    meta = PagedAttentionMeta.build(tables, query_lens, context_lens)
+    return fused.to(dtype)[:, :heads], cache_k.to(dtype), cache_v.to(dtype), meta
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim"),
-    [(9, 3, 64), (8, 2, 128), (6, 1, 80), (4, 4, 32)],  # SmolLM2, Llama-style, generic head_dim, MHA
-)
-def test_native_kernel_matches_reference(dtype, heads, kv_heads, head_dim):
-    # lengths straddle the kernel's 32-key blocks; slots out of order with gaps
-    lens, slots = [1, 31, 32, 33, 100, 297], [5, 0, 7, 2, 3, 6]
-    q, cache_k, cache_v, slots_t, lens_t = _case(dtype, heads, kv_heads, head_dim, lens, slots)
-    expected = decode_attention_reference(q, cache_k, cache_v, slots_t, lens_t).float()
-    actual = native_decode_attention(q, cache_k, cache_v, slots_t, lens_t)
-    assert actual.shape == (len(slots), heads, head_dim)
+def _reference(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: PagedAttentionMeta
+) -> torch.Tensor:
+    """The float32 reference on the same (rounded) inputs."""
+    return paged_attention_reference(q.float(), cache_k.float(), cache_v.float(), meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "h{}-kv{}-d{}-b{}".format(*s))
+def test_native_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, int, int, int]) -> None:
+    """Every row no sequence owns is NaN: a kernel that reads past a context (or across sequences, or a
+    chunk's later positions) poisons its output."""
+    contexts, queries = _lens(shape[3])
+    q, cache_k, cache_v, meta = _paged_case(dtype, shape, contexts, queries)
+    actual = native_paged_attention(q, cache_k, cache_v, meta)
+    assert actual.shape == (sum(queries), shape[0], shape[2])
     assert actual.dtype == dtype
-    torch.testing.assert_close(actual.float(), expected, atol=TOLERANCE[dtype], rtol=0)
+    expected = _reference(q, cache_k, cache_v, meta)
+    torch.testing.assert_close(actual.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_kernel_reads_only_each_sequences_prefix(dtype):
-    """Garbage past each kv_len (a freed slot's stale tokens) must not leak into the output; odd lengths
-    exercise the bf16 path's unpaired last key and its partly empty 16-key groups."""
-    lens = [1, 31, 33, 20]
-    q, cache_k, cache_v, slots, lens_t = _case(dtype, 9, 3, 64, lens, [0, 1, 2, 3])
-    before = native_decode_attention(q, cache_k, cache_v, slots, lens_t)
-    for slot, length in enumerate(lens):
-        cache_k[slot, :, length:] = 1e4
-        cache_v[slot, :, length:] = float("nan")
-    torch.testing.assert_close(
-        native_decode_attention(q, cache_k, cache_v, slots, lens_t), before, rtol=0, atol=0
-    )
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_kernel_reads_only_each_sequences_rows(dtype: torch.dtype) -> None:
+    """A freed block's stale rows (huge keys, NaN values) next to or inside a sequence's blocks leave its
+    output bit for bit the same; odd lengths exercise the bf16 path's unpaired last key."""
+    shape, contexts, queries = (9, 3, 64, 16), [1, 31, 33, 20, 16], [1, 1, 3, 20, 1]
+    q, cache_k, cache_v, meta = _paged_case(dtype, shape, contexts, queries, fill=0.0)
+    unowned = (cache_k == 0).all(-1, keepdim=True)  # random rows are never all zero
+    clean = native_paged_attention(q, cache_k, cache_v, meta)
+    for stale in (1e4, float("nan")):
+        stale_k, stale_v = cache_k.masked_fill(unowned, 1e4), cache_v.masked_fill(unowned, stale)
+        torch.testing.assert_close(native_paged_attention(q, stale_k, stale_v, meta), clean, rtol=0, atol=0)
 
 
-def test_bf16_fast_path_is_compiled_where_the_cpu_has_it():
+def test_native_kernel_on_a_subset_of_rows() -> None:
+    """``rows`` (NativeOps hands long chunks to SDPA and the other rows to the kernel) picks the same
+    tokens' sequences and lengths as the whole batch."""
+    contexts, queries = _lens(16)
+    q, cache_k, cache_v, meta = _paged_case(torch.float32, (8, 2, 64, 16), contexts, queries)
+    rows = torch.tensor([0, 4, 5, 9, 40, sum(queries) - 1])
+    whole = native_paged_attention(q, cache_k, cache_v, meta)
+    part = native_paged_attention(q[rows], cache_k, cache_v, meta, rows)
+    torch.testing.assert_close(part, whole[rows], rtol=0, atol=0)
+
+
+def test_bf16_fast_path_is_compiled_where_the_cpu_has_it() -> None:
     """So these tests do run the AVX-512 BF16 code on a machine that has it (this project's CI does)."""
-    from engines.kernels.build import load_kernel
-
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     has_bf16 = " avx512_bf16" in flags and " avx512bw" in flags
-    assert load_kernel("decode_attention").bf16_fast_path() == has_bf16
+    assert load_kernel("paged_attention").bf16_fast_path() == has_bf16
 
 
-def test_native_kernel_rejects_out_of_range_indices():
-    q, cache_k, cache_v, slots, lens = _case(torch.float32, 4, 2, 64, [10, 20], [0, 1])
-    with pytest.raises(RuntimeError, match="slot out of range"):
-        native_decode_attention(q, cache_k, cache_v, torch.tensor([0, 8]), lens)
+def test_native_kernel_validates_its_inputs() -> None:
+    kernel = load_kernel("paged_attention").paged_attention
+    q, cache_k, cache_v, meta = _paged_case(torch.float32, (4, 2, 64, 16), [10, 20], [1, 1])
+    tables, token_seq, kv_lens = meta.block_tables, meta.token_seq, meta.token_kv_lens
+    num_blocks, scale = cache_k.shape[0], 64**-0.5
+
+    def call(**changed: torch.Tensor) -> torch.Tensor:
+        args = {"cache_k": cache_k, "cache_v": cache_v, "tables": tables, "seq": token_seq, "lens": kv_lens}
+        args.update(changed)
+        return kernel(q, args["cache_k"], args["cache_v"], args["tables"], args["seq"], args["lens"], scale)
+
+    padded = torch.cat([tables, torch.full((2, 1), -1, dtype=torch.int32)], 1)
+    torch.testing.assert_close(call(tables=padded), call())  # entries past a context are never read
+    for bad in (num_blocks, -1):
+        wrong = tables.clone()
+        wrong[1, 1] = bad
+        with pytest.raises(RuntimeError, match="block id out of range"):
+            call(tables=wrong)
     with pytest.raises(RuntimeError, match="kv_len out of range"):
-        native_decode_attention(q, cache_k, cache_v, slots, torch.tensor([0, 5]))
+        call(lens=torch.tensor([0, 20]))
     with pytest.raises(RuntimeError, match="kv_len out of range"):
-        native_decode_attention(q, cache_k, cache_v, slots, torch.tensor([1, 301]))
+        call(lens=torch.tensor([10, 2 * 16 + 1]))  # past the two blocks in the table
+    with pytest.raises(RuntimeError, match="token_seq out of range"):
+        call(seq=torch.tensor([0, 2]))
+    with pytest.raises(RuntimeError, match=r"block_tables: \[S, N\] int32"):
+        call(tables=tables.long())
+    with pytest.raises(RuntimeError, match="int64 indices"):
+        call(lens=kv_lens.int())
+    odd_k = torch.zeros(num_blocks, 2, 12, 64)
+    with pytest.raises(RuntimeError, match="block_size must be a power of two"):
+        call(cache_k=odd_k, cache_v=odd_k.clone())
 
 
-def test_kernel_selection():
+def test_kernel_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # test_triton_kernels.py sets it for itself
     assert select_ops("torch", "cpu") is TorchOps
     assert select_ops("auto", "cpu", (9, 3, 64)) is NativeOps
     assert select_ops("auto", "cpu", (64, 2, 64)) is TorchOps  # group 32: beyond the kernels' buffers
     with pytest.raises(ValueError, match="cannot run this model: group 32"):
         select_ops("native", "cpu", (64, 2, 64))
     assert select_ops("auto", "cpu") is NativeOps
-    assert select_ops("auto", "cuda") is TorchOps  # the CPU kernels never run on a GPU
-    assert TorchOps.decode_attention is None  # the engine's batched SDPA
+    assert select_ops("auto", "cuda") is not NativeOps  # the CPU kernels never run on a GPU
     with pytest.raises(ValueError, match="CPU only"):
         select_ops("native", "cuda")
-    with pytest.raises(ValueError, match="not one of auto, native, torch"):
+    with pytest.raises(ValueError, match="kernels=triton cannot run on cpu"):
+        select_ops("triton", "cpu")
+    with pytest.raises(ValueError, match="not one of auto, native, triton, torch"):
         select_ops("flash", "cpu")
 
 
@@ -127,11 +196,11 @@ def test_fused_norms_match_torch(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_rope_and_cache_write_match_torch(dtype):
+def test_fused_rope_and_cache_write_match_torch(dtype: torch.dtype) -> None:
     from engines.llama.rope import rope_tables
     from engines.llama.spec import LlamaSpec
 
-    heads, kv_heads, head_dim, tokens = 9, 3, 64, 11
+    heads, kv_heads, head_dim, tokens, block_size = 9, 3, 64, 11, 16
     spec = LlamaSpec(
         hidden_size=heads * head_dim, intermediate_size=8, num_layers=1, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=8, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -139,21 +208,28 @@ def test_fused_rope_and_cache_write_match_torch(dtype):
     cos, sin = rope_tables(spec, 128, dtype, "cpu")
     generator = torch.Generator().manual_seed(1)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    # a 7-token prompt in block 5, a 2-token chunk at 100 (table [.., 2]), decodes at 7 and 127
     positions = torch.tensor([0, 1, 2, 3, 4, 5, 6, 100, 101, 7, 127])
-    slots = torch.tensor([0, 0, 0, 0, 0, 0, 0, 3, 3, 1, 2])
+    blocks = torch.tensor([5, 5, 5, 5, 5, 5, 5, 2, 2, 0, 6])
+    offsets = positions % block_size
     caches = {
-        name: [torch.zeros(4, kv_heads, 128, head_dim, dtype=dtype) for _ in range(2)] for name in ("t", "n")
+        name: [torch.zeros(8, kv_heads, block_size, head_dim, dtype=dtype) for _ in range(2)]
+        for name in ("t", "n")
     }
     cos, sin = cos[positions], sin[positions]  # each token's rows, as the model gathers them once per step
-    expected = TorchOps.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, *caches["t"])
-    actual = NativeOps.rope_and_cache(qkv, cos, sin, positions, slots, heads, kv_heads, *caches["n"])
+    expected = TorchOps.rope_and_cache(qkv, cos, sin, offsets, blocks, heads, kv_heads, *caches["t"])
+    actual = NativeOps.rope_and_cache(qkv, cos, sin, offsets, blocks, heads, kv_heads, *caches["n"])
     _close_to_reference(actual, expected.contiguous())
     _close_to_reference(caches["n"][0], caches["t"][0])
     torch.testing.assert_close(caches["n"][1], caches["t"][1], rtol=0, atol=0)  # v is copied as is
+    assert caches["n"][1][2, :, 4].abs().sum() > 0
+    assert caches["n"][1][1].abs().sum() == 0
     with pytest.raises(RuntimeError, match="position out of range"):
-        NativeOps.rope_and_cache(qkv, cos, sin, positions + 1, slots, heads, kv_heads, *caches["n"])
+        NativeOps.rope_and_cache(qkv, cos, sin, offsets + 1, blocks, heads, kv_heads, *caches["n"])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        NativeOps.rope_and_cache(qkv, cos, sin, offsets, blocks + 2, heads, kv_heads, *caches["n"])
     with pytest.raises(RuntimeError, match="one row per token"):
-        NativeOps.rope_and_cache(qkv, cos[:-1], sin[:-1], positions, slots, heads, kv_heads, *caches["n"])
+        NativeOps.rope_and_cache(qkv, cos[:-1], sin[:-1], offsets, blocks, heads, kv_heads, *caches["n"])
 
 
 @pytest.mark.parametrize("broken", ["compiler", "cache-folder"])
@@ -179,4 +255,4 @@ def test_without_a_build_auto_falls_back_and_native_fails(tmp_path, broken):
     )
     assert result.returncode == 0, result.stderr
     assert "using the plain-torch ops instead" in result.stderr
-    assert "NATIVE FAILED: Could not build the native kernel 'decode_attention'" in result.stdout
+    assert "NATIVE FAILED: Could not build the native kernel 'paged_attention'" in result.stdout

@@ -13,8 +13,10 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -276,6 +278,340 @@ void run(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tens
   });
 }
 
+// ---- Prefill: query tiles ----------------------------------------------------------------------------
+// A chunk's consecutive tokens share their keys, so a work item is (sequence, kv head, tile of
+// consecutive query tokens) with all `group` query heads of that kv head: each K/V row read serves the
+// tile's tokens x group query rows instead of `group`. Keys go in blocks of 32 with an online softmax per
+// row; only the blocks past a tile's first position meet the causal frontier and are masked.
+
+constexpr int64_t kTileRows = 48;  // query rows (tokens x group) per tile: 32, 48, 64 measured, 48 best
+
+struct Tile {
+  int64_t seq, head;
+  int64_t token;     // the tile's first packed query row
+  int64_t tokens;    // query tokens in the tile (1 on the per-token path)
+  int64_t position;  // the first token's position: it attends keys [0, position]
+  int64_t cost;      // key rows x query rows, for scheduling
+  bool tiled;        // false: a token of a short chunk, on the per-token kernel
+};
+
+struct TileArgs {
+  int64_t group, head_dim, heads;
+  int64_t q_token_stride, q_head_stride, kv_row_stride, block_shift, block_stride;
+  float scale;
+};
+
+inline const int32_t* table_of(const int32_t* tables, int64_t width, const Tile& tile) {
+  return tables + tile.seq * width;
+}
+
+template <typename T>
+inline const T* tile_row(const T* base, int64_t p, const int32_t* table, const TileArgs& a) {
+  const int64_t mask = (int64_t{1} << a.block_shift) - 1;
+  return base + table[p >> a.block_shift] * a.block_stride + (p & mask) * a.kv_row_stride;
+}
+
+// Portable tile kernel (float32 arithmetic): scores as a [rows, 32] product against the key block
+// transposed, so the compiler vectorises over keys; p.v vectorises over head_dim.
+template <typename T, int64_t kHeadDim>
+void tile_generic(const T* q, const T* k, const T* v, T* out, const int32_t* table, const Tile& tile,
+                  const TileArgs& a) {
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : a.head_dim;
+  const int64_t group = a.group, rows = tile.tokens * group;
+  static thread_local std::vector<float> buffer;
+  buffer.resize((2 * kTileRows + 2 * kBlock) * kMaxHeadDim);
+  float* qf = buffer.data();                  // [rows][head_dim], scaled
+  float* acc = qf + kTileRows * head_dim;     // [rows][head_dim]
+  float* kt = acc + kTileRows * head_dim;     // [head_dim][kBlock]
+  float* vf = kt + kBlock * head_dim;         // [kBlock][head_dim]
+  alignas(64) float probs[kBlock];
+  float row_max[kTileRows], row_sum[kTileRows];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + (tile.token + r / group) * a.q_token_stride + (r % group) * a.q_head_stride;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      qf[r * head_dim + d] = static_cast<float>(qr[d]) * a.scale;
+      acc[r * head_dim + d] = 0.f;
+    }
+    row_max[r] = kNegativeHuge;
+    row_sum[r] = 0.f;
+  }
+  const int64_t kv_end = tile.position + tile.tokens;
+  for (int64_t t0 = 0; t0 < kv_end; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, kv_end - t0);
+    for (int64_t t = 0; t < kBlock; ++t) {
+      const T* k_row = t < n ? tile_row(k, t0 + t, table, a) : nullptr;
+      const T* v_row = t < n ? tile_row(v, t0 + t, table, a) : nullptr;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        kt[d * kBlock + t] = k_row ? static_cast<float>(k_row[d]) : 0.f;
+        vf[t * head_dim + d] = v_row ? static_cast<float>(v_row[d]) : 0.f;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t limit = std::min(n, tile.position + r / group - t0 + 1);  // keys this row may see
+      if (limit <= 0) continue;
+      float scores[kBlock] = {};
+      const float* qr = qf + r * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float qd = qr[d];
+        for (int64_t t = 0; t < kBlock; ++t) scores[t] += qd * kt[d * kBlock + t];
+      }
+      float block_max = row_max[r];
+      for (int64_t t = 0; t < limit; ++t) block_max = std::max(block_max, scores[t]);
+      const float rescale = std::exp(row_max[r] - block_max);
+      row_max[r] = block_max;
+      float block_sum = 0.f;
+      for (int64_t t = 0; t < kBlock; ++t) {
+        probs[t] = t < limit ? std::exp(scores[t] - block_max) : 0.f;
+        block_sum += probs[t];
+      }
+      row_sum[r] = row_sum[r] * rescale + block_sum;
+      float* ar = acc + r * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) ar[d] *= rescale;
+      for (int64_t t = 0; t < limit; ++t) {
+        const float p = probs[t];
+        const float* vt = vf + t * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) ar[d] += p * vt[d];
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / row_sum[r];
+    T* o = out + (tile.token + r / group) * a.heads * head_dim + (r % group) * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<T>(acc[r * head_dim + d] * inv);
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bf16 tile kernel. The 16 lanes of a vector are 16 query rows, so the online softmax is element-wise
+// across key columns (no horizontal reductions). q.k: lanes hold (q[r][2j], q[r][2j+1]) of the transposed
+// tile, multiplied by key t's pair j broadcast straight from the cache row (no key packing). p.v: lanes
+// hold (p[r][2j], p[r][2j+1]) against the broadcast pair (v[2j][d], v[2j+1][d]) of an interleaved copy
+// of the value block. Products run as vdpbf16ps with float32 accumulation; p is rounded to bf16.
+constexpr int64_t kRowVecs = kTileRows / 16;
+constexpr int64_t kKeyChunk = kRowVecs == 1 ? 16 : kRowVecs <= 3 ? 8 : 4;  // q.k accumulators: 16-24
+constexpr int64_t kDimChunk = kKeyChunk;                                     // p.v accumulators: 16-24
+
+inline __m512i broadcast_pair(const void* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return _mm512_set1_epi32(pair);
+}
+
+// 2^x: x = n + f with |f| <= 1/2, 2^f by its degree-6 Taylor polynomial in f ln 2 (relative error
+// < 2e-7), scaled by 2^n; very negative x (masked keys) gives 0.
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.540353e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022651f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <int64_t kHeadDim>
+void tile_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out,
+               const int32_t* table, const Tile& tile, const TileArgs& a) {
+  constexpr int64_t kPairs = kHeadDim / 2, kLanes = kRowVecs * 16;
+  const int64_t group = a.group, rows = tile.tokens * group;
+  alignas(64) uint32_t qt[kPairs][kLanes];          // row r's dims (2j, 2j+1) in lane r
+  alignas(64) float ot[kHeadDim][kLanes];           // output accumulator, transposed
+  alignas(64) float scores[kBlock][kLanes];         // then the probabilities
+  alignas(64) uint32_t p_pairs[kBlock / 2][kLanes];  // (p[r][2j], p[r][2j+1]) in bf16
+  alignas(64) uint32_t v_pairs[kBlock / 2][kHeadDim];  // (v[2j][d], v[2j+1][d]) in bf16
+  alignas(64) int32_t positions[kLanes];
+  static const at::BFloat16 zeros[kMaxHeadDim] = {};  // stands in for rows past the tile's last key
+  for (int64_t r = 0; r < kLanes; ++r) {
+    const at::BFloat16* qr =
+        r < rows ? q + (tile.token + r / group) * a.q_token_stride + (r % group) * a.q_head_stride : zeros;
+    for (int64_t j = 0; j < kPairs; ++j) std::memcpy(&qt[j][r], qr + 2 * j, sizeof(uint32_t));
+    // padding rows (q = 0) may see every key: their scores stay finite and their output is dropped
+    positions[r] = r < rows ? static_cast<int32_t>(tile.position + r / group) : INT32_MAX;
+  }
+  std::memset(ot, 0, sizeof(ot));
+  __m512 row_max[kRowVecs], row_sum[kRowVecs], rescale[kRowVecs];
+  __m512i pos[kRowVecs];
+  for (int64_t w = 0; w < kRowVecs; ++w) {
+    row_max[w] = _mm512_set1_ps(kNegativeHuge);
+    row_sum[w] = _mm512_setzero_ps();
+    pos[w] = _mm512_load_si512(positions + 16 * w);
+  }
+  const __m512 scale = _mm512_set1_ps(a.scale * 1.44269504f);  // scores in log2 units for exp2
+  // Lane 2i of a p.v operand takes element i of the first vector, lane 2i+1 element i of the second.
+  alignas(64) int16_t interleave_lo[32], interleave_hi[32];
+  for (int i = 0; i < 32; ++i) {
+    interleave_lo[i] = static_cast<int16_t>((i & 1) * 32 + i / 2);
+    interleave_hi[i] = static_cast<int16_t>((i & 1) * 32 + 16 + i / 2);
+  }
+  const __m512i mix_lo = _mm512_load_si512(interleave_lo), mix_hi = _mm512_load_si512(interleave_hi);
+  // one source: lane 2i takes element i (key 2j of row i), lane 2i+1 element 16 + i (key 2j + 1)
+  alignas(64) int16_t interleave_halves[32];
+  for (int i = 0; i < 32; ++i) interleave_halves[i] = static_cast<int16_t>((i & 1) * 16 + i / 2);
+  const __m512i mix_halves = _mm512_load_si512(interleave_halves);
+  const at::BFloat16* k_rows[kBlock];
+  const at::BFloat16* v_rows[kBlock];
+  const int64_t kv_end = tile.position + tile.tokens;
+  for (int64_t t0 = 0; t0 < kv_end; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, kv_end - t0);
+    for (int64_t t = 0; t < kBlock; ++t) {
+      k_rows[t] = t < n ? tile_row(k, t0 + t, table, a) : zeros;
+      v_rows[t] = t < n ? tile_row(v, t0 + t, table, a) : zeros;
+    }
+    const int64_t key_chunks = (n + kKeyChunk - 1) / kKeyChunk;
+    for (int64_t c = 0; c < key_chunks; ++c) {
+      __m512 acc[kRowVecs][kKeyChunk];
+      for (int64_t w = 0; w < kRowVecs; ++w)
+        for (int64_t i = 0; i < kKeyChunk; ++i) acc[w][i] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < kPairs; ++j) {
+        __m512bh qv[kRowVecs];
+        for (int64_t w = 0; w < kRowVecs; ++w) qv[w] = (__m512bh)_mm512_load_si512(&qt[j][16 * w]);
+        for (int64_t i = 0; i < kKeyChunk; ++i) {
+          const __m512bh kv = (__m512bh)broadcast_pair(k_rows[c * kKeyChunk + i] + 2 * j);
+          for (int64_t w = 0; w < kRowVecs; ++w) acc[w][i] = _mm512_dpbf16_ps(acc[w][i], qv[w], kv);
+        }
+      }
+      for (int64_t i = 0; i < kKeyChunk; ++i)
+        for (int64_t w = 0; w < kRowVecs; ++w)
+          _mm512_store_ps(&scores[c * kKeyChunk + i][16 * w], _mm512_mul_ps(acc[w][i], scale));
+    }
+    const int64_t used = key_chunks * kKeyChunk;  // keys [n, used) are zero rows: masked below
+    const bool masked = t0 + used - 1 > tile.position;
+    for (int64_t w = 0; w < kRowVecs; ++w) {
+      __m512 block_max = row_max[w];
+      for (int64_t t = 0; t < used; ++t) {
+        __m512 s = _mm512_load_ps(&scores[t][16 * w]);
+        if (masked) {
+          const __mmask16 seen = _mm512_cmp_epi32_mask(_mm512_set1_epi32(static_cast<int>(t0 + t)), pos[w],
+                                                       _MM_CMPINT_LE);
+          s = _mm512_mask_blend_ps(seen, _mm512_set1_ps(kNegativeHuge), s);
+          _mm512_store_ps(&scores[t][16 * w], s);
+        }
+        block_max = _mm512_max_ps(block_max, s);
+      }
+      rescale[w] = exp2_ps(_mm512_sub_ps(row_max[w], block_max));
+      row_max[w] = block_max;
+      __m512 block_sum = _mm512_setzero_ps();
+      for (int64_t t = 0; t < used; ++t) {
+        const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(&scores[t][16 * w]), block_max));
+        _mm512_store_ps(&scores[t][16 * w], p);
+        block_sum = _mm512_add_ps(block_sum, p);
+      }
+      row_sum[w] = _mm512_fmadd_ps(row_sum[w], rescale[w], block_sum);
+      for (int64_t j = 0; j < used / 2; ++j) {
+        // lanes 0-15: p of key 2j, 16-31: key 2j+1; interleaved into (2j, 2j+1) pairs per row
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&scores[2 * j + 1][16 * w]),
+                                                          _mm512_load_ps(&scores[2 * j][16 * w]));
+        _mm512_store_si512(&p_pairs[j][16 * w], _mm512_permutexvar_epi16(mix_halves, both));
+      }
+    }
+    const int64_t pairs = used / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      for (int64_t c = 0; c < kHeadDim; c += 32) {
+        const __m512i a0 = _mm512_loadu_si512(v_rows[2 * j] + c), a1 = _mm512_loadu_si512(v_rows[2 * j + 1] + c);
+        _mm512_store_si512(&v_pairs[j][c], _mm512_permutex2var_epi16(a0, mix_lo, a1));
+        _mm512_store_si512(&v_pairs[j][c + 16], _mm512_permutex2var_epi16(a0, mix_hi, a1));
+      }
+    }
+    for (int64_t d0 = 0; d0 < kHeadDim; d0 += kDimChunk) {
+      __m512 acc[kRowVecs][kDimChunk];
+      for (int64_t i = 0; i < kDimChunk; ++i)
+        for (int64_t w = 0; w < kRowVecs; ++w)
+          acc[w][i] = _mm512_mul_ps(_mm512_load_ps(&ot[d0 + i][16 * w]), rescale[w]);
+      for (int64_t j = 0; j < pairs; ++j) {
+        __m512bh pv[kRowVecs];
+        for (int64_t w = 0; w < kRowVecs; ++w) pv[w] = (__m512bh)_mm512_load_si512(&p_pairs[j][16 * w]);
+        for (int64_t i = 0; i < kDimChunk; ++i) {
+          const __m512bh vv = (__m512bh)_mm512_set1_epi32(static_cast<int>(v_pairs[j][d0 + i]));
+          for (int64_t w = 0; w < kRowVecs; ++w) acc[w][i] = _mm512_dpbf16_ps(acc[w][i], pv[w], vv);
+        }
+      }
+      for (int64_t i = 0; i < kDimChunk; ++i)
+        for (int64_t w = 0; w < kRowVecs; ++w) _mm512_store_ps(&ot[d0 + i][16 * w], acc[w][i]);
+    }
+  }
+  alignas(64) float inv[kLanes];
+  for (int64_t w = 0; w < kRowVecs; ++w)
+    _mm512_store_ps(inv + 16 * w, _mm512_div_ps(_mm512_set1_ps(1.f), row_sum[w]));
+  for (int64_t r = 0; r < rows; ++r) {
+    at::BFloat16* o = out + (tile.token + r / group) * a.heads * kHeadDim + (r % group) * kHeadDim;
+    for (int64_t d = 0; d < kHeadDim; ++d) o[d] = static_cast<at::BFloat16>(ot[d][r] * inv[r]);
+  }
+}
+#endif
+
+template <typename T>
+using TileKernel = void (*)(const T*, const T*, const T*, T*, const int32_t*, const Tile&, const TileArgs&);
+
+template <typename T>
+void run_prefill(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                 const int32_t* tables, int64_t table_width, const int32_t* starts, const int32_t* contexts,
+                 int64_t num_seqs, int64_t block_shift, int64_t min_tile_tokens, torch::Tensor& out,
+                 float scale) {
+  const int64_t heads = q.size(1), head_dim = q.size(2);
+  const int64_t kv_heads = cache_k.size(1), group = heads / kv_heads;
+  const TileArgs args{group,           head_dim,          heads,       q.stride(0), q.stride(1),
+                      cache_k.stride(2), block_shift, cache_k.stride(0), scale};
+  TileKernel<T> tiled = head_dim == 64    ? tile_generic<T, 64>
+                        : head_dim == 128 ? tile_generic<T, 128>
+                                          : tile_generic<T, 0>;
+  auto token_kernel = head_dim == 64 ? attend_one<T, 64> : head_dim == 128 ? attend_one<T, 128> : attend_one<T, 0>;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (head_dim == 64) tiled = tile_bf16<64>;
+    if (head_dim == 128) tiled = tile_bf16<128>;
+    if (group <= kMaxFastGroup && head_dim == 64) token_kernel = attend_bf16<64>;
+    if (group <= kMaxFastGroup && head_dim == 128) token_kernel = attend_bf16<128>;
+  }
+#endif
+  // Chunks of at least min_tile_tokens are cut into tiles; shorter ones (decodes) go token by token.
+  const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / group);
+  std::vector<Tile> work;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t query_len = starts[s + 1] - starts[s], first = contexts[s] - query_len;
+    const int64_t step = query_len >= min_tile_tokens ? tile_tokens : 1;
+    for (int64_t i = 0; i < query_len; i += step) {
+      const int64_t tokens = std::min(step, query_len - i);
+      for (int64_t h = 0; h < kv_heads; ++h)
+        work.push_back({s, h, starts[s] + i, tokens, first + i, tokens * group * (first + i + tokens),
+                         step > 1 || min_tile_tokens <= 1});
+    }
+  }
+  // Largest first, each thread taking the next item when it is free: tiles late in a long sequence
+  // cost many times the early ones, and a static split would leave one thread idle at the end.
+  std::stable_sort(work.begin(), work.end(), [](const Tile& x, const Tile& y) { return x.cost > y.cost; });
+  const T* q_ptr = q.data_ptr<T>();
+  const T* k_ptr = cache_k.data_ptr<T>();
+  const T* v_ptr = cache_v.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  const int64_t items = static_cast<int64_t>(work.size());
+  const int64_t lanes = std::min<int64_t>(at::get_num_threads(), items);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t lane = begin; lane < end; ++lane) {
+      for (int64_t index = next++; index < items; index = next++) {
+        const Tile& tile = work[index];
+        const int32_t* table = table_of(tables, table_width, tile);
+        const T* q_head = q_ptr + tile.head * group * q.stride(1);
+        const T* k_head = k_ptr + tile.head * cache_k.stride(1);
+        const T* v_head = v_ptr + tile.head * cache_v.stride(1);
+        T* out_head = out_ptr + tile.head * group * head_dim;
+        if (tile.tiled) {
+          tiled(q_head, k_head, v_head, out_head, table, tile, args);
+        } else {
+          const Item item{group, head_dim, tile.position + 1, q.stride(1), cache_k.stride(2), scale,
+                          table,  block_shift, cache_k.stride(0)};
+          token_kernel(q_head + tile.token * q.stride(0), k_head, v_head,
+                       out_head + tile.token * heads * head_dim, item);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // q [T, heads, head_dim]; cache_k, cache_v [num_blocks, kv_heads, block_size, head_dim] (block_size a
@@ -338,6 +674,73 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& cache
   return out;
 }
 
+// The same attention by sequence (the contract of engines/kernels/paged.py:PagedAttentionMeta):
+// q [T, heads, head_dim]; query_start [S + 1] int32 (sequence s owns rows query_start[s] to
+// query_start[s + 1]); context_lens [S] int32 (its query i sits at position context_lens[s] - query_len
+// + i and attends keys 0 to that position). Chunks of at least min_tile_tokens tokens run as query tiles;
+// shorter ones (decodes) token by token as in paged_attention. Returns [T, heads, head_dim].
+torch::Tensor paged_prefill_attention(const torch::Tensor& q, const torch::Tensor& cache_k,
+                                      const torch::Tensor& cache_v, const torch::Tensor& block_tables,
+                                      const torch::Tensor& query_start, const torch::Tensor& context_lens,
+                                      double scale, int64_t min_tile_tokens) {
+  for (const auto* t : {&q, &cache_k, &cache_v, &block_tables, &query_start, &context_lens})
+    TORCH_CHECK(t->device().is_cpu(), "paged_prefill_attention runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(), "bad ranks or shapes");
+  TORCH_CHECK(cache_k.strides() == cache_v.strides(), "cache_k and cache_v must share a layout");
+  TORCH_CHECK(q.stride(2) == 1 && cache_k.stride(3) == 1, "head_dim must be the contiguous dimension");
+  TORCH_CHECK(q.scalar_type() == cache_k.scalar_type() && q.scalar_type() == cache_v.scalar_type(),
+              "q and the cache must share a dtype");
+  const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = cache_k.size(1);
+  const int64_t num_blocks = cache_k.size(0), block_size = cache_k.size(2);
+  TORCH_CHECK(kv_heads > 0 && cache_k.size(3) == head_dim && heads % kv_heads == 0,
+              "heads must be a multiple of kv_heads");
+  TORCH_CHECK(heads / kv_heads <= kMaxGroup && head_dim <= kMaxHeadDim, "group or head_dim too large");
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, "block_size must be a power of two");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kInt32, "block_tables: [S, N] int32");
+  TORCH_CHECK(query_start.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
+              "query_start and context_lens must be int32");
+  const int64_t num_seqs = block_tables.size(0), width = block_tables.size(1);
+  TORCH_CHECK(query_start.numel() == num_seqs + 1 && context_lens.numel() == num_seqs,
+              "query_start [S + 1] and context_lens [S] for S block table rows");
+  auto tables_c = block_tables.contiguous();
+  auto starts_c = query_start.contiguous();
+  auto contexts_c = context_lens.contiguous();
+  const int32_t* table_ptr = tables_c.data_ptr<int32_t>();
+  const int32_t* starts = starts_c.data_ptr<int32_t>();
+  const int32_t* contexts = contexts_c.data_ptr<int32_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0), "query_start must run from 0 to T");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t query_len = starts[s + 1] - starts[s];
+    TORCH_CHECK(query_len >= 0, "query_start must not decrease");
+    if (query_len == 0) continue;
+    TORCH_CHECK(contexts[s] >= query_len && contexts[s] <= width * block_size, "context_len out of range");
+    for (int64_t i = 0; i < (contexts[s] + block_size - 1) / block_size; ++i) {
+      const int32_t block = table_ptr[s * width + i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block id out of range");
+    }
+  }
+  int64_t shift = 0;
+  while ((int64_t{1} << shift) < block_size) ++shift;
+  auto out = torch::empty({q.size(0), heads, head_dim}, q.options());
+  const float fscale = static_cast<float>(scale);
+  switch (q.scalar_type()) {
+    case torch::kFloat:
+      run_prefill<float>(q, cache_k, cache_v, table_ptr, width, starts, contexts, num_seqs, shift,
+                         min_tile_tokens, out, fscale);
+      break;
+    case torch::kBFloat16:
+      run_prefill<at::BFloat16>(q, cache_k, cache_v, table_ptr, width, starts, contexts, num_seqs, shift,
+                                min_tile_tokens, out, fscale);
+      break;
+    case torch::kHalf:
+      run_prefill<at::Half>(q, cache_k, cache_v, table_ptr, width, starts, contexts, num_seqs, shift,
+                            min_tile_tokens, out, fscale);
+      break;
+    default: TORCH_CHECK(false, "paged_prefill_attention supports float32, bfloat16 and float16");
+  }
+  return out;
+}
+
 // Whether bf16 inputs take the AVX-512 BF16 path (decided at compile time by -march=native).
 bool bf16_fast_path() {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -349,5 +752,9 @@ bool bf16_fast_path() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Attention over a paged KV cache (CPU)");
+  m.def("paged_prefill_attention", &paged_prefill_attention, "Causal attention by sequence and query tile "
+        "over a paged KV cache (CPU)", py::arg("q"), py::arg("cache_k"), py::arg("cache_v"),
+        py::arg("block_tables"), py::arg("query_start"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("min_tile_tokens") = 1);
   m.def("bf16_fast_path", &bf16_fast_path, "True when bf16 runs on the AVX-512 BF16 path");
 }
