@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from engines.paging.block_manager import BlockManager
 from engines.paging.planner import Scheduled, StepPlanner
 from engines.sequence import Sequence
