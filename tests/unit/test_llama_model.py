@@ -250,7 +250,7 @@ def test_staggered_greedy_decoding_matches_hf_generate(
     assert driver.generated("d") == _hf_greedy(hf_model, prompts[3], 6)
 
 
-def test_native_routes_long_prefill_chunks_to_sdpa(
+def test_native_routes_long_prefill_chunks_to_the_tiled_kernel(
     tiny: tuple[Path, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With a low threshold, the 12- and 20-token chunks take SDPA while the other rows of the same

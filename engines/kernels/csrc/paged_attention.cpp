@@ -1,24 +1,30 @@
-// Attention over a paged KV cache on CPU: every packed query token attends its own sequence's first
-// kv_len cached keys, read through that sequence's block table. Decode tokens and the tokens of short
-// prefill chunks alike are such queries (a chunk's token at position p has kv_len p + 1: causal).
+// Attention over a paged KV cache on CPU, in two kernels with one contract (the plain-torch reference is
+// engines/kernels/paged.py:paged_attention_reference): a query at position p of a sequence attends that
+// sequence's keys 0..p, read through its block table (cache block table[p / block_size], row
+// p % block_size, so any power-of-two block size works). Accumulation is in float32.
 //
-// Each (token, kv head) pair is one work item: the query heads sharing that kv head are processed
-// together so every K/V row is read from memory once, and each token reads only its own kv_len rows
-// (no padding to the longest sequence, unlike a masked SDPA call). Rows are located per key block of 32:
-// cache block table[p / block_size], row p % block_size, so any power-of-two block size works. Keys are taken in blocks: scores for
-// the whole block first, then one online-softmax rescale per block, then the V accumulation, which keeps
-// the loops free of serial dependencies so the compiler vectorises them. Accumulation is in float32.
-// The plain-torch reference is engines/kernels/paged.py:paged_attention_reference.
+// paged_attention: every packed token is one query (decodes, short prefill chunks). Each (token, kv
+// head) pair is one work item: the query heads sharing that kv head are processed together so every K/V
+// row is read from memory once, and each token reads only its own rows (no padding to the longest
+// sequence, unlike a masked SDPA call). Keys are taken in blocks of 32: scores for the whole block first,
+// then one online-softmax rescale per block, then the V accumulation, which keeps the loops free of
+// serial dependencies so the compiler vectorises them.
+//
+// paged_prefill_attention: by sequence, with a chunk's tokens in query tiles that share every K/V row
+// they read (see "Prefill: query tiles" below); chunks shorter than a threshold go token by token as in
+// paged_attention, in the same call.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <climits>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512BF16__)
@@ -281,17 +287,18 @@ void run(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tens
 // ---- Prefill: query tiles ----------------------------------------------------------------------------
 // A chunk's consecutive tokens share their keys, so a work item is (sequence, kv head, tile of
 // consecutive query tokens) with all `group` query heads of that kv head: each K/V row read serves the
-// tile's tokens x group query rows instead of `group`. Keys go in blocks of 32 with an online softmax per
-// row; only the blocks past a tile's first position meet the causal frontier and are masked.
+// tile's tokens x group query rows instead of `group`. The rows run across vector lanes (16 per 512-bit
+// register), so the online softmax is element-wise across key columns, and key or value elements are
+// broadcast: q.k and p.v are register-blocked outer products. Keys go in blocks of 32; only blocks past a
+// tile's first position meet the causal frontier and are masked.
 
-constexpr int64_t kTileRows = 48;  // query rows (tokens x group) per tile: 32, 48, 64 measured, 48 best
+constexpr int64_t kTileRows = 48;  // query rows (tokens x group) per tile; 32 or 64: 3-10% slower (bf16)
 
 struct Tile {
   int64_t seq, head;
   int64_t token;     // the tile's first packed query row
   int64_t tokens;    // query tokens in the tile (1 on the per-token path)
   int64_t position;  // the first token's position: it attends keys [0, position]
-  int64_t cost;      // key rows x query rows, for scheduling
   bool tiled;        // false: a token of a short chunk, on the per-token kernel
 };
 
@@ -301,111 +308,175 @@ struct TileArgs {
   float scale;
 };
 
-inline const int32_t* table_of(const int32_t* tables, int64_t width, const Tile& tile) {
-  return tables + tile.seq * width;
-}
-
+// Pointers to the rows of keys [t0, t0 + n) (one run of consecutive rows per cache block), and `zeros`
+// for the rest of the kBlock slots.
 template <typename T>
-inline const T* tile_row(const T* base, int64_t p, const int32_t* table, const TileArgs& a) {
-  const int64_t mask = (int64_t{1} << a.block_shift) - 1;
-  return base + table[p >> a.block_shift] * a.block_stride + (p & mask) * a.kv_row_stride;
+void block_rows(const T* k, const T* v, int64_t t0, int64_t n, const int32_t* table, const TileArgs& a,
+                const T* zeros, const T* k_rows[kBlock], const T* v_rows[kBlock]) {
+  const int64_t block_size = int64_t{1} << a.block_shift;
+  int64_t t = 0;
+  while (t < n) {
+    const int64_t offset = (t0 + t) & (block_size - 1);
+    const int64_t run = std::min(block_size - offset, n - t);
+    const int64_t first = table[(t0 + t) >> a.block_shift] * a.block_stride + offset * a.kv_row_stride;
+    for (int64_t i = 0; i < run; ++i, ++t) {
+      k_rows[t] = k + first + i * a.kv_row_stride;
+      v_rows[t] = v + first + i * a.kv_row_stride;
+    }
+  }
+  for (; t < kBlock; ++t) k_rows[t] = v_rows[t] = zeros;
 }
 
-// Portable tile kernel (float32 arithmetic): scores as a [rows, 32] product against the key block
-// transposed, so the compiler vectorises over keys; p.v vectorises over head_dim.
-template <typename T, int64_t kHeadDim>
+// Keys (for q.k) or dims (for p.v) per register block of kVecs row vectors: as many as keep the
+// accumulators within `budget` registers, at most 16.
+constexpr int64_t chunk_for(int64_t vecs, int64_t budget) {
+  int64_t chunk = 16;
+  while (chunk > 1 && chunk * vecs > budget) chunk /= 2;
+  return chunk;
+}
+
+// Portable tile kernel in float32: the lanes are those of GCC/Clang vector types (zmm, ymm or NEON
+// registers, whichever the target has); the softmax runs on plain arrays (vectorised expf under
+// -ffast-math). kVecs row vectors of kVecWidth lanes; tiles with fewer rows take fewer vectors.
+#if defined(__AVX512F__)
+constexpr int64_t kVecWidth = 16, kRegisterBudget = 24;
+#else
+constexpr int64_t kVecWidth = 8, kRegisterBudget = 12;
+#endif
+typedef float Vec __attribute__((vector_size(kVecWidth * sizeof(float))));
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp(x), and 0 below e^-80 (masked keys): the vectorised expf takes a slow scalar path (setting errno)
+// for arguments that underflow, so it never sees them.
+inline float exp_or_zero(float x) {
+  const float e = std::exp(std::max(x, -80.f));
+  return x < -80.f ? 0.f : e;
+}
+
+template <typename T, int64_t kHeadDim, int64_t kVecs>
 void tile_generic(const T* q, const T* k, const T* v, T* out, const int32_t* table, const Tile& tile,
                   const TileArgs& a) {
+  constexpr int64_t kLanes = kVecs * kVecWidth, kChunk = chunk_for(kVecs, kRegisterBudget);
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : a.head_dim;
+  const int64_t padded_dim = (head_dim + kChunk - 1) / kChunk * kChunk;  // p.v's dims, zero-padded
   const int64_t group = a.group, rows = tile.tokens * group;
   static thread_local std::vector<float> buffer;
-  buffer.resize((2 * kTileRows + 2 * kBlock) * kMaxHeadDim);
-  float* qf = buffer.data();                  // [rows][head_dim], scaled
-  float* acc = qf + kTileRows * head_dim;     // [rows][head_dim]
-  float* kt = acc + kTileRows * head_dim;     // [head_dim][kBlock]
-  float* vf = kt + kBlock * head_dim;         // [kBlock][head_dim]
-  alignas(64) float probs[kBlock];
-  float row_max[kTileRows], row_sum[kTileRows];
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* qr = q + (tile.token + r / group) * a.q_token_stride + (r % group) * a.q_head_stride;
-    for (int64_t d = 0; d < head_dim; ++d) {
-      qf[r * head_dim + d] = static_cast<float>(qr[d]) * a.scale;
-      acc[r * head_dim + d] = 0.f;
-    }
+  buffer.resize(2 * kMaxHeadDim * kLanes + 2 * kBlock * kMaxHeadDim);
+  float* qt = buffer.data();              // [head_dim][kLanes]: the tile's q, transposed and scaled
+  float* ot = qt + kMaxHeadDim * kLanes;  // [padded_dim][kLanes]: the output accumulator
+  float* kf = ot + kMaxHeadDim * kLanes;  // [kBlock][head_dim]: the key block in float32
+  float* vf = kf + kBlock * kMaxHeadDim;  // [kBlock][padded_dim]: the value block in float32
+  alignas(64) float scores[kBlock][kLanes];  // then the probabilities
+  alignas(64) float row_max[kLanes], row_sum[kLanes], rescale[kLanes], block_max[kLanes], block_sum[kLanes];
+  int32_t positions[kLanes];
+  static const T zeros[kMaxHeadDim] = {};
+  for (int64_t r = 0; r < kLanes; ++r) {
+    const T* qr = r < rows ? q + (tile.token + r / group) * a.q_token_stride + (r % group) * a.q_head_stride
+                           : zeros;
+    for (int64_t d = 0; d < head_dim; ++d) qt[d * kLanes + r] = static_cast<float>(qr[d]) * a.scale;
+    // padding rows (q = 0) may see every key: their scores stay finite and their output is dropped
+    positions[r] = r < rows ? static_cast<int32_t>(tile.position + r / group) : INT32_MAX;
     row_max[r] = kNegativeHuge;
     row_sum[r] = 0.f;
   }
+  std::fill(ot, ot + padded_dim * kLanes, 0.f);
+  const T* k_rows[kBlock];
+  const T* v_rows[kBlock];
   const int64_t kv_end = tile.position + tile.tokens;
   for (int64_t t0 = 0; t0 < kv_end; t0 += kBlock) {
     const int64_t n = std::min(kBlock, kv_end - t0);
-    for (int64_t t = 0; t < kBlock; ++t) {
-      const T* k_row = t < n ? tile_row(k, t0 + t, table, a) : nullptr;
-      const T* v_row = t < n ? tile_row(v, t0 + t, table, a) : nullptr;
+    const int64_t used = (n + kChunk - 1) / kChunk * kChunk;  // keys [n, used) are zero rows, masked
+    block_rows(k, v, t0, n, table, a, zeros, k_rows, v_rows);
+    for (int64_t t = 0; t < used; ++t) {
       for (int64_t d = 0; d < head_dim; ++d) {
-        kt[d * kBlock + t] = k_row ? static_cast<float>(k_row[d]) : 0.f;
-        vf[t * head_dim + d] = v_row ? static_cast<float>(v_row[d]) : 0.f;
+        kf[t * head_dim + d] = static_cast<float>(k_rows[t][d]);
+        vf[t * padded_dim + d] = static_cast<float>(v_rows[t][d]);
+      }
+      for (int64_t d = head_dim; d < padded_dim; ++d) vf[t * padded_dim + d] = 0.f;
+    }
+    for (int64_t c = 0; c < used; c += kChunk) {
+      Vec acc[kChunk][kVecs] = {};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        Vec qd[kVecs];
+        for (int64_t w = 0; w < kVecs; ++w) qd[w] = load_vec(qt + d * kLanes + w * kVecWidth);
+        for (int64_t i = 0; i < kChunk; ++i) {
+          const float key = kf[(c + i) * head_dim + d];
+          for (int64_t w = 0; w < kVecs; ++w) acc[i][w] += qd[w] * key;
+        }
+      }
+      for (int64_t i = 0; i < kChunk; ++i)
+        for (int64_t w = 0; w < kVecs; ++w) store_vec(&scores[c + i][w * kVecWidth], acc[i][w]);
+    }
+    if (t0 + used - 1 > tile.position) {  // keys past some rows' positions
+      for (int64_t t = 0; t < used; ++t)
+        for (int64_t l = 0; l < kLanes; ++l)
+          scores[t][l] = t0 + t <= positions[l] ? scores[t][l] : kNegativeHuge;
+    }
+    for (int64_t l = 0; l < kLanes; ++l) block_max[l] = row_max[l];
+    for (int64_t t = 0; t < used; ++t)
+      for (int64_t l = 0; l < kLanes; ++l) block_max[l] = std::max(block_max[l], scores[t][l]);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      rescale[l] = exp_or_zero(row_max[l] - block_max[l]);
+      row_max[l] = block_max[l];
+      block_sum[l] = 0.f;
+    }
+    for (int64_t t = 0; t < used; ++t) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        scores[t][l] = exp_or_zero(scores[t][l] - block_max[l]);
+        block_sum[l] += scores[t][l];
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t limit = std::min(n, tile.position + r / group - t0 + 1);  // keys this row may see
-      if (limit <= 0) continue;
-      float scores[kBlock] = {};
-      const float* qr = qf + r * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        const float qd = qr[d];
-        for (int64_t t = 0; t < kBlock; ++t) scores[t] += qd * kt[d * kBlock + t];
+    for (int64_t l = 0; l < kLanes; ++l) row_sum[l] = row_sum[l] * rescale[l] + block_sum[l];
+    Vec scale_by[kVecs];
+    for (int64_t w = 0; w < kVecs; ++w) scale_by[w] = load_vec(rescale + w * kVecWidth);
+    for (int64_t d0 = 0; d0 < padded_dim; d0 += kChunk) {
+      Vec acc[kChunk][kVecs];
+      for (int64_t i = 0; i < kChunk; ++i)
+        for (int64_t w = 0; w < kVecs; ++w)
+          acc[i][w] = load_vec(ot + (d0 + i) * kLanes + w * kVecWidth) * scale_by[w];
+      for (int64_t t = 0; t < used; ++t) {
+        Vec pt[kVecs];
+        for (int64_t w = 0; w < kVecs; ++w) pt[w] = load_vec(&scores[t][w * kVecWidth]);
+        for (int64_t i = 0; i < kChunk; ++i) {
+          const float value = vf[t * padded_dim + d0 + i];
+          for (int64_t w = 0; w < kVecs; ++w) acc[i][w] += pt[w] * value;
+        }
       }
-      float block_max = row_max[r];
-      for (int64_t t = 0; t < limit; ++t) block_max = std::max(block_max, scores[t]);
-      const float rescale = std::exp(row_max[r] - block_max);
-      row_max[r] = block_max;
-      float block_sum = 0.f;
-      for (int64_t t = 0; t < kBlock; ++t) {
-        probs[t] = t < limit ? std::exp(scores[t] - block_max) : 0.f;
-        block_sum += probs[t];
-      }
-      row_sum[r] = row_sum[r] * rescale + block_sum;
-      float* ar = acc + r * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) ar[d] *= rescale;
-      for (int64_t t = 0; t < limit; ++t) {
-        const float p = probs[t];
-        const float* vt = vf + t * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) ar[d] += p * vt[d];
-      }
+      for (int64_t i = 0; i < kChunk; ++i)
+        for (int64_t w = 0; w < kVecs; ++w) store_vec(ot + (d0 + i) * kLanes + w * kVecWidth, acc[i][w]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = 1.f / row_sum[r];
     T* o = out + (tile.token + r / group) * a.heads * head_dim + (r % group) * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<T>(acc[r * head_dim + d] * inv);
+    for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<T>(ot[d * kLanes + r] * inv);
   }
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// bf16 tile kernel. The 16 lanes of a vector are 16 query rows, so the online softmax is element-wise
-// across key columns (no horizontal reductions). q.k: lanes hold (q[r][2j], q[r][2j+1]) of the transposed
-// tile, multiplied by key t's pair j broadcast straight from the cache row (no key packing). p.v: lanes
-// hold (p[r][2j], p[r][2j+1]) against the broadcast pair (v[2j][d], v[2j+1][d]) of an interleaved copy
-// of the value block. Products run as vdpbf16ps with float32 accumulation; p is rounded to bf16.
-constexpr int64_t kRowVecs = kTileRows / 16;
-constexpr int64_t kKeyChunk = kRowVecs == 1 ? 16 : kRowVecs <= 3 ? 8 : 4;  // q.k accumulators: 16-24
-constexpr int64_t kDimChunk = kKeyChunk;                                     // p.v accumulators: 16-24
-
+// bf16 tile kernel. q.k: lanes hold (q[r][2j], q[r][2j+1]) of the transposed tile, multiplied by key t's
+// pair j broadcast straight from the cache row (no key packing). p.v: lanes hold (p[r][2j], p[r][2j+1])
+// against the broadcast pair (v[2j][d], v[2j+1][d]) of an interleaved copy of the value block. Products
+// run as vdpbf16ps with float32 accumulation (p rounded to bf16, as in attend_bf16).
 inline __m512i broadcast_pair(const void* p) {
   int32_t pair;
   std::memcpy(&pair, p, sizeof(pair));
   return _mm512_set1_epi32(pair);
 }
 
-// 2^x: x = n + f with |f| <= 1/2, 2^f by its degree-6 Taylor polynomial in f ln 2 (relative error
-// < 2e-7), scaled by 2^n; very negative x (masked keys) gives 0.
+// 2^x: x = n + f with |f| <= 1/2, 2^f by its degree-4 Taylor polynomial in f ln 2 (relative error
+// < 5e-5, far below the bf16 rounding of p), scaled by 2^n; x = -1e30 (a masked key) gives exactly 0.
 inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.540353e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  __m512 p = _mm512_set1_ps(9.6181291e-3f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022651f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718f));
@@ -413,15 +484,15 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-template <int64_t kHeadDim>
+template <int64_t kHeadDim, int64_t kVecs>
 void tile_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, at::BFloat16* out,
                const int32_t* table, const Tile& tile, const TileArgs& a) {
-  constexpr int64_t kPairs = kHeadDim / 2, kLanes = kRowVecs * 16;
+  constexpr int64_t kPairs = kHeadDim / 2, kLanes = kVecs * 16, kChunk = chunk_for(kVecs, 24);
   const int64_t group = a.group, rows = tile.tokens * group;
-  alignas(64) uint32_t qt[kPairs][kLanes];          // row r's dims (2j, 2j+1) in lane r
-  alignas(64) float ot[kHeadDim][kLanes];           // output accumulator, transposed
-  alignas(64) float scores[kBlock][kLanes];         // then the probabilities
-  alignas(64) uint32_t p_pairs[kBlock / 2][kLanes];  // (p[r][2j], p[r][2j+1]) in bf16
+  alignas(64) uint32_t qt[kPairs][kLanes];             // row r's dims (2j, 2j+1) in lane r
+  alignas(64) float ot[kHeadDim][kLanes];              // the output accumulator, transposed
+  alignas(64) float scores[kBlock][kLanes];            // in log2 units
+  alignas(64) uint32_t p_pairs[kBlock / 2][kLanes];    // (p[r][2j], p[r][2j+1]) in bf16
   alignas(64) uint32_t v_pairs[kBlock / 2][kHeadDim];  // (v[2j][d], v[2j+1][d]) in bf16
   alignas(64) int32_t positions[kLanes];
   static const at::BFloat16 zeros[kMaxHeadDim] = {};  // stands in for rows past the tile's last key
@@ -429,112 +500,118 @@ void tile_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16*
     const at::BFloat16* qr =
         r < rows ? q + (tile.token + r / group) * a.q_token_stride + (r % group) * a.q_head_stride : zeros;
     for (int64_t j = 0; j < kPairs; ++j) std::memcpy(&qt[j][r], qr + 2 * j, sizeof(uint32_t));
-    // padding rows (q = 0) may see every key: their scores stay finite and their output is dropped
     positions[r] = r < rows ? static_cast<int32_t>(tile.position + r / group) : INT32_MAX;
   }
   std::memset(ot, 0, sizeof(ot));
-  __m512 row_max[kRowVecs], row_sum[kRowVecs], rescale[kRowVecs];
-  __m512i pos[kRowVecs];
-  for (int64_t w = 0; w < kRowVecs; ++w) {
+  __m512 row_max[kVecs], row_sum[kVecs], rescale[kVecs];
+  __m512i pos[kVecs];
+  for (int64_t w = 0; w < kVecs; ++w) {
     row_max[w] = _mm512_set1_ps(kNegativeHuge);
     row_sum[w] = _mm512_setzero_ps();
     pos[w] = _mm512_load_si512(positions + 16 * w);
   }
   const __m512 scale = _mm512_set1_ps(a.scale * 1.44269504f);  // scores in log2 units for exp2
-  // Lane 2i of a p.v operand takes element i of the first vector, lane 2i+1 element i of the second.
-  alignas(64) int16_t interleave_lo[32], interleave_hi[32];
+  // Two sources (bit 5 picks the second): lane 2i takes element i of the first, 2i+1 of the second.
+  alignas(64) int16_t interleave_lo[32], interleave_hi[32], interleave_halves[32];
   for (int i = 0; i < 32; ++i) {
     interleave_lo[i] = static_cast<int16_t>((i & 1) * 32 + i / 2);
     interleave_hi[i] = static_cast<int16_t>((i & 1) * 32 + 16 + i / 2);
+    interleave_halves[i] = static_cast<int16_t>((i & 1) * 16 + i / 2);  // one source: its two halves
   }
   const __m512i mix_lo = _mm512_load_si512(interleave_lo), mix_hi = _mm512_load_si512(interleave_hi);
-  // one source: lane 2i takes element i (key 2j of row i), lane 2i+1 element 16 + i (key 2j + 1)
-  alignas(64) int16_t interleave_halves[32];
-  for (int i = 0; i < 32; ++i) interleave_halves[i] = static_cast<int16_t>((i & 1) * 16 + i / 2);
   const __m512i mix_halves = _mm512_load_si512(interleave_halves);
   const at::BFloat16* k_rows[kBlock];
   const at::BFloat16* v_rows[kBlock];
   const int64_t kv_end = tile.position + tile.tokens;
   for (int64_t t0 = 0; t0 < kv_end; t0 += kBlock) {
     const int64_t n = std::min(kBlock, kv_end - t0);
-    for (int64_t t = 0; t < kBlock; ++t) {
-      k_rows[t] = t < n ? tile_row(k, t0 + t, table, a) : zeros;
-      v_rows[t] = t < n ? tile_row(v, t0 + t, table, a) : zeros;
-    }
-    const int64_t key_chunks = (n + kKeyChunk - 1) / kKeyChunk;
-    for (int64_t c = 0; c < key_chunks; ++c) {
-      __m512 acc[kRowVecs][kKeyChunk];
-      for (int64_t w = 0; w < kRowVecs; ++w)
-        for (int64_t i = 0; i < kKeyChunk; ++i) acc[w][i] = _mm512_setzero_ps();
+    const int64_t used = (n + kChunk - 1) / kChunk * kChunk;  // keys [n, used) are zero rows, masked
+    block_rows(k, v, t0, n, table, a, zeros, k_rows, v_rows);
+    for (int64_t c = 0; c < used; c += kChunk) {
+      __m512 acc[kVecs][kChunk];
+      for (int64_t w = 0; w < kVecs; ++w)
+        for (int64_t i = 0; i < kChunk; ++i) acc[w][i] = _mm512_setzero_ps();
       for (int64_t j = 0; j < kPairs; ++j) {
-        __m512bh qv[kRowVecs];
-        for (int64_t w = 0; w < kRowVecs; ++w) qv[w] = (__m512bh)_mm512_load_si512(&qt[j][16 * w]);
-        for (int64_t i = 0; i < kKeyChunk; ++i) {
-          const __m512bh kv = (__m512bh)broadcast_pair(k_rows[c * kKeyChunk + i] + 2 * j);
-          for (int64_t w = 0; w < kRowVecs; ++w) acc[w][i] = _mm512_dpbf16_ps(acc[w][i], qv[w], kv);
+        __m512bh qv[kVecs];
+        for (int64_t w = 0; w < kVecs; ++w) qv[w] = (__m512bh)_mm512_load_si512(&qt[j][16 * w]);
+        for (int64_t i = 0; i < kChunk; ++i) {
+          const __m512bh kv = (__m512bh)broadcast_pair(k_rows[c + i] + 2 * j);
+          for (int64_t w = 0; w < kVecs; ++w) acc[w][i] = _mm512_dpbf16_ps(acc[w][i], qv[w], kv);
         }
       }
-      for (int64_t i = 0; i < kKeyChunk; ++i)
-        for (int64_t w = 0; w < kRowVecs; ++w)
-          _mm512_store_ps(&scores[c * kKeyChunk + i][16 * w], _mm512_mul_ps(acc[w][i], scale));
+      for (int64_t i = 0; i < kChunk; ++i)
+        for (int64_t w = 0; w < kVecs; ++w)
+          _mm512_store_ps(&scores[c + i][16 * w], _mm512_mul_ps(acc[w][i], scale));
     }
-    const int64_t used = key_chunks * kKeyChunk;  // keys [n, used) are zero rows: masked below
-    const bool masked = t0 + used - 1 > tile.position;
-    for (int64_t w = 0; w < kRowVecs; ++w) {
-      __m512 block_max = row_max[w];
+    if (t0 + used - 1 > tile.position) {  // keys past some rows' positions
       for (int64_t t = 0; t < used; ++t) {
-        __m512 s = _mm512_load_ps(&scores[t][16 * w]);
-        if (masked) {
-          const __mmask16 seen = _mm512_cmp_epi32_mask(_mm512_set1_epi32(static_cast<int>(t0 + t)), pos[w],
-                                                       _MM_CMPINT_LE);
-          s = _mm512_mask_blend_ps(seen, _mm512_set1_ps(kNegativeHuge), s);
-          _mm512_store_ps(&scores[t][16 * w], s);
+        const __m512i key = _mm512_set1_epi32(static_cast<int>(t0 + t));
+        for (int64_t w = 0; w < kVecs; ++w) {
+          const __mmask16 seen = _mm512_cmp_epi32_mask(key, pos[w], _MM_CMPINT_LE);
+          const __m512 s = _mm512_load_ps(&scores[t][16 * w]);
+          _mm512_store_ps(&scores[t][16 * w], _mm512_mask_blend_ps(seen, _mm512_set1_ps(kNegativeHuge), s));
         }
-        block_max = _mm512_max_ps(block_max, s);
       }
-      rescale[w] = exp2_ps(_mm512_sub_ps(row_max[w], block_max));
-      row_max[w] = block_max;
-      __m512 block_sum = _mm512_setzero_ps();
-      for (int64_t t = 0; t < used; ++t) {
-        const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(&scores[t][16 * w]), block_max));
-        _mm512_store_ps(&scores[t][16 * w], p);
-        block_sum = _mm512_add_ps(block_sum, p);
+    }
+    // Two chains per row vector (even and odd keys) halve the serial max and sum latencies.
+    __m512 even[kVecs], odd[kVecs], block_max[kVecs];
+    for (int64_t w = 0; w < kVecs; ++w) even[w] = odd[w] = row_max[w];
+    for (int64_t t = 0; t < used; t += 2) {
+      for (int64_t w = 0; w < kVecs; ++w) {
+        even[w] = _mm512_max_ps(even[w], _mm512_load_ps(&scores[t][16 * w]));
+        odd[w] = _mm512_max_ps(odd[w], _mm512_load_ps(&scores[t + 1][16 * w]));
       }
-      row_sum[w] = _mm512_fmadd_ps(row_sum[w], rescale[w], block_sum);
-      for (int64_t j = 0; j < used / 2; ++j) {
-        // lanes 0-15: p of key 2j, 16-31: key 2j+1; interleaved into (2j, 2j+1) pairs per row
-        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&scores[2 * j + 1][16 * w]),
-                                                          _mm512_load_ps(&scores[2 * j][16 * w]));
-        _mm512_store_si512(&p_pairs[j][16 * w], _mm512_permutexvar_epi16(mix_halves, both));
-      }
+    }
+    bool rescaled = false;  // once every row's maximum has settled, blocks leave the output scale alone
+    for (int64_t w = 0; w < kVecs; ++w) {
+      block_max[w] = _mm512_max_ps(even[w], odd[w]);
+      rescale[w] = exp2_ps(_mm512_sub_ps(row_max[w], block_max[w]));
+      rescaled |= _mm512_cmp_ps_mask(rescale[w], _mm512_set1_ps(1.f), _CMP_NEQ_UQ) != 0;
+      row_max[w] = block_max[w];
+      even[w] = odd[w] = _mm512_setzero_ps();
     }
     const int64_t pairs = used / 2;
     for (int64_t j = 0; j < pairs; ++j) {
+      for (int64_t w = 0; w < kVecs; ++w) {
+        const __m512 p0 = exp2_ps(_mm512_sub_ps(_mm512_load_ps(&scores[2 * j][16 * w]), block_max[w]));
+        const __m512 p1 = exp2_ps(_mm512_sub_ps(_mm512_load_ps(&scores[2 * j + 1][16 * w]), block_max[w]));
+        even[w] = _mm512_add_ps(even[w], p0);
+        odd[w] = _mm512_add_ps(odd[w], p1);
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // keys 2j | 2j + 1
+        _mm512_store_si512(&p_pairs[j][16 * w], _mm512_permutexvar_epi16(mix_halves, both));
+      }
+    }
+    for (int64_t w = 0; w < kVecs; ++w)
+      row_sum[w] = _mm512_fmadd_ps(row_sum[w], rescale[w], _mm512_add_ps(even[w], odd[w]));
+    for (int64_t j = 0; j < pairs; ++j) {
       for (int64_t c = 0; c < kHeadDim; c += 32) {
-        const __m512i a0 = _mm512_loadu_si512(v_rows[2 * j] + c), a1 = _mm512_loadu_si512(v_rows[2 * j + 1] + c);
+        const __m512i a0 = _mm512_loadu_si512(v_rows[2 * j] + c);
+        const __m512i a1 = _mm512_loadu_si512(v_rows[2 * j + 1] + c);
         _mm512_store_si512(&v_pairs[j][c], _mm512_permutex2var_epi16(a0, mix_lo, a1));
         _mm512_store_si512(&v_pairs[j][c + 16], _mm512_permutex2var_epi16(a0, mix_hi, a1));
       }
     }
-    for (int64_t d0 = 0; d0 < kHeadDim; d0 += kDimChunk) {
-      __m512 acc[kRowVecs][kDimChunk];
-      for (int64_t i = 0; i < kDimChunk; ++i)
-        for (int64_t w = 0; w < kRowVecs; ++w)
-          acc[w][i] = _mm512_mul_ps(_mm512_load_ps(&ot[d0 + i][16 * w]), rescale[w]);
+    for (int64_t d0 = 0; d0 < kHeadDim; d0 += kChunk) {
+      __m512 acc[kVecs][kChunk];
+      for (int64_t i = 0; i < kChunk; ++i)
+        for (int64_t w = 0; w < kVecs; ++w) {
+          acc[w][i] = _mm512_load_ps(&ot[d0 + i][16 * w]);
+          if (rescaled) acc[w][i] = _mm512_mul_ps(acc[w][i], rescale[w]);
+        }
       for (int64_t j = 0; j < pairs; ++j) {
-        __m512bh pv[kRowVecs];
-        for (int64_t w = 0; w < kRowVecs; ++w) pv[w] = (__m512bh)_mm512_load_si512(&p_pairs[j][16 * w]);
-        for (int64_t i = 0; i < kDimChunk; ++i) {
+        __m512bh pv[kVecs];
+        for (int64_t w = 0; w < kVecs; ++w) pv[w] = (__m512bh)_mm512_load_si512(&p_pairs[j][16 * w]);
+        for (int64_t i = 0; i < kChunk; ++i) {
           const __m512bh vv = (__m512bh)_mm512_set1_epi32(static_cast<int>(v_pairs[j][d0 + i]));
-          for (int64_t w = 0; w < kRowVecs; ++w) acc[w][i] = _mm512_dpbf16_ps(acc[w][i], pv[w], vv);
+          for (int64_t w = 0; w < kVecs; ++w) acc[w][i] = _mm512_dpbf16_ps(acc[w][i], pv[w], vv);
         }
       }
-      for (int64_t i = 0; i < kDimChunk; ++i)
-        for (int64_t w = 0; w < kRowVecs; ++w) _mm512_store_ps(&ot[d0 + i][16 * w], acc[w][i]);
+      for (int64_t i = 0; i < kChunk; ++i)
+        for (int64_t w = 0; w < kVecs; ++w) _mm512_store_ps(&ot[d0 + i][16 * w], acc[w][i]);
     }
   }
   alignas(64) float inv[kLanes];
-  for (int64_t w = 0; w < kRowVecs; ++w)
+  for (int64_t w = 0; w < kVecs; ++w)
     _mm512_store_ps(inv + 16 * w, _mm512_div_ps(_mm512_set1_ps(1.f), row_sum[w]));
   for (int64_t r = 0; r < rows; ++r) {
     at::BFloat16* o = out + (tile.token + r / group) * a.heads * kHeadDim + (r % group) * kHeadDim;
@@ -546,6 +623,42 @@ void tile_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16*
 template <typename T>
 using TileKernel = void (*)(const T*, const T*, const T*, T*, const int32_t*, const Tile&, const TileArgs&);
 
+// The tile kernels by the number of row vectors a tile needs, so a short tile (a chunk's end, or a short
+// chunk) computes at most one vector of padding rows.
+template <typename T>
+struct TileKernels {
+  int64_t width;                                          // rows per vector
+  std::array<TileKernel<T>, kTileRows / 8> by_vecs = {};  // [vectors - 1]
+};
+
+template <typename T, int64_t kHeadDim, int64_t... kVecs>
+TileKernels<T> generic_kernels(std::integer_sequence<int64_t, kVecs...>) {
+  return {kVecWidth, {tile_generic<T, kHeadDim, kVecs + 1>...}};
+}
+
+template <typename T>
+TileKernels<T> tile_kernels(int64_t head_dim) {
+  constexpr auto vecs = std::make_integer_sequence<int64_t, kTileRows / kVecWidth>{};
+  if (head_dim == 64) return generic_kernels<T, 64>(vecs);
+  if (head_dim == 128) return generic_kernels<T, 128>(vecs);
+  return generic_kernels<T, 0>(vecs);
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+template <int64_t kHeadDim, int64_t... kVecs>
+TileKernels<at::BFloat16> bf16_kernels(std::integer_sequence<int64_t, kVecs...>) {
+  return {16, {tile_bf16<kHeadDim, kVecs + 1>...}};
+}
+
+template <>
+TileKernels<at::BFloat16> tile_kernels(int64_t head_dim) {
+  constexpr auto vecs = std::make_integer_sequence<int64_t, kTileRows / 16>{};
+  if (head_dim == 64) return bf16_kernels<64>(vecs);
+  if (head_dim == 128) return bf16_kernels<128>(vecs);
+  return generic_kernels<at::BFloat16, 0>(std::make_integer_sequence<int64_t, kTileRows / kVecWidth>{});
+}
+#endif
+
 template <typename T>
 void run_prefill(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                  const int32_t* tables, int64_t table_width, const int32_t* starts, const int32_t* contexts,
@@ -553,36 +666,44 @@ void run_prefill(const torch::Tensor& q, const torch::Tensor& cache_k, const tor
                  float scale) {
   const int64_t heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = cache_k.size(1), group = heads / kv_heads;
-  const TileArgs args{group,           head_dim,          heads,       q.stride(0), q.stride(1),
-                      cache_k.stride(2), block_shift, cache_k.stride(0), scale};
-  TileKernel<T> tiled = head_dim == 64    ? tile_generic<T, 64>
-                        : head_dim == 128 ? tile_generic<T, 128>
-                                          : tile_generic<T, 0>;
-  auto token_kernel = head_dim == 64 ? attend_one<T, 64> : head_dim == 128 ? attend_one<T, 128> : attend_one<T, 0>;
+  const TileArgs args{group,       head_dim,         heads, q.stride(0), q.stride(1), cache_k.stride(2),
+                      block_shift, cache_k.stride(0), scale};
+  const TileKernels<T> tile_kernel = tile_kernels<T>(head_dim);
+  auto token_kernel = head_dim == 64    ? attend_one<T, 64>
+                      : head_dim == 128 ? attend_one<T, 128>
+                                        : attend_one<T, 0>;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (head_dim == 64) tiled = tile_bf16<64>;
-    if (head_dim == 128) tiled = tile_bf16<128>;
     if (group <= kMaxFastGroup && head_dim == 64) token_kernel = attend_bf16<64>;
     if (group <= kMaxFastGroup && head_dim == 128) token_kernel = attend_bf16<128>;
   }
 #endif
   // Chunks of at least min_tile_tokens are cut into tiles; shorter ones (decodes) go token by token.
+  // Work is queued by (sequence, kv head), the costliest first, each one's tiles from the last (the
+  // costliest) down: a thread taking the next item when it is free mostly stays on one head, whose
+  // keys and values then stay in its L2, and the queue ends with small items that even out the threads.
   const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / group);
-  std::vector<Tile> work;
+  std::vector<int64_t> order(num_seqs);
+  std::vector<int64_t> seq_cost(num_seqs);
   for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t query_len = starts[s + 1] - starts[s];
+    order[s] = s;
+    seq_cost[s] = query_len * (2 * contexts[s] - query_len + 1);  // query x key pairs, times 2
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return seq_cost[x] > seq_cost[y]; });
+  std::vector<Tile> work;
+  for (const int64_t s : order) {
     const int64_t query_len = starts[s + 1] - starts[s], first = contexts[s] - query_len;
-    const int64_t step = query_len >= min_tile_tokens ? tile_tokens : 1;
-    for (int64_t i = 0; i < query_len; i += step) {
-      const int64_t tokens = std::min(step, query_len - i);
-      for (int64_t h = 0; h < kv_heads; ++h)
-        work.push_back({s, h, starts[s] + i, tokens, first + i, tokens * group * (first + i + tokens),
-                         step > 1 || min_tile_tokens <= 1});
+    const bool tiled = query_len >= min_tile_tokens;
+    const int64_t step = tiled ? tile_tokens : 1;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t i = (query_len - 1) / step * step; i >= 0; i -= step) {
+        const int64_t tokens = std::min(step, query_len - i);
+        work.push_back({s, h, starts[s] + i, tokens, first + i, tiled});
+      }
     }
   }
-  // Largest first, each thread taking the next item when it is free: tiles late in a long sequence
-  // cost many times the early ones, and a static split would leave one thread idle at the end.
-  std::stable_sort(work.begin(), work.end(), [](const Tile& x, const Tile& y) { return x.cost > y.cost; });
   const T* q_ptr = q.data_ptr<T>();
   const T* k_ptr = cache_k.data_ptr<T>();
   const T* v_ptr = cache_v.data_ptr<T>();
@@ -594,13 +715,14 @@ void run_prefill(const torch::Tensor& q, const torch::Tensor& cache_k, const tor
     for (int64_t lane = begin; lane < end; ++lane) {
       for (int64_t index = next++; index < items; index = next++) {
         const Tile& tile = work[index];
-        const int32_t* table = table_of(tables, table_width, tile);
+        const int32_t* table = tables + tile.seq * table_width;
         const T* q_head = q_ptr + tile.head * group * q.stride(1);
         const T* k_head = k_ptr + tile.head * cache_k.stride(1);
         const T* v_head = v_ptr + tile.head * cache_v.stride(1);
         T* out_head = out_ptr + tile.head * group * head_dim;
         if (tile.tiled) {
-          tiled(q_head, k_head, v_head, out_head, table, tile, args);
+          const int64_t vecs = (tile.tokens * group + tile_kernel.width - 1) / tile_kernel.width;
+          tile_kernel.by_vecs[vecs - 1](q_head, k_head, v_head, out_head, table, tile, args);
         } else {
           const Item item{group, head_dim, tile.position + 1, q.stride(1), cache_k.stride(2), scale,
                           table,  block_shift, cache_k.stride(0)};
@@ -610,6 +732,23 @@ void run_prefill(const torch::Tensor& q, const torch::Tensor& cache_k, const tor
       }
     }
   });
+}
+
+// The checks both entry points share: ranks, layouts, dtypes, the kernels' limits and the block table.
+void check_cache_inputs(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                        const torch::Tensor& block_tables) {
+  TORCH_CHECK(q.dim() == 3 && cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(), "bad ranks or shapes");
+  TORCH_CHECK(cache_k.strides() == cache_v.strides(), "cache_k and cache_v must share a layout");
+  TORCH_CHECK(q.stride(2) == 1 && cache_k.stride(3) == 1, "head_dim must be the contiguous dimension");
+  TORCH_CHECK(q.scalar_type() == cache_k.scalar_type() && q.scalar_type() == cache_v.scalar_type(),
+              "q and the cache must share a dtype");
+  const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = cache_k.size(1);
+  const int64_t block_size = cache_k.size(2);
+  TORCH_CHECK(kv_heads > 0 && cache_k.size(3) == head_dim && heads % kv_heads == 0,
+              "heads must be a multiple of kv_heads");
+  TORCH_CHECK(heads / kv_heads <= kMaxGroup && head_dim <= kMaxHeadDim, "group or head_dim too large");
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, "block_size must be a power of two");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kInt32, "block_tables: [S, N] int32");
 }
 
 }  // namespace
@@ -622,18 +761,9 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& cache
                               const torch::Tensor& kv_lens, double scale) {
   for (const auto* t : {&q, &cache_k, &cache_v, &block_tables, &token_seq, &kv_lens})
     TORCH_CHECK(t->device().is_cpu(), "paged_attention runs on CPU tensors");
-  TORCH_CHECK(q.dim() == 3 && cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(), "bad ranks or shapes");
-  TORCH_CHECK(cache_k.strides() == cache_v.strides(), "cache_k and cache_v must share a layout");
-  TORCH_CHECK(q.stride(2) == 1 && cache_k.stride(3) == 1, "head_dim must be the contiguous dimension");
-  TORCH_CHECK(q.scalar_type() == cache_k.scalar_type() && q.scalar_type() == cache_v.scalar_type(),
-              "q and the cache must share a dtype");
-  const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = cache_k.size(1);
+  check_cache_inputs(q, cache_k, cache_v, block_tables);
+  const int64_t heads = q.size(1), head_dim = q.size(2);
   const int64_t num_blocks = cache_k.size(0), block_size = cache_k.size(2);
-  TORCH_CHECK(kv_heads > 0 && cache_k.size(3) == head_dim && heads % kv_heads == 0,
-              "heads must be a multiple of kv_heads");
-  TORCH_CHECK(heads / kv_heads <= kMaxGroup && head_dim <= kMaxHeadDim, "group or head_dim too large");
-  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, "block_size must be a power of two");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kInt32, "block_tables: [S, N] int32");
   TORCH_CHECK(token_seq.scalar_type() == torch::kInt64 && kv_lens.scalar_type() == torch::kInt64, "int64 indices");
   TORCH_CHECK(token_seq.numel() == q.size(0) && kv_lens.numel() == q.size(0), "one sequence and kv_len per query");
   auto tables_c = block_tables.contiguous();
@@ -685,18 +815,9 @@ torch::Tensor paged_prefill_attention(const torch::Tensor& q, const torch::Tenso
                                       double scale, int64_t min_tile_tokens) {
   for (const auto* t : {&q, &cache_k, &cache_v, &block_tables, &query_start, &context_lens})
     TORCH_CHECK(t->device().is_cpu(), "paged_prefill_attention runs on CPU tensors");
-  TORCH_CHECK(q.dim() == 3 && cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(), "bad ranks or shapes");
-  TORCH_CHECK(cache_k.strides() == cache_v.strides(), "cache_k and cache_v must share a layout");
-  TORCH_CHECK(q.stride(2) == 1 && cache_k.stride(3) == 1, "head_dim must be the contiguous dimension");
-  TORCH_CHECK(q.scalar_type() == cache_k.scalar_type() && q.scalar_type() == cache_v.scalar_type(),
-              "q and the cache must share a dtype");
-  const int64_t heads = q.size(1), head_dim = q.size(2), kv_heads = cache_k.size(1);
+  check_cache_inputs(q, cache_k, cache_v, block_tables);
+  const int64_t heads = q.size(1), head_dim = q.size(2);
   const int64_t num_blocks = cache_k.size(0), block_size = cache_k.size(2);
-  TORCH_CHECK(kv_heads > 0 && cache_k.size(3) == head_dim && heads % kv_heads == 0,
-              "heads must be a multiple of kv_heads");
-  TORCH_CHECK(heads / kv_heads <= kMaxGroup && head_dim <= kMaxHeadDim, "group or head_dim too large");
-  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, "block_size must be a power of two");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == torch::kInt32, "block_tables: [S, N] int32");
   TORCH_CHECK(query_start.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
               "query_start and context_lens must be int32");
   const int64_t num_seqs = block_tables.size(0), width = block_tables.size(1);
@@ -752,9 +873,9 @@ bool bf16_fast_path() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Attention over a paged KV cache (CPU)");
-  m.def("paged_prefill_attention", &paged_prefill_attention, "Causal attention by sequence and query tile "
-        "over a paged KV cache (CPU)", py::arg("q"), py::arg("cache_k"), py::arg("cache_v"),
-        py::arg("block_tables"), py::arg("query_start"), py::arg("context_lens"), py::arg("scale"),
-        py::arg("min_tile_tokens") = 1);
+  m.def("paged_prefill_attention", &paged_prefill_attention,
+        "Attention by sequence over a paged KV cache, chunks in query tiles (CPU)", py::arg("q"),
+        py::arg("cache_k"), py::arg("cache_v"), py::arg("block_tables"), py::arg("query_start"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("min_tile_tokens") = 1);
   m.def("bf16_fast_path", &bf16_fast_path, "True when bf16 runs on the AVX-512 BF16 path");
 }
