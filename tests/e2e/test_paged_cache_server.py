@@ -85,7 +85,7 @@ def _first_token(srv: ServerProcess, prompt: str) -> tuple[float, dict]:
 
 def test_shared_prefix_is_served_from_the_prefix_cache(default_server):
     prefix = " ".join(
-        f"Record {i}: the {('red', 'green', 'blue')[i % 3]} box weighs {i * 7 % 50} kg." for i in range(75)
+        f"Record {i}: the {('red', 'green', 'blue')[i % 3]} box weighs {i * 7 % 50} kg." for i in range(88)
     )
     _first_token(default_server, "Warm up.")
     cold, cold_usage = _first_token(default_server, prefix + " Which box is heaviest?")
