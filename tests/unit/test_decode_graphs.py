@@ -7,11 +7,9 @@ forward and leave every sequence's cache as the plain forward leaves it.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from support import ROOT
+from support import tiny_model_script
 
 from engines.kernels.ops import TorchOps
 from engines.llama.batch import ForwardBatch
@@ -21,10 +19,7 @@ from engines.rolling.cuda_graphs import DecodeGraphRunner, batch_buckets
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0))
+    return str(tiny_model_script().make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0))
 
 
 def test_buckets_cover_every_batch_size():
