@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -130,3 +131,36 @@ def generation_models(root: Path) -> dict[str, str]:
     paths["llama"] = str(script.make_tiny_model("llama", root / "llama", seed=0))
     paths["bert"] = str(script.make_tiny_model("bert-cls", root / "bert", seed=0))
     return paths
+
+
+def paged_attention_case(
+    dtype: Any,
+    shape: tuple[int, int, int, int],
+    context_lens: list[int],
+    query_lens: list[int],
+    fill: float = float("nan"),
+    seed: int = 0,
+) -> tuple[Any, Any, Any, Any]:
+    """A paged-attention test case: q (a strided view, as the model slices it from the fused projection),
+    caches whose blocks are dealt to the sequences in shuffled order, and ``fill`` in every row no
+    sequence owns (a kernel reading past a context poisons its output)."""
+    import torch
+
+    from engines.kernels.paged import PagedAttentionMeta
+
+    heads, kv_heads, head_dim, block_size = shape
+    generator = torch.Generator().manual_seed(seed)
+    needed = [-(-context // block_size) for context in context_lens]
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = [order[sum(needed[:s]) : sum(needed[: s + 1])] for s in range(len(needed))]
+    cache_k = torch.full((num_blocks, kv_heads, block_size, head_dim), fill)
+    cache_v = torch.full_like(cache_k, fill)
+    for table, context in zip(tables, context_lens, strict=True):
+        rows = torch.randn(2, context, kv_heads, head_dim, generator=generator)
+        blocks = torch.tensor(table).repeat_interleave(block_size)[:context]
+        offsets = torch.arange(context) % block_size
+        cache_k[blocks, :, offsets], cache_v[blocks, :, offsets] = rows[0], rows[1]
+    fused = torch.randn(sum(query_lens), heads + 2 * kv_heads, head_dim, generator=generator)
+    meta = PagedAttentionMeta.build(tables, query_lens, context_lens)
+    return fused.to(dtype)[:, :heads], cache_k.to(dtype), cache_v.to(dtype), meta

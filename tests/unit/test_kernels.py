@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import ROOT
+from support import ROOT, paged_attention_case
 
 from engines.kernels.build import load_kernel
 from engines.kernels.native_attention import native_paged_attention
@@ -36,34 +36,6 @@ def _lens(block_size: int) -> tuple[list[int], list[int]]:
     return contexts, [1, 1, 2, 5, 1, 7, 33]
 
 
-def _paged_case(
-    dtype: torch.dtype,
-    shape: tuple[int, int, int, int],
-    context_lens: list[int],
-    query_lens: list[int],
-    fill: float = float("nan"),
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PagedAttentionMeta]:
-    """q (a strided view, as the engine slices it from the fused projection), caches whose blocks are
-    dealt to the sequences in shuffled order, and ``fill`` in every row no sequence owns."""
-    heads, kv_heads, head_dim, block_size = shape
-    generator = torch.Generator().manual_seed(seed)
-    needed = [-(-context // block_size) for context in context_lens]
-    num_blocks = sum(needed) + 3
-    order = torch.randperm(num_blocks, generator=generator).tolist()
-    tables = [order[sum(needed[:s]) : sum(needed[: s + 1])] for s in range(len(needed))]
-    cache_k = torch.full((num_blocks, kv_heads, block_size, head_dim), fill)
-    cache_v = torch.full_like(cache_k, fill)
-    for table, context in zip(tables, context_lens, strict=True):
-        rows = torch.randn(2, context, kv_heads, head_dim, generator=generator)
-        for position in range(context):
-            block, offset = table[position // block_size], position % block_size
-            cache_k[block, :, offset], cache_v[block, :, offset] = rows[0, position], rows[1, position]
-    fused = torch.randn(sum(query_lens), heads + kv_heads, head_dim, generator=generator)
-    meta = PagedAttentionMeta.build(tables, query_lens, context_lens)
-    return fused.to(dtype)[:, :heads], cache_k.to(dtype), cache_v.to(dtype), meta
-
-
 def _reference(
     q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: PagedAttentionMeta
 ) -> torch.Tensor:
@@ -77,7 +49,7 @@ def test_native_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, i
     """Every row no sequence owns is NaN: a kernel that reads past a context (or across sequences, or a
     chunk's later positions) poisons its output."""
     contexts, queries = _lens(shape[3])
-    q, cache_k, cache_v, meta = _paged_case(dtype, shape, contexts, queries)
+    q, cache_k, cache_v, meta = paged_attention_case(dtype, shape, contexts, queries)
     actual = native_paged_attention(q, cache_k, cache_v, meta)
     assert actual.shape == (sum(queries), shape[0], shape[2])
     assert actual.dtype == dtype
@@ -90,7 +62,7 @@ def test_native_kernel_reads_only_each_sequences_rows(dtype: torch.dtype) -> Non
     """A freed block's stale rows (huge keys, NaN values) next to or inside a sequence's blocks leave its
     output bit for bit the same; odd lengths exercise the bf16 path's unpaired last key."""
     shape, contexts, queries = (9, 3, 64, 16), [1, 31, 33, 20, 16], [1, 1, 3, 20, 1]
-    q, cache_k, cache_v, meta = _paged_case(dtype, shape, contexts, queries, fill=0.0)
+    q, cache_k, cache_v, meta = paged_attention_case(dtype, shape, contexts, queries, fill=0.0)
     unowned = (cache_k == 0).all(-1, keepdim=True)  # random rows are never all zero
     clean = native_paged_attention(q, cache_k, cache_v, meta)
     for stale in (1e4, float("nan")):
@@ -102,7 +74,7 @@ def test_native_kernel_on_a_subset_of_rows() -> None:
     """``rows`` (NativeOps hands long chunks to SDPA and the other rows to the kernel) picks the same
     tokens' sequences and lengths as the whole batch."""
     contexts, queries = _lens(16)
-    q, cache_k, cache_v, meta = _paged_case(torch.float32, (8, 2, 64, 16), contexts, queries)
+    q, cache_k, cache_v, meta = paged_attention_case(torch.float32, (8, 2, 64, 16), contexts, queries)
     rows = torch.tensor([0, 4, 5, 9, 40, sum(queries) - 1])
     whole = native_paged_attention(q, cache_k, cache_v, meta)
     part = native_paged_attention(q[rows], cache_k, cache_v, meta, rows)
@@ -118,7 +90,7 @@ def test_bf16_fast_path_is_compiled_where_the_cpu_has_it() -> None:
 
 def test_native_kernel_validates_its_inputs() -> None:
     kernel = load_kernel("paged_attention").paged_attention
-    q, cache_k, cache_v, meta = _paged_case(torch.float32, (4, 2, 64, 16), [10, 20], [1, 1])
+    q, cache_k, cache_v, meta = paged_attention_case(torch.float32, (4, 2, 64, 16), [10, 20], [1, 1])
     tables, token_seq, kv_lens = meta.block_tables, meta.token_seq, meta.token_kv_lens
     num_blocks, scale = cache_k.shape[0], 64**-0.5
 

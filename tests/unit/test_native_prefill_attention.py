@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import paged_attention_case
 
 from engines.kernels import ops as ops_module
 from engines.kernels.build import load_kernel
@@ -32,34 +33,6 @@ def _lens(block_size: int) -> tuple[list[int], list[int]]:
     return [b, 2 * b + 1, 3 * b, 2 * b + 41, 1, 77, 100, 300], [b, 2 * b + 1, 20, 40, 1, 1, 37, 150]
 
 
-def _case(
-    dtype: torch.dtype,
-    shape: tuple[int, int, int, int],
-    context_lens: list[int],
-    query_lens: list[int],
-    fill: float = float("nan"),
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PagedAttentionMeta]:
-    """q (a strided view, as the model slices it from the fused projection), caches whose blocks are dealt
-    to the sequences in shuffled order, and ``fill`` in every row no sequence owns."""
-    heads, kv_heads, head_dim, block_size = shape
-    generator = torch.Generator().manual_seed(seed)
-    needed = [-(-context // block_size) for context in context_lens]
-    num_blocks = sum(needed) + 2
-    order = torch.randperm(num_blocks, generator=generator).tolist()
-    tables = [order[sum(needed[:s]) : sum(needed[: s + 1])] for s in range(len(needed))]
-    cache_k = torch.full((num_blocks, kv_heads, block_size, head_dim), fill)
-    cache_v = torch.full_like(cache_k, fill)
-    for table, context in zip(tables, context_lens, strict=True):
-        rows = torch.randn(2, context, kv_heads, head_dim, generator=generator)
-        blocks = torch.tensor(table).repeat_interleave(block_size)[:context]
-        offsets = torch.arange(context) % block_size
-        cache_k[blocks, :, offsets], cache_v[blocks, :, offsets] = rows[0], rows[1]
-    fused = torch.randn(sum(query_lens), heads + 2 * kv_heads, head_dim, generator=generator)
-    meta = PagedAttentionMeta.build(tables, query_lens, context_lens)
-    return fused.to(dtype)[:, :heads], cache_k.to(dtype), cache_v.to(dtype), meta
-
-
 def _reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: PagedAttentionMeta):
     """The float32 reference on the same (rounded) inputs."""
     return paged_attention_reference(q.float(), cache_k.float(), cache_v.float(), meta)
@@ -75,7 +48,7 @@ def test_prefill_kernel_matches_reference(
     no sequence owns are NaN: reading one (past a context, across sequences, or past a tile's last
     position) poisons the output."""
     contexts, queries = _lens(shape[3])
-    q, cache_k, cache_v, meta = _case(dtype, shape, contexts, queries)
+    q, cache_k, cache_v, meta = paged_attention_case(dtype, shape, contexts, queries)
     actual = native_prefill_attention(q, cache_k, cache_v, meta, min_tile_tokens)
     assert actual.shape == (sum(queries), shape[0], shape[2])
     assert actual.dtype == dtype
@@ -88,7 +61,7 @@ def test_prefill_kernel_reads_only_each_tiles_keys(dtype: torch.dtype) -> None:
     """A freed block's stale rows (huge keys, NaN values) next to or inside the sequences' blocks leave
     the output bit for bit the same."""
     contexts, queries = [50, 16, 33], [50, 3, 20]
-    q, cache_k, cache_v, meta = _case(dtype, (9, 3, 64, 16), contexts, queries, fill=0.0)
+    q, cache_k, cache_v, meta = paged_attention_case(dtype, (9, 3, 64, 16), contexts, queries, fill=0.0)
     unowned = (cache_k == 0).all(-1, keepdim=True)  # random rows are never all zero
     clean = native_prefill_attention(q, cache_k, cache_v, meta)
     stale_k, stale_v = cache_k.masked_fill(unowned, 1e4), cache_v.masked_fill(unowned, float("nan"))
@@ -100,7 +73,7 @@ def test_short_chunks_match_the_per_token_kernel_exactly(dtype: torch.dtype) -> 
     """Chunks under min_tile_tokens run the per-token kernel's own code: the same bits as
     native_paged_attention, next to tiled chunks in the same call."""
     contexts, queries = _lens(16)
-    q, cache_k, cache_v, meta = _case(dtype, (9, 3, 64, 16), contexts, queries)
+    q, cache_k, cache_v, meta = paged_attention_case(dtype, (9, 3, 64, 16), contexts, queries)
     mixed = native_prefill_attention(q, cache_k, cache_v, meta, min_tile_tokens=30)
     per_token = native_paged_attention(q, cache_k, cache_v, meta)
     short = torch.tensor(queries).repeat_interleave(torch.tensor(queries)) < 30
@@ -111,7 +84,7 @@ def test_short_chunks_match_the_per_token_kernel_exactly(dtype: torch.dtype) -> 
 
 def test_prefill_kernel_with_no_tokens_for_a_sequence() -> None:
     """A sequence with an empty chunk (query_start repeats) is skipped; the others are unaffected."""
-    q, cache_k, cache_v, meta = _case(torch.float32, (4, 2, 64, 16), [20, 30], [20, 5])
+    q, cache_k, cache_v, meta = paged_attention_case(torch.float32, (4, 2, 64, 16), [20, 30], [20, 5])
     empty = PagedAttentionMeta(
         block_tables=meta.block_tables[[0, 0, 1]],
         query_start=torch.tensor([0, 20, 20, 25], dtype=torch.int32),
@@ -127,7 +100,7 @@ def test_prefill_kernel_with_no_tokens_for_a_sequence() -> None:
 
 def test_prefill_kernel_validates_its_inputs() -> None:
     kernel = load_kernel("paged_attention").paged_prefill_attention
-    q, cache_k, cache_v, meta = _case(torch.float32, (4, 2, 64, 16), [10, 20], [4, 3])
+    q, cache_k, cache_v, meta = paged_attention_case(torch.float32, (4, 2, 64, 16), [10, 20], [4, 3])
     tables, starts, contexts = meta.block_tables, meta.query_start, meta.context_lens
     num_blocks = cache_k.shape[0]
 
@@ -170,7 +143,7 @@ def test_native_ops_attention_on_a_mixed_batch(dtype: torch.dtype, monkeypatch: 
     ones take the tiled kernel, the rest the per-token kernel's code in the same call."""
     contexts = [40, 64, 9, 200, 17, 150, 1]
     queries = [1, 64, 5, 100, 16, 1, 1]
-    q, cache_k, cache_v, meta = _case(dtype, (9, 3, 64, 16), contexts, queries)
+    q, cache_k, cache_v, meta = paged_attention_case(dtype, (9, 3, 64, 16), contexts, queries)
     expected = _reference(q, cache_k, cache_v, meta)
     actual = NativeOps.attention(q, cache_k, cache_v, meta)
     torch.testing.assert_close(actual.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
