@@ -19,15 +19,11 @@ def native_paged_attention(
     cache_k: torch.Tensor,
     cache_v: torch.Tensor,
     meta: PagedAttentionMeta,
-    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, heads, head_dim] -> [T, heads, head_dim]; with ``rows``, q holds only those packed tokens."""
-    token_seq, kv_lens = meta.token_seq, meta.token_kv_lens
-    if rows is not None:
-        token_seq, kv_lens = token_seq[rows], kv_lens[rows]
+    """q [T, heads, head_dim] -> [T, heads, head_dim], every packed token one query."""
     kernel = load_kernel("paged_attention")
     return kernel.paged_attention(
-        q, cache_k, cache_v, meta.block_tables, token_seq, kv_lens, q.shape[-1] ** -0.5
+        q, cache_k, cache_v, meta.block_tables, meta.token_seq, meta.token_kv_lens, q.shape[-1] ** -0.5
     )
 
 

@@ -70,17 +70,6 @@ def test_native_kernel_reads_only_each_sequences_rows(dtype: torch.dtype) -> Non
         torch.testing.assert_close(native_paged_attention(q, stale_k, stale_v, meta), clean, rtol=0, atol=0)
 
 
-def test_native_kernel_on_a_subset_of_rows() -> None:
-    """``rows`` (NativeOps hands long chunks to SDPA and the other rows to the kernel) picks the same
-    tokens' sequences and lengths as the whole batch."""
-    contexts, queries = _lens(16)
-    q, cache_k, cache_v, meta = paged_attention_case(torch.float32, (8, 2, 64, 16), contexts, queries)
-    rows = torch.tensor([0, 4, 5, 9, 40, sum(queries) - 1])
-    whole = native_paged_attention(q, cache_k, cache_v, meta)
-    part = native_paged_attention(q[rows], cache_k, cache_v, meta, rows)
-    torch.testing.assert_close(part, whole[rows], rtol=0, atol=0)
-
-
 def test_bf16_fast_path_is_compiled_where_the_cpu_has_it() -> None:
     """So these tests do run the AVX-512 BF16 code on a machine that has it (this project's CI does)."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
