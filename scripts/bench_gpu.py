@@ -51,6 +51,9 @@ sys.path.insert(0, str(ROOT))
 
 from serving.bench.stats import percentile  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_overload import descendants  # noqa: E402
+
 SEVEN_B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "intermediate": 11008}
 TINY = {"layers": 2, "hidden": 256, "heads": 4, "kv_heads": 4, "intermediate": 688}
 TOKENIZER_FILES = (
@@ -503,22 +506,8 @@ class Server:
 
 
 def process_tree(root: int) -> list[int]:
-    """`root` and every live process below it, from /proc's parent fields."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [root], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """`root` and every live process below it."""
+    return [root, *descendants(root)]
 
 
 def cpu_seconds(pids: list[int]) -> float:

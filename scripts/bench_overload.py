@@ -44,7 +44,7 @@ def descendants(pid: int) -> list[int]:
             try:
                 with open(f"/proc/{entry}/stat") as fh:
                     ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
+            except (OSError, IndexError, ValueError):  # gone, or its stat was half-written
                 continue
             children.setdefault(ppid, []).append(int(entry))
     found, todo = [], [pid]
