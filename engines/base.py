@@ -59,6 +59,8 @@ class EngineConfig:
     """On GPUs: the share of the device's memory the weights, activations and KV cache may use."""
     enforce_eager: bool = False
     """On GPUs: no CUDA graphs for decode steps."""
+    async_scheduling: bool = True
+    """On GPUs: queue step N+1 before reading step N's tokens (host work overlaps the GPU's)."""
     extra: dict[str, str] = field(default_factory=dict)
     """Every init property as a string (option.* without the prefix), for settings no field covers."""
 

@@ -21,6 +21,14 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 """x86 flags of CPUs whose matrix units compute bf16 natively (oneDNN uses them from torch)."""
 
 
+def upload(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (on the host) on ``device`` without waiting for the device: a blocking host->GPU copy
+    synchronises the stream, which would stall the host behind the step still running (overlap)."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def cpu_flags(cpuinfo: str) -> set[str]:
     """The feature flags named on the ``flags`` lines of /proc/cpuinfo text."""
     flags: set[str] = set()

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from engines.device import upload
 from engines.sampling import Sampled, SamplingState
 from engines.sequence import SEED_MODULUS
 from engines.types import SamplingParams
@@ -93,8 +94,8 @@ class SamplingTensors:
         kinds = collect_sparse(seqs, eos_ids, vocab_size)
         floats = [*chain.from_iterable(settings), *kinds.bias.values, *kinds.counts.values]
         ints = [*chain.from_iterable(k.lengths for k in kinds), *chain.from_iterable(k.ids for k in kinds)]
-        floats_dev = torch.tensor(floats, dtype=torch.float32).to(device, non_blocking=True)
-        ints_dev = torch.tensor(ints, dtype=torch.int64).to(device, non_blocking=True)
+        floats_dev = upload(torch.tensor(floats, dtype=torch.float32), device)
+        ints_dev = upload(torch.tensor(ints, dtype=torch.int64), device)
         table = floats_dev[: len(seqs) * len(COLUMNS)].view(len(seqs), len(COLUMNS))
         columns = {name: table[:, j : j + 1] for j, name in enumerate(COLUMNS)}
         columns["top_k"] = columns["top_k"].long()
@@ -283,11 +284,18 @@ def sample_batch(
     return SampledBatch(tokens, logprobs.gather(-1, tokens[:, None])[:, 0], top_ids, top_logprobs)
 
 
-def to_host(batch: SampledBatch, wanted: abc.Sequence[int]) -> list[Sampled]:
-    """The rows as engines.sampling.Sampled, row i with its ``wanted[i]`` top alternatives.
+class HostCopy(NamedTuple):
+    """A step's choices on their way to the host: ``rows`` is filled once ``ready`` has fired."""
 
-    One device->host copy: everything packed into a float64 tensor (exact for ids and float32 values).
-    """
+    rows: torch.Tensor  # [B, 2 + 2k] float64 on the host (pinned when it comes from a GPU)
+    k: int
+    wanted: tuple[int, ...]
+    ready: Any = None  # torch.cuda.Event, None when the copy was synchronous
+
+
+def copy_to_host(batch: SampledBatch, wanted: abc.Sequence[int]) -> HostCopy:
+    """Start the step's one device->host copy (everything packed into float64, exact for ids and float32
+    values) without waiting for it: the host can prepare the next step meanwhile."""
     k = min(max(wanted, default=0), batch.top_ids.shape[-1])
     parts = (
         batch.token_ids[:, None],
@@ -295,8 +303,28 @@ def to_host(batch: SampledBatch, wanted: abc.Sequence[int]) -> list[Sampled]:
         batch.top_ids[:, :k],
         batch.top_logprobs[:, :k],
     )
-    rows = torch.cat([part.to(torch.float64) for part in parts], -1).tolist()
-    return [unpack_row(row, k, w) for row, w in zip(rows, wanted, strict=True)]
+    packed = torch.cat([part.to(torch.float64) for part in parts], -1)
+    if packed.device.type != "cuda":
+        return HostCopy(packed, k, tuple(wanted))
+    rows = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    rows.copy_(packed, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return HostCopy(rows, k, tuple(wanted), ready)
+
+
+def read_host(copy: HostCopy) -> list[Sampled]:
+    """The rows as engines.sampling.Sampled, row i with its ``wanted[i]`` top alternatives (waits for
+    this copy only, not for steps queued after it)."""
+    if copy.ready is not None:
+        copy.ready.synchronize()
+    rows = copy.rows.tolist()
+    return [unpack_row(row, copy.k, w) for row, w in zip(rows, copy.wanted, strict=True)]
+
+
+def to_host(batch: SampledBatch, wanted: abc.Sequence[int]) -> list[Sampled]:
+    """copy_to_host then read_host: the choices on the host now."""
+    return read_host(copy_to_host(batch, wanted))
 
 
 def unpack_row(row: list[float], k: int, wanted: int) -> Sampled:

@@ -12,6 +12,10 @@ from engines.types import GenerationRequest, TokenEvent
 SEED_MODULUS = 2**64
 """torch.Generator seeds are unsigned 64-bit; seed + index wraps around."""
 
+PENDING = -1
+"""The id of a token sampled on the device but not read yet (overlapped steps): its position is taken,
+so the next step can compute it from the device copy; ``Sequence.append`` fills it in."""
+
 
 def eos_token_ids(tokenizer: Any, hf_config: Any, generation_config: Any | None) -> set[int]:
     """Every id that ends a generation: the generation config's, the model config's, the tokenizer's."""
@@ -71,6 +75,8 @@ class Sequence:
         self.eos_ids = eos_ids
         self.stop_ids = frozenset(self.params.stop_token_ids)
         self.output_ids: list[int] = []
+        self.reserved = 0
+        """Trailing PENDING entries of token_ids: tokens sampled in steps whose results are not read yet."""
         self.output_counts: dict[int, int] = {}
         """Generated token id -> occurrences, kept up to date by ``append`` (presence/frequency penalty)."""
         self._prompt_ids: set[int] | None = None
@@ -95,6 +101,24 @@ class Sequence:
         end = len(self.token_ids) if limit is None else min(len(self.token_ids), self.num_cached + limit)
         return self.token_ids[self.num_cached : end], self.num_cached
 
+    def reserve(self) -> None:
+        """Take the position of a token sampled on the device and not read yet (see PENDING)."""
+        self.token_ids.append(PENDING)
+        self.reserved += 1
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far, those not read yet included."""
+        return len(self.output_ids) + self.reserved
+
+    def exhausted(self) -> bool:
+        """True when max_new_tokens are generated or reserved: it must not compute another."""
+        return self.generated >= self.params.max_new_tokens
+
+    def known_ids(self) -> list[int]:
+        """token_ids without the trailing PENDING ones."""
+        return self.token_ids[: len(self.token_ids) - self.reserved]
+
     def uncomputed(self) -> int:
         """Tokens still to feed before the next token can be sampled."""
         return len(self.token_ids) - self.num_cached
@@ -107,15 +131,19 @@ class Sequence:
 
     def blocks_eos(self) -> bool:
         """True while min_new_tokens holds back EOS and the stop_token_ids."""
-        return len(self.output_ids) < self.params.min_new_tokens
+        return self.generated < self.params.min_new_tokens
 
     def append(
         self, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...] = ()
     ) -> TokenEvent:
-        """Record the sampled token; returns its event, final when a stop condition is met. The engine
-        has already counted the fed tokens into ``num_cached``."""
+        """Record the sampled token (in the oldest reserved position, if any); returns its event, final
+        when a stop condition is met. The engine has already counted the fed tokens into ``num_cached``."""
         self.output_ids.append(token_id)
-        self.token_ids.append(token_id)
+        if self.reserved:
+            self.token_ids[len(self.token_ids) - self.reserved] = token_id
+            self.reserved -= 1
+        else:
+            self.token_ids.append(token_id)
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         is_eos = token_id in self.eos_ids and not self.params.ignore_eos
         is_stop = token_id in self.stop_ids

@@ -246,6 +246,9 @@ _MODEL = [
                parse=_fraction, expected="a number in (0, 1]"),
     OptionSpec("option.enforce_eager", bool, False,
                doc="Native engine on a GPU: run decode steps eagerly instead of as captured CUDA graphs."),
+    OptionSpec("option.async_scheduling", bool, True,
+               doc="Native engine on a GPU: queue each step before reading the last one's tokens, so "
+                   "detokenising and stop checks run while the GPU computes (off: one step at a time)."),
     OptionSpec("option.max_model_len", int, None,
                doc="Tokens per sequence (prompt + generated); sizes the KV cache.",
                shown_default="min(model, 2048)"),

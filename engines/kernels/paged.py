@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional
 
+from engines.device import upload
+
 
 @dataclass
 class PagedAttentionMeta:
@@ -46,7 +48,7 @@ class PagedAttentionMeta:
     def to(self, device: torch.device | str) -> PagedAttentionMeta:
         """The same metadata with its tensors on ``device``."""
         return PagedAttentionMeta(
-            *(getattr(self, name).to(device) for name in TENSOR_FIELDS),
+            *(upload(getattr(self, name), device) for name in TENSOR_FIELDS),
             max_query_len=self.max_query_len,
             max_context_len=self.max_context_len,
         )

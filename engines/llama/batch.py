@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engines.device import upload
 from engines.kernels.paged import PagedAttentionMeta
 
 
@@ -42,9 +43,10 @@ class ForwardBatch:
         device = self.token_ids.device
         meta = PagedAttentionMeta.build(self.block_tables, self.query_lens, self.context_lens)  # on CPU
         positions = meta.token_kv_lens - 1  # no device-to-host copy of self.positions
-        self.token_blocks = meta.block_tables.long()[meta.token_seq, positions // self.block_size].to(device)
-        self.token_offsets = (positions % self.block_size).to(device)
-        self.last_rows = (meta.query_start[1:].long() - 1).to(device)
+        blocks = meta.block_tables.long()[meta.token_seq, positions // self.block_size]
+        self.token_blocks = upload(blocks, device)
+        self.token_offsets = upload(positions % self.block_size, device)
+        self.last_rows = upload(meta.query_start[1:].long() - 1, device)
         self.meta = meta.to(device)
 
     @property
@@ -98,8 +100,8 @@ class ForwardBatch:
             token_ids.extend(new_ids)
             positions.extend(range(start, start + len(new_ids)))
         return cls(
-            token_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            token_ids=upload(torch.tensor(token_ids, dtype=torch.int64), device),
+            positions=upload(torch.tensor(positions, dtype=torch.int64), device),
             block_tables=[list(table) for table, _, _ in seqs],
             query_lens=[len(new_ids) for _, new_ids, _ in seqs],
             context_lens=[start + len(new_ids) for _, new_ids, start in seqs],

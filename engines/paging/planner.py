@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engines.paging.block_manager import ROOT_HASH, BlockManager
-from engines.sequence import Sequence
+from engines.sequence import PENDING, Sequence
 
 log = logging.getLogger("engines.rolling")
 
@@ -60,7 +60,8 @@ class StepPlanner:
         chosen: list[Scheduled] = []
         held: set[int] = set()  # ids of chosen sequences: never preempted for a later one
         for seq in list(self.running):
-            if seq in self.running and seq.uncomputed() == 1 and self._grow(seq, 1, held):
+            decodes = seq.uncomputed() == 1 and not seq.exhausted()  # the last token may be unread
+            if seq in self.running and decodes and self._grow(seq, 1, held):
                 chosen.append(Scheduled(seq, 1))
                 held.add(id(seq))
         budget = self.prefill_tokens
@@ -85,9 +86,9 @@ class StepPlanner:
         """Match a waiting sequence's tokens against the prefix cache (once: it keeps the hits)."""
         if seq.blocks or seq.params.prompt_logprobs:  # those need logits for every prompt token
             return
-        seq.blocks, seq.block_keys = self.blocks.match_prefix(seq.token_ids)
+        seq.blocks, seq.block_keys = self.blocks.match_prefix(seq.known_ids())
         seq.num_cached = len(seq.blocks) * self.blocks.block_size
-        if not seq.output_ids:
+        if not seq.generated:
             seq.cached_prompt_tokens = seq.num_cached
 
     def _prefill(self, seq: Sequence, budget: int, held: set[int]) -> int:
@@ -106,7 +107,7 @@ class StepPlanner:
                 return 0
             self.waiting.remove(seq)
             self.running.append(seq)
-            if not seq.output_ids:  # a new prompt, not a recompute: count its prefix lookup once
+            if not seq.generated:  # a new prompt, not a recompute: count its prefix lookup once
                 self.blocks.record_lookup(len(seq.token_ids), seq.cached_prompt_tokens)
             return granted
         if self._room(seq) < (want if whole else 1) and not self._grow(seq, want if whole else 1, held):
@@ -161,13 +162,19 @@ class StepPlanner:
         self.waiting.appendleft(seq)
 
     def computed(self, item: Scheduled) -> None:
-        """After the forward: count the tokens as cached and seal the blocks they filled."""
-        seq = item.seq
-        seq.num_cached += item.num_tokens
+        """Once the forward is queued: count the tokens as cached and seal the blocks they filled."""
+        item.seq.num_cached += item.num_tokens
+        self.seal(item.seq)
+
+    def seal(self, seq: Sequence) -> None:
+        """Give the full cached blocks of ``seq`` their prefix-cache keys, up to the first block holding
+        a token not read yet (sealed when it is: ``seal`` again then)."""
         size = self.blocks.block_size
         for index in range(len(seq.block_keys), seq.num_cached // size):
-            parent = seq.block_keys[-1] if seq.block_keys else ROOT_HASH
             tokens = seq.token_ids[index * size : (index + 1) * size]
+            if PENDING in tokens:
+                break
+            parent = seq.block_keys[-1] if seq.block_keys else ROOT_HASH
             seq.block_keys.append(self.blocks.seal(seq.blocks[index], parent, tokens))
 
     def finish(self, seq: Sequence) -> None:

@@ -97,6 +97,7 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
         config.enable_prefix_caching,
         graphs,
         reserved_blocks=int(use_graphs),
+        overlap=config.async_scheduling,
     )
 
 

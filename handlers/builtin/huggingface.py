@@ -87,6 +87,7 @@ def engine_config(properties: dict[str, str], options: dict[str, Any] | None = N
         enable_prefix_caching=typed["enable_prefix_caching"],
         gpu_memory_utilization=typed["gpu_memory_utilization"],
         enforce_eager=typed["enforce_eager"],
+        async_scheduling=typed["async_scheduling"],
         extra=dict(properties),
     )
 
