@@ -51,8 +51,8 @@ class EngineConfig:
     """Hot-path ops of the native engine: auto, native, triton or torch."""
     max_rolling_batch_prefill_tokens: int = 4096
     """Prompt tokens computed per step: longer prompts are split into chunks across steps."""
-    block_size: int = 16
-    """Tokens per KV-cache block (a power of two)."""
+    block_size: int | None = None
+    """Tokens per KV-cache block (a power of two); None: DEFAULT_BLOCK_SIZE for the device."""
     enable_prefix_caching: bool = True
     """Reuse the cached blocks of prompts that start like an earlier one."""
     gpu_memory_utilization: float = 0.9

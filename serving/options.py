@@ -237,8 +237,10 @@ _MODEL = [
                    "that run alongside the decodes)."),
     OptionSpec("option.enable_prefix_caching", bool, True,
                doc="Native engine: prompts starting like an earlier one reuse its cached KV blocks."),
-    OptionSpec("option.block_size", int, 16,
-               doc="Native engine: tokens per KV-cache block.",
+    OptionSpec("option.block_size", int, None,
+               doc="Native engine: tokens per KV-cache block (prefix-cache hits come in whole blocks; on "
+                   "CPU longer blocks read faster).",
+               shown_default="16 on GPUs, 64 on CPU",
                parse=_block_size, expected="a power of two from 1 to 256"),
     OptionSpec("option.gpu_memory_utilization", float, 0.9,
                doc="Native engine on a GPU: share of the device memory for weights, activations and the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,6 +20,10 @@ from engines.sequence import eos_token_ids
 log = logging.getLogger("engines.rolling")
 
 DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_BLOCK_SIZE = {"cuda": 16, "cpu": 64}
+"""Tokens per KV-cache block by device type. On this project's 2-core CPU a 64-sequence decode step
+took 10 % less time with 64 than with 16 (the attention kernel reads longer contiguous runs); GPUs keep
+vLLM's 16, the finer prefix-cache grain."""
 
 
 def supports_rolling(model_path: str) -> str | None:
@@ -50,6 +55,8 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
 
     started = time.perf_counter()
     device = resolve_device(config.device)
+    if config.block_size is None:
+        config = dataclasses.replace(config, block_size=DEFAULT_BLOCK_SIZE.get(torch.device(device).type, 16))
     configure_threads(config.num_threads, config.workers)
     raw = json.loads((Path(config.model_path) / "config.json").read_text())
     limit = int(raw.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)

@@ -27,7 +27,13 @@ def tiny(tmp_path_factory):
 
 
 def engine_for(path, overlap: bool, **fields):
-    fields = {"max_model_len": 96, "max_rolling_batch_size": 8, "async_scheduling": overlap, **fields}
+    fields = {
+        "max_model_len": 96,
+        "max_rolling_batch_size": 8,
+        "async_scheduling": overlap,
+        "block_size": 16,
+        **fields,
+    }
     engine = create_rolling_engine(EngineConfig(model_path=path, dtype="fp32", **fields))
     engine.on_device_sampling = True  # engines/device_sampling.py on CPU tensors, as on a GPU
     engine.overlap = overlap

@@ -22,7 +22,7 @@ def tiny(tmp_path_factory):
 
 
 def engine_for(path, **fields):
-    fields = {"max_model_len": 64, "max_rolling_batch_size": 4, **fields}
+    fields = {"max_model_len": 64, "max_rolling_batch_size": 4, "block_size": 16, **fields}
     return create_rolling_engine(EngineConfig(model_path=path, dtype="fp32", **fields))
 
 
@@ -34,6 +34,11 @@ def test_kv_budget_sizes_the_blocks_and_names_the_numbers(tiny):
     assert smaller.free_capacity() == engine.free_capacity()  # sequences share blocks; none is reserved
     with pytest.raises(EngineLoadError, match=r"option.kv_cache_memory_bytes\) holds 0 blocks of 16 tokens"):
         engine_for(tiny, kv_cache_memory_bytes=10)
+
+
+def test_block_size_defaults_to_64_on_cpu(tiny):
+    engine = engine_for(tiny, block_size=None, max_model_len=256)
+    assert engine.blocks.block_size == engine.cache.block_size == 64
 
 
 def test_kernels_option_is_checked_at_load(tiny):
