@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -35,6 +36,10 @@ def _serve(model_dir: str | None, host: str, port: int) -> int:
     return Server(config).run()
 
 
+COMMAND_MODULES = ("serving.bench.cli",)
+"""Modules adding one subcommand each: ``add_parser(subparsers)`` sets ``run`` (args -> exit code)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmi", description="lmi-serving: DJL/LMI-compatible model server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,9 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole download (3600)")
     pull.add_argument("--workers", type=int, default=32, help="parallel transfers (32)")
     pull.add_argument("--log-level", default=os.environ.get("SERVING_LOG_LEVEL", "info"))
-    from serving.bench.cli import add_parser as add_bench_parser
-
-    add_bench_parser(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -91,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_serve(args.model_dir, args.host, args.port))
     if args.command == "pull":
         sys.exit(_pull(args))
-    if args.command == "bench":
-        from serving.bench.cli import run as run_bench
-
-        sys.exit(run_bench(args))
+    sys.exit(args.run(args))  # a COMMAND_MODULES subcommand
 
 
 def sagemaker_serve() -> None:

@@ -92,9 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds ``bench`` to an ``add_subparsers()`` object; dispatch with ``run(args)``."""
+    """Adds ``bench`` to an ``add_subparsers()`` object; ``args.run(args)`` dispatches to ``run``."""
     parser = subparsers.add_parser("bench", help="benchmark a serving endpoint", description=DESCRIPTION)
     add_arguments(parser)
+    parser.set_defaults(run=run)
     return parser
 
 
