@@ -99,8 +99,14 @@ def _build_key(source: Path, name: str) -> str:
 
 @cache
 def load_kernel(name: str) -> ModuleType:
-    """The compiled extension for csrc/<name>.cpp; raises KernelBuildError when it cannot be built
-    (no compiler, a compile error, an unwritable cache folder, a build that never finishes)."""
+    """The compiled extension for csrc/<name>.cpp: prebuilt (``LMI_KERNEL_PREBUILT``) when one fits
+    this CPU and torch, else built here; raises KernelBuildError when it cannot be built (no compiler,
+    a compile error, an unwritable cache folder, a build that never finishes)."""
+    from engines.kernels.prebuilt import load_prebuilt
+
+    prebuilt = load_prebuilt(name)  # an image's kernels, compiled when it was built
+    if prebuilt is not None:
+        return prebuilt
     started = time.perf_counter()
     try:
         module, build_dir = _build(name)
