@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -95,10 +96,14 @@ def prebuild(out: Path, names: tuple[str, ...] = KERNELS, levels: tuple[Level, .
     checks; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict = {**runtime_key(), "kernels": {}}
-    for name in names:
-        files = {level.name: _compile(name, level, out).name for level in levels}
-        manifest["kernels"][name] = {"source_sha256": source_digest(name), "levels": files}
-        log.info("Prebuilt %s for %s", name, ", ".join(files))
+    jobs = [(name, level) for name in names for level in levels]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compiler process per core
+        built = list(pool.map(lambda job: _compile(*job, out).name, jobs))
+    for (name, level), file in zip(jobs, built, strict=True):
+        entry = manifest["kernels"].setdefault(name, {"source_sha256": source_digest(name), "levels": {}})
+        entry["levels"][level.name] = file
+    for name, entry in manifest["kernels"].items():
+        log.info("Prebuilt %s for %s", name, ", ".join(entry["levels"]))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
