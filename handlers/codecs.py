@@ -53,6 +53,11 @@ def json_line(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=_json_default)
 
 
+def json_compact(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as the built-in handlers send bodies (numpy values and datetimes allowed)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default).encode("utf-8")
+
+
 def to_bytes(value: Any) -> bytes:
     """Normalise a content value; users building Inputs by hand often store str."""
     if isinstance(value, bytes):

@@ -8,7 +8,9 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger("handlers.loader")
 
@@ -34,14 +36,46 @@ def load_module_from_file(path: str) -> ModuleType:
     folder = os.path.dirname(path)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    name = "model_" + hashlib.md5(path.encode()).hexdigest()[:8]  # noqa: S324 - a name, not security
+    name = model_module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise HandlerLoadError(f"Cannot import {path!r} as a Python module.")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # a half-run module must not be found again as if it had loaded
+        raise
     return module
+
+
+def model_module_name(path: str) -> str:
+    """The unique module name a file is imported under; the same file always gets the same name."""
+    return "model_" + hashlib.md5(os.path.abspath(path).encode()).hexdigest()[:8]  # noqa: S324 - a name
+
+
+def load_model_py(model_dir: str | None) -> ModuleType | None:
+    """`<model_dir>/model.py`, imported once per process (reusing the entry point's import), or None."""
+    if not model_dir or not os.path.isfile(os.path.join(model_dir, "model.py")):
+        return None
+    path = os.path.join(model_dir, "model.py")
+    return sys.modules.get(model_module_name(path)) or load_module_from_file(path)
+
+
+def find_decorated_function(module: ModuleType, decorator_attribute: str) -> Callable[..., Any] | None:
+    """The first callable in `module` carrying `decorator_attribute` (how DJL finds @input_formatter)."""
+    for name in dir(module):
+        obj = getattr(module, name)
+        if callable(obj) and getattr(obj, decorator_attribute, False) is True:
+            return obj
+    return None
+
+
+def get_annotated_function(model_dir: str | None, decorator_attribute: str) -> Callable[..., Any] | None:
+    """The function of the model folder's model.py marked with `decorator_attribute`, if any."""
+    module = load_model_py(model_dir)
+    return None if module is None else find_decorated_function(module, decorator_attribute)
 
 
 def has_builtin_model(model_dir: str | None, properties: dict[str, str]) -> bool:

@@ -18,7 +18,9 @@ from engines.base import GenerationEngine
 from engines.scheduler import RollingScheduler
 from engines.types import GenerationRequest, SamplingParams, TokenEvent
 from handlers.builtin import formats
+from handlers.builtin.custom_formatters import CustomFormatterError, CustomFormatters
 from handlers.builtin.formats import GENERATION_ERROR_CODE, ParsedRequest, RequestError, ResponseWriter
+from handlers.djl_api import Input
 from handlers.replies import AnyReply, Reply, StreamChunk, StreamEnd, StreamStart
 from serving import dialects
 from serving import messages as msg
@@ -65,13 +67,29 @@ def _body(request: msg.InferRequest) -> dict:
     return formats.decode_body(raw)
 
 
+def _as_input(request: msg.InferRequest) -> Input:
+    """The request as DJL's Input, which custom input formatters read."""
+    item = Input()
+    item.properties.update(request.properties)
+    for key, value in request.content:
+        item.content.add(key, value)
+    return item
+
+
 class GenerationHandler:
     """Serves requests one by one through a RollingScheduler over any GenerationEngine."""
 
-    def __init__(self, engine: GenerationEngine, settings: GenerationSettings) -> None:
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        settings: GenerationSettings,
+        formatters: CustomFormatters | None = None,
+    ) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.settings = settings
+        self.formatters = formatters or CustomFormatters()
+        """model.py's @input_formatter/@output_formatter, applied to every request and response."""
         self.scheduler = RollingScheduler(
             engine, engine.capacity, settings.max_prefill_tokens, settings.timeout_s
         )
@@ -86,7 +104,7 @@ class GenerationHandler:
     def submit(self, request: msg.InferRequest) -> list[AnyReply]:
         api = request.api
         try:
-            bodies, listed = self._split(api, _body(request))
+            bodies, listed = self._split(api, self._decode(request))
             prepared = [self._prepare(api, body, request.request_id) for body in bodies]
             if listed and any(w.content_type() != "application/json" for _, w, _ in prepared):
                 raise RequestError(
@@ -95,6 +113,8 @@ class GenerationHandler:
                 )
         except RequestError as exc:
             return [error_reply(request.request_id, api, 400, str(exc))]
+        except CustomFormatterError as exc:
+            return [error_reply(request.request_id, api, exc.status_code, str(exc))]
         except Exception as exc:  # e.g. a chat template rejecting the messages: answer, keep serving
             log.exception("Cannot prepare request %s", request.request_id)
             return [error_reply(request.request_id, api, 400, f"Cannot prepare the request: {exc}")]
@@ -111,6 +131,13 @@ class GenerationHandler:
             job.running.add(generation.request_id)
         self.jobs[request.request_id] = job
         return []
+
+    def _decode(self, request: msg.InferRequest) -> dict:
+        """The body as a dict: what the custom input formatter makes of the request, else its JSON."""
+        if self.formatters.input_formatter is None:
+            return _body(request)
+        body = self.formatters.format_input(_as_input(request), tokenizer=self.tokenizer)
+        return formats.decode_body(body or {})
 
     @staticmethod
     def _split(api: Api, body: dict) -> tuple[list[dict], bool]:
@@ -254,6 +281,7 @@ class GenerationHandler:
         data = writer.on_event(event)
         replies: list[AnyReply] = []
         if job.stream:
+            data = self.formatters.format_chunk(data, writer.content_type())  # may raise: before the head
             if not job.started:
                 job.started = True
                 replies.append(StreamStart(request_id, 200, {"Content-Type": writer.content_type()}))
@@ -267,14 +295,21 @@ class GenerationHandler:
         return replies
 
     def _finish(self, request_id: str, job: Job) -> list[AnyReply]:
+        try:
+            tails = [self.formatters.format_chunk(w.finish(), w.content_type()) for w in job.writers]
+        except CustomFormatterError as exc:  # the writers are closed: answer the error directly
+            self._drop(request_id)
+            if job.started:
+                return [StreamEnd(request_id, str(exc))]
+            return [error_reply(request_id, job.api, exc.status_code, str(exc))]
         del self.jobs[request_id]
-        tails = [writer.finish() for writer in job.writers]
         if job.stream:
             return ([StreamChunk(request_id, tails[0])] if tails[0] else []) + [StreamEnd(request_id)]
         headers = {"Content-Type": job.writers[0].content_type()}
         if not job.listed:
             return [Reply(request_id, 200, headers, tails[0])]
-        body = b"[" + b",".join(tails) + b"]"  # each prompt's JSON body (submit checked), in prompt order
+        # each prompt's JSON body (submit checked), in prompt order
+        body = b"[" + b",".join(tail or b"null" for tail in tails) + b"]"
         return [Reply(request_id, 200, headers, body)]
 
     def _end_with_error(self, request_id: str, job: Job, message: str) -> list[AnyReply]:

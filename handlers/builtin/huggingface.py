@@ -15,6 +15,8 @@ from typing import Any
 from engines import create_engine, create_generation_engine
 from engines.base import Engine, EngineConfig, RequestError, TaskRequest
 from engines.hf.loading import detect_task
+from handlers.builtin.custom_formatters import CustomFormatterError, CustomFormatters
+from handlers.builtin.formats.errors import RequestError as FormatRequestError
 from handlers.builtin.generation import GenerationHandler, GenerationSettings
 from handlers.djl_api import Input, Output
 from handlers.replies import Reply
@@ -102,6 +104,11 @@ def parse_request(item: Input) -> tuple[TaskRequest, bool]:
         body = json.loads(text) if text.strip() else None
     except ValueError as exc:
         raise RequestError(f"Malformed JSON body: {exc}") from None
+    return parse_body(body)
+
+
+def parse_body(body: Any) -> tuple[TaskRequest, bool]:
+    """A decoded LMI body (from the client, or from a custom input formatter) as an engine request."""
     if isinstance(body, str):
         return TaskRequest([body], {}), False
     if not isinstance(body, dict) or "inputs" not in body:
@@ -128,21 +135,35 @@ def bad_request(message: str) -> Output:
 class HuggingFaceHandler:
     """Runs one engine; serves a whole dynamic batch with one engine call where possible."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, formatters: CustomFormatters | None = None) -> None:
         self.engine = engine
+        self.formatters = formatters or CustomFormatters()
+        """model.py's @input_formatter/@output_formatter, applied to every request and response."""
 
     def handle_batch(self, inputs: list[Input]) -> list[Output]:
         outputs: list[Output | None] = [None] * len(inputs)
         parsed: list[tuple[int, TaskRequest, bool]] = []
         for index, item in enumerate(inputs):
             try:
-                request, is_list = parse_request(item)
+                request, is_list = self._parse(item)
                 parsed.append((index, request, is_list))
-            except RequestError as exc:
+            except (RequestError, FormatRequestError) as exc:
                 outputs[index] = bad_request(str(exc))
+            except CustomFormatterError as exc:
+                outputs[index] = Output().error(str(exc), code=exc.status_code)
         for (index, _, is_list), result in zip(parsed, self._run([p[1] for p in parsed]), strict=True):
-            outputs[index] = result if isinstance(result, Output) else self._format(result, is_list)
+            outputs[index] = result if isinstance(result, Output) else self._answer(result, is_list)
         return [o if o is not None else Output(code=204, message="No content") for o in outputs]
+
+    def _parse(self, item: Input) -> tuple[TaskRequest, bool]:
+        body = self.formatters.format_input(item, tokenizer=getattr(self.engine, "tokenizer", None))
+        return parse_request(item) if body is None else parse_body(body)
+
+    def _answer(self, results: list[Any], is_list: bool) -> Output:
+        try:
+            return self._format(results, is_list)
+        except CustomFormatterError as exc:
+            return Output().error(str(exc), code=exc.status_code)
 
     def _run(self, requests: list[TaskRequest]) -> list[Any]:
         if not requests:
@@ -161,8 +182,10 @@ class HuggingFaceHandler:
     def _format(self, results: list[Any], is_list: bool) -> Output:
         task = self.engine.task
         value: Any = results if is_list or task == "feature-extraction" else results[0]
-        # Compact JSON through the C encoder: DJL's indented add_as_json is ~10x slower on vectors.
-        body = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        if self.formatters.output_formatter is not None:
+            body: str | bytes = self.formatters.format_output(value)
+        else:  # Compact JSON through the C encoder: DJL's indented add_as_json is ~10x slower on vectors.
+            body = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         return Output().add(body).add_property("Content-Type", "application/json")
 
 
@@ -218,13 +241,15 @@ def create_handler(
     from serving.options import settings_from_properties
 
     settings = settings_from_properties(properties) if settings is None else settings
+    formatters = CustomFormatters.load(properties.get("model_dir"))  # before the weights: fail fast
     config = engine_config(properties, settings)
     task = detect_task(config)
     if task not in GENERATION_TASKS:
-        return HuggingFaceHandler(create_engine("hf", config))
+        return HuggingFaceHandler(create_engine("hf", config), formatters)
     name, config = choose_generation_engine(settings, dataclasses.replace(config, task=task), task)
     log.info("Text generation on the %r engine", name)
-    return GenerationHandler(create_generation_engine(name, config), generation_settings(settings))
+    engine = create_generation_engine(name, config)
+    return GenerationHandler(engine, generation_settings(settings), formatters)
 
 
 _handler: GenerationHandler | HuggingFaceHandler | None = None

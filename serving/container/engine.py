@@ -48,6 +48,7 @@ def start_podman_service(socket: Path, wait_s: float = 30.0) -> None:
     env = dict(os.environ)
     if "CONTAINERS_CONF" not in env and PODMAN_CONF.is_file():
         env["CONTAINERS_CONF"] = str(PODMAN_CONF)
+    env.setdefault("BUILDAH_FORMAT", "docker")  # OCI image configs drop HEALTHCHECK; Docker's keep it
     socket.unlink(missing_ok=True)
     log_file = open(socket.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child for its life
     subprocess.Popen(
