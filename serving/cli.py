@@ -36,7 +36,12 @@ def _serve(model_dir: str | None, host: str, port: int) -> int:
     return Server(config).run()
 
 
-COMMAND_MODULES = ("serving.bench.cli",)
+COMMAND_MODULES = (
+    "serving.bench.cli",
+    "serving.container.cli",
+    "serving.deploy.cli",
+    "serving.deploy.invoke_cli",
+)
 """Modules adding one subcommand each: ``add_parser(subparsers)`` sets ``run`` (args -> exit code)."""
 
 
