@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from handlers.codecs import (
@@ -41,6 +41,7 @@ class PairList(Generic[V]):
         keys: list[str] | None = None,
         values: list[V] | None = None,
         pair_list: Iterable[tuple[str, V]] | None = None,
+        pair_map: Mapping[str, V] | None = None,
     ) -> None:
         keys, values = keys or [], values or []
         if len(keys) != len(values):
@@ -48,10 +49,39 @@ class PairList(Generic[V]):
         self._pairs: list[tuple[str, V]] = list(zip(keys, values, strict=True))
         if pair_list is not None:
             self._pairs.extend(pair_list)
+        if pair_map is not None:
+            self._pairs.extend(pair_map.items())
 
-    def add(self, key: str, value: V) -> None:
-        """Append a pair; an existing pair with the same key is kept."""
-        self._pairs.append((key, value))
+    def add(
+        self,
+        key: str | None = None,
+        value: V | None = None,
+        pair: tuple[str, V] | None = None,
+        index: int | None = None,
+    ) -> None:
+        """Append a pair (or insert it at ``index``), given as key and value or as ``pair`` (DJL's
+        signature); an existing pair with the same key is kept."""
+        if pair is not None:
+            key, value = pair
+        if key is None:
+            raise ValueError("PairList.add needs a key, or a (key, value) pair")
+        if index is None:
+            self._pairs.append((key, value))
+        else:
+            self._pairs.insert(index, (key, value))
+
+    def add_all(self, pairs: Iterable[tuple[str, V]]) -> None:
+        for pair in pairs:
+            self.add(pair=pair)
+
+    @property
+    def keys(self) -> list[str]:
+        """DJL exposes ``keys``/``values`` as lists; these are copies."""
+        return self.get_keys()
+
+    @property
+    def values(self) -> list[V]:
+        return self.get_values()
 
     def get(self, key: str) -> V | None:
         """Return the value of the first pair named `key`, or None."""

@@ -357,3 +357,17 @@ def test_djl_python_imports():
     assert DjlInput is ShimInput is Input
     assert DjlOutput is ShimOutput is Output
     assert DjlPairList is PairList
+
+
+def test_pair_list_takes_djl_constructor_and_add_forms():
+    from djl_python import PairList
+
+    pairs = PairList(pair_map={"a": 1, "b": 2})
+    pairs.add(pair=("c", 3))
+    pairs.add("z", 0, index=0)
+    pairs.add_all([("d", 4), ("a", 5)])
+    assert pairs.keys == ["z", "a", "b", "c", "d", "a"]
+    assert pairs.values == [0, 1, 2, 3, 4, 5]
+    assert pairs.get("a") == 1  # the first of a repeated key
+    with pytest.raises(ValueError, match="needs a key"):
+        pairs.add(value=9)
