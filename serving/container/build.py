@@ -75,6 +75,7 @@ def build_image(client: docker.DockerClient, tag: str, flavor: str = "cpu", base
         base = make_base(root)
     if flavor == "cpu":
         fetch_wheels(root, flavor)
+    previous = _image_id(client, tag)
     started = time.perf_counter()
     args = {"BASE": base} if base else {}
     stream = client.api.build(path=str(root), dockerfile=FLAVORS[flavor][0], tag=tag, buildargs=args, rm=True,
@@ -86,4 +87,17 @@ def build_image(client: docker.DockerClient, tag: str, flavor: str = "cpu", base
         if text:
             log.info("%s", text)
     image = client.images.get(tag)
-    return Built(tag, image.id, time.perf_counter() - started, int(image.attrs.get("Size", 0)))
+    seconds = time.perf_counter() - started
+    if previous and previous != image.id:  # the tag moved: drop the untagged old image (GBs each)
+        try:
+            client.images.remove(previous)
+        except docker.errors.APIError as exc:
+            log.info("Kept the previous %s image %s: %s", tag, previous[:19], exc.explanation or exc)
+    return Built(tag, image.id, seconds, int(image.attrs.get("Size", 0)))
+
+
+def _image_id(client: docker.DockerClient, tag: str) -> str | None:
+    try:
+        return client.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        return None

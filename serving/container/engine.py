@@ -51,7 +51,7 @@ def start_podman_service(socket: Path, wait_s: float = 30.0) -> None:
     env.setdefault("BUILDAH_FORMAT", "docker")  # OCI image configs drop HEALTHCHECK; Docker's keep it
     socket.unlink(missing_ok=True)
     log_file = open(socket.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child for its life
-    subprocess.Popen(
+    STARTED[str(socket)] = subprocess.Popen(
         ["podman", "system", "service", "--time=0", f"unix://{socket}"],
         env=env,
         stdout=log_file,
@@ -65,6 +65,22 @@ def start_podman_service(socket: Path, wait_s: float = 30.0) -> None:
         time.sleep(0.2)
     raise ContainerError(f"podman system service did not answer on {socket} within {wait_s:g} s; see "
                          f"{socket.with_suffix('.log')}")  # fmt: skip
+
+
+STARTED: dict[str, subprocess.Popen] = {}
+"""podman services this process started (socket -> process): tests stop theirs with stop_started()."""
+
+
+def stop_started() -> None:
+    """Stop the podman API services this process started (a CLI call leaves its own running on
+    purpose: a detached container is managed by later calls)."""
+    while STARTED:
+        _, process = STARTED.popitem()
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def connect() -> docker.DockerClient:

@@ -17,7 +17,7 @@ from support import free_port
 
 from serving.container import run
 from serving.container.build import build_image, make_base, source_root
-from serving.container.engine import connect
+from serving.container.engine import connect, stop_started
 from serving.container.smoke import run_checks
 
 pytestmark = pytest.mark.timeout(1500)
@@ -27,7 +27,8 @@ TAG = "localhost/lmi-serving:cpu-test"
 @pytest.fixture(scope="module")
 def client():
     make_base(source_root())  # installs podman, runc and debootstrap when missing
-    return connect()
+    yield connect()
+    stop_started()
 
 
 @pytest.fixture(scope="module")
