@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         log.error("Model load failed:\n%s", traceback.format_exc())
         sock.send_multipart([msg.LOAD_FAILED, f"{type(exc).__name__}: {exc}".encode()])
         sock.close()
-        sys.exit(3)
+        sys.exit(msg.LOAD_FAILED_EXIT_CODE)
     generation = service.generation_handler
     # The broker holds what waits beyond this (job_queue_size) and sends a request when there is room.
     capacity = generation.engine.capacity if generation is not None else 0

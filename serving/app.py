@@ -78,13 +78,14 @@ def client_request_id() -> str:
     return g.request_id
 
 
-def build_request(api: Api = Api.LMI) -> msg.InferRequest:
+def build_request(api: Api = Api.LMI, model: str | None = None) -> msg.InferRequest:
     g.api = api  # before the body is read: a 413 from reading it answers in this dialect
     body = request.get_data(cache=False)
     check_json(body)
     content = [(key, value.encode()) for key, value in request.args.items(multi=True)]
     content.append(("data", body))
-    return msg.InferRequest(uuid.uuid4().hex, request_properties(client_request_id()), content, api)
+    properties = request_properties(client_request_id())
+    return msg.InferRequest(uuid.uuid4().hex, properties, content, api, model=model)
 
 
 def head_response(head: msg.InferResponse, body: bytes | Iterator[bytes]) -> Response:
@@ -154,38 +155,48 @@ def stream_body(
 
 
 def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
+    from serving.model_routes import loaded_model_names, register_model_routes  # they use this module
+
     app = Flask("lmi-serving")
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_size
 
     @app.get("/ping")
     def ping() -> Response:
+        """Every model's status; only the start-up model's decides the code (a model loaded through
+        /models got its answer from the load request, and must not fail the whole endpoint)."""
         health = client.status()
         models = health["models"]
-        worst = next((s["status"] for s in models.values() if s["status"] != "Healthy"), "Healthy")
+        counted = [models[name] for name in health.get("startup", models) if name in models]
+        worst = next((s["status"] for s in counted if s["status"] != "Healthy"), "Healthy")
         return json_response(models, PING_STATUS.get(worst, 503))
 
     @app.post("/invocations")
     def invocations() -> Response:
         name = request.args.get("model_name")
-        if name and name != config.model_name:
+        if name and name != config.model_name and not config.dynamic_models:
             raise NotFound(f"Model {name!r} is not served here; this server serves {config.model_name!r}.")
-        return relay(client, build_request())
+        return relay(client, build_request(model=name))
 
     for path, api in ROUTE_APIS.items():
         app.add_url_rule(path, api.value, lambda api=api: relay(client, build_request(api)), methods=["POST"])
 
     @app.get("/v1/models")
     def openai_models() -> Response:
-        model = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "lmi-serving"}
-        return json_response({"object": "list", "data": [model]}, 200)
+        names = loaded_model_names(client) if config.dynamic_models else [config.model_name]
+        models = [{"id": name, "object": "model", "created": 0, "owned_by": "lmi-serving"} for name in names]
+        return json_response({"object": "list", "data": models}, 200)
 
     @app.post("/predictions/<model>")
     @app.post("/predictions/<model>/<version>")
     @app.post("/models/<model>/invoke")
     def predictions(model: str, version: str | None = None) -> Response:
-        if model != config.model_name:
+        """SageMaker's X-Amzn-SageMaker-Target-Model header reaches the handler as a property."""
+        if model != config.model_name and not config.dynamic_models:
             raise NotFound(f"Model {model!r} not found. Served models: [{config.model_name!r}].")
-        return relay(client, build_request())
+        return relay(client, build_request(model=model))
+
+    if config.dynamic_models:
+        register_model_routes(app, client, config)
 
     @app.errorhandler(ServingError)
     def on_serving_error(error: ServingError) -> Response:
@@ -194,9 +205,10 @@ def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
 
     @app.errorhandler(HTTPException)
     def on_http_error(error: HTTPException) -> Response:
+        served = "{model}" if config.dynamic_models else config.model_name
         hints = {
             404: f"Unknown route {request.path!r}. Routes: GET /ping, POST /invocations, "
-            f"POST /predictions/{config.model_name}.",
+            f"POST /predictions/{served}.",
             405: f"Method {request.method} is not allowed on {request.path}.",
             413: f"Request body exceeds max_request_size={config.max_request_size} bytes. Fix: send a "
             "smaller body or raise max_request_size (SAGEMAKER_MAX_PAYLOAD_IN_MB).",

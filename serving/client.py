@@ -72,6 +72,21 @@ class BrokerClient:
     def cancel(self, request_id: str) -> None:
         self._socket().send_multipart([msg.CANCEL, request_id.encode()])
 
+    def manage(self, command: dict, timeout_s: float) -> dict:
+        """Run a management command on the broker (serving.management); its reply holds ``code`` and
+        either ``body`` or an error's ``type`` and ``message``. A load waits for the model's workers."""
+        key = ("manage-" + uuid.uuid4().hex).encode()
+        queue = self._exchange([msg.MANAGE, key, json.dumps(command).encode()], key)
+        try:
+            _, payload = queue.get(timeout=timeout_s)
+        except Empty:
+            raise ServingError(
+                f"The model broker did not finish {command['op']!r} in {timeout_s:g} s.", 504
+            ) from None
+        finally:
+            self._waiting.pop(key, None)
+        return json.loads(payload)
+
     def status(self, timeout_s: float = 1.5) -> dict:
         key = ("status-" + uuid.uuid4().hex).encode()
         queue = self._exchange([msg.STATUS, key], key)

@@ -34,6 +34,10 @@ SERVER_FIELDS = {
     "rolling_batch": "option.rolling_batch",
     "fail_fast": "fail_fast",
     "safe_port_range": "sagemaker_safe_port_range",
+    "multi_model": "sagemaker_multi_model",
+    "enable_management_api": "enable_management_api",
+    "management_address": "management_address",
+    "memory_budget_mb": "memory_budget_mb",
 }
 """ServingConfig field → the declared key (serving/options.py) it comes from."""
 
@@ -66,6 +70,10 @@ class ServingConfig:
     rolling_batch: str = _default("rolling_batch")
     fail_fast: bool = _default("fail_fast")
     safe_port_range: tuple[int, int] | None = None
+    multi_model: bool = _default("multi_model")
+    enable_management_api: bool = _default("enable_management_api")
+    management_address: str = _default("management_address")
+    memory_budget_mb: int | None = None
     options: dict[str, str] = field(default_factory=dict)
     """option.* keys without the prefix, handed to the handler on initialisation."""
     model_properties: dict[str, str] = field(default_factory=dict)
@@ -77,6 +85,27 @@ class ServingConfig:
     @property
     def num_workers(self) -> int:
         return max(self.min_workers, 1)
+
+    @property
+    def dynamic_models(self) -> bool:
+        """Whether models can be loaded and unloaded at run time (routing then asks the broker)."""
+        return self.multi_model or self.enable_management_api
+
+    @property
+    def inference_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def management_port(self) -> int | None:
+        """The port the management API listens on; None when it is disabled."""
+        if not self.enable_management_api:
+            return None
+        return int(self.management_address.rsplit(":", 1)[1])
+
+    @property
+    def serves_startup_model(self) -> bool:
+        """A multi-model endpoint starts empty unless it was given a model folder or option.model_id."""
+        return not self.multi_model or bool(self.model_dir or self.settings.get("model_id"))
 
     def worker_env(self) -> dict[str, str]:
         """option.env=K=V,K2=V2: extra environment for the model worker processes."""
@@ -119,23 +148,33 @@ def _validate(settings: dict[str, Any]) -> None:
         )
 
 
+ENV_SERVER_KEYS = {
+    "SAGEMAKER_SAFE_PORT_RANGE": "sagemaker_safe_port_range",
+    "SAGEMAKER_MULTI_MODEL": "sagemaker_multi_model",
+}
+"""SageMaker variables that set a server key where the properties are silent."""
+
+
 def load_config(
     model_dir: str | None,
     environ: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
     port: int | None = None,
+    overrides: Mapping[str, str] | None = None,
 ) -> ServingConfig:
-    """Merge serving.properties and environment into one validated ServingConfig."""
+    """Merge serving.properties and environment into one validated ServingConfig.
+
+    ``overrides`` (keys as in serving.properties) win over both: the parameters of a management-API
+    load request, as in DJL."""
     environ = dict(os.environ if environ is None else environ)
     if model_dir is not None and not os.path.isdir(model_dir):
         raise ConfigError(f"Model directory {model_dir!r} does not exist. Fix: pass an existing folder.")
     props = load_properties(model_dir, environ)
-    if "SAGEMAKER_SAFE_PORT_RANGE" in environ:
-        props.set_default(
-            "sagemaker_safe_port_range",
-            environ["SAGEMAKER_SAFE_PORT_RANGE"],
-            "environment variable SAGEMAKER_SAFE_PORT_RANGE",
-        )
+    for variable, key in ENV_SERVER_KEYS.items():
+        if variable in environ:
+            props.set_default(key, environ[variable], f"environment variable {variable}")
+    for key, value in (overrides or {}).items():
+        props.force(key, value, "the load request's parameters")
     _warn_unknown(props)
     settings = parse_settings(props.values, {key: props.source(key) for key in props.values})
     if settings["maxWorkers"] is None:

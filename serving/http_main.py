@@ -28,8 +28,11 @@ class HttpServer(BaseApplication):
 
     def load_config(self) -> None:
         cfg = self.config_obj
+        binds = [cfg.inference_address]
+        if cfg.enable_management_api and cfg.management_address != cfg.inference_address:
+            binds.append(cfg.management_address)  # its own listener: 127.0.0.1 unless configured
         settings = {
-            "bind": f"{cfg.host}:{cfg.port}",
+            "bind": binds,
             "workers": cfg.http_workers,
             # gevent: a queued request or a long stream costs a greenlet, not a thread, so the
             # broker's job_queue_size is the only queue bound and /ping is always served.

@@ -17,6 +17,7 @@ REQ = b"req"  # front → broker → worker: an InferRequest (worker receives a 
 BATCH = b"batch"
 CANCEL = b"cancel"  # front → broker → worker: request id
 STATUS = b"status"  # front ↔ broker: health snapshot as JSON
+MANAGE = b"manage"  # front ↔ broker: key, a management command as JSON; the reply (serving.management)
 RESP = b"resp"  # worker → broker → front: request id, a complete InferResponse
 START = b"start"  # streaming head: request id, InferResponse with an empty body
 CHUNK = b"chunk"  # streaming body part: request id, bytes
@@ -27,6 +28,9 @@ LOAD_FAILED = b"loadfail"  # worker → broker: model failed to load, with the r
 DONE = b"done"  # worker → broker: the current batch is finished, worker is idle
 
 TERMINAL = (RESP, END, ERR)
+
+LOAD_FAILED_EXIT_CODE = 3
+"""A worker exits with this code after sending LOAD_FAILED with its reason."""
 
 
 @dataclass
@@ -41,6 +45,8 @@ class InferRequest:
     deadline: float | None = None
     """time.monotonic() (one clock for every process of the host) after which the broker has already
     answered 504: set by the broker, so a worker that queues the request does not wait longer."""
+    model: str | None = None
+    """The model it names (path or ``model_name``); None: the default model (serving.registry)."""
 
 
 @dataclass

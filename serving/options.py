@@ -114,6 +114,14 @@ def _port_range(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def _address(text: str) -> str:
+    """``http://host:port`` or ``host:port`` (as DJL's management_address) → ``host:port``."""
+    match = re.fullmatch(r"(?:http://)?(\[[0-9a-fA-F:.]+\]|[\w.-]+):(\d{1,5})/?", text)
+    if not match or not 0 < int(match[2]) < 65536:
+        raise ValueError
+    return f"{match[1]}:{match[2]}"
+
+
 def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.lower()):
         raise ValueError
@@ -169,6 +177,26 @@ _SERVER = [
     OptionSpec("log_level", str, "info",
                doc="Log level (`SERVING_LOG_LEVEL`).",
                choices=LOG_LEVEL_CHOICES),
+    OptionSpec("sagemaker_multi_model", bool, False,
+               doc="Set from `SAGEMAKER_MULTI_MODEL`: serve SageMaker's multi-model API (`/models`) on the "
+                   "inference port; no model loads at start-up unless a folder or `option.model_id` is "
+                   "given."),
+    OptionSpec("enable_management_api", bool, False,
+               doc="Serve DJL's management API (load, list, describe, scale, unload models) on "
+                   "`management_address`."),
+    OptionSpec("management_address", str, "127.0.0.1:8081",
+               doc="Where the management API listens (`http://host:port` or `host:port`); the inference "
+                   "listener itself when equal to it.",
+               parse=_address, expected="host:port or http://host:port (no TLS)",
+               shown_default="`http://127.0.0.1:8081`"),
+    OptionSpec("memory_budget_mb", int, None,
+               doc="Memory the models loaded through `/models` may reserve together (start-up model "
+                   "included); a load beyond it → 507 naming the numbers.",
+               shown_default="memory available at start-up"),
+    OptionSpec("required_memory_mb", int, None,
+               doc="Memory one worker of this model needs, reserved against `memory_budget_mb` before it "
+                   "loads.",
+               shown_default="1.2 × the model folder's size"),
 ]  # fmt: skip
 
 _MODEL = [
@@ -273,10 +301,10 @@ OPTIONS: dict[str, OptionSpec] = {spec.key: spec for spec in _SERVER + _MODEL}
 """Every declared key, server keys first."""
 
 COMPAT_KEYS = frozenset(
-    {"load_on_devices", "max_idle_time", "gpu.minWorkers", "gpu.maxWorkers", "required_memory_mb",
-     "reserved_memory_mb", "gpu.required_memory_mb", "gpu.reserved_memory_mb", "log_request_metric",
-     "metrics_aggregation", "metric_dimension", "translatorFactory", "health_check_override", "prometheus",
-     "features", "option.tensor_parallel_degree", "option.pipeline_parallel_degree", "option.device_map",
+    {"load_on_devices", "max_idle_time", "gpu.minWorkers", "gpu.maxWorkers", "reserved_memory_mb",
+     "gpu.required_memory_mb", "gpu.reserved_memory_mb", "log_request_metric", "metrics_aggregation",
+     "metric_dimension", "translatorFactory", "health_check_override", "prometheus", "features",
+     "option.tensor_parallel_degree", "option.pipeline_parallel_degree", "option.device_map",
      "option.quantize", "option.enable_streaming", "option.pythonExecutable", "option.parallel_loading",
      "option.mpi_mode", "option.async_mode", "option.low_cpu_mem_usage", "option.normalize",
      "option.max_num_seqs", "option.chat_template",

@@ -18,7 +18,8 @@ import time
 from serving.broker import Broker
 from serving.config import ServingConfig
 from serving.http_main import DRAIN_TIMEOUT_S
-from serving.workers import die_with_parent
+from serving.registry import ModelRegistry
+from serving.workers import die_with_parent, write_worker_spec
 
 log = logging.getLogger("serving.server")
 
@@ -26,22 +27,12 @@ FAIL_FAST_EXIT_CODE = 137
 
 
 def write_runtime_files(config: ServingConfig, runtime_dir: str) -> str:
-    """Persist the frozen config for the child processes; returns the worker spec path.
-
-    The worker spec carries the handler's init properties (strings, as DJL gives them) and, under
-    "options", every declared key's typed value (serving/options.py), so the worker need not parse them."""
+    """Persist the frozen config for the HTTP front and the start-up model's worker spec
+    (serving.workers.write_worker_spec); returns the spec's path."""
     with open(os.path.join(runtime_dir, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(dataclasses.asdict(config), fh)
     spec_path = os.path.join(runtime_dir, "worker.json")
-    spec = {
-        "model_dir": config.model_dir,
-        "model_name": config.model_name,
-        "properties": config.handler_properties(),
-        "options": config.settings,
-        "log_level": logging.getLevelName(logging.getLogger().level),
-    }
-    with open(spec_path, "w", encoding="utf-8") as fh:
-        json.dump(spec, fh)
+    write_worker_spec(config, spec_path)
     return spec_path
 
 
@@ -53,8 +44,14 @@ class Server:
         self.runtime_dir = tempfile.mkdtemp(prefix="lmi-")
         os.chmod(self.runtime_dir, 0o700)
         spec_path = write_runtime_files(config, self.runtime_dir)
+        self.registry = ModelRegistry(config, self.runtime_dir, os.environ)
+        if config.serves_startup_model:
+            self.registry.add_startup(config, spec_path)
         self.broker = Broker(
-            config, f"ipc://{self.runtime_dir}/front.sock", f"ipc://{self.runtime_dir}/back.sock", spec_path
+            config,
+            f"ipc://{self.runtime_dir}/front.sock",
+            f"ipc://{self.runtime_dir}/back.sock",
+            self.registry,
         )
         self.http: subprocess.Popen | None = None
         self._stopping = threading.Event()
@@ -73,7 +70,7 @@ class Server:
             [sys.executable, "-m", "serving.http_main", self.runtime_dir],
             preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
         )
-        log.info("Serving %r on http://%s:%d", self.config.model_name, self.config.host, self.config.port)
+        self._log_addresses()
         code = 0
         while not self._stopping.is_set():
             if self.http.poll() is not None:
@@ -86,6 +83,18 @@ class Server:
                 break
             self._stopping.wait(0.2)
         return code
+
+    def _log_addresses(self) -> None:
+        cfg = self.config
+        if cfg.serves_startup_model:
+            log.info("Serving %r on http://%s", cfg.model_name, cfg.inference_address)
+        else:
+            log.info("Serving a multi-model endpoint (no model yet) on http://%s", cfg.inference_address)
+        if cfg.enable_management_api:
+            log.info("Management API on http://%s", cfg.management_address)
+        if cfg.dynamic_models:
+            source = "memory_budget_mb" if cfg.memory_budget_mb else "memory available at start-up"
+            log.info("Models may reserve %d MB (%s)", self.registry.ledger.budget_mb, source)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("Received signal %d: draining in-flight requests (up to %d s)", signum, DRAIN_TIMEOUT_S)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serving.config import ServingConfig
 
 log = logging.getLogger("serving.workers")
 
@@ -43,10 +49,14 @@ class WorkerSlot:
     """Sequences a rolling-batch worker runs at once; 0 for a dynamic-batching worker (one batch)."""
     loaded: bool = False
     """Whether this replica has finished loading at least once."""
+    prefix: str = ""
+    """Makes identities unique across models: empty for the start-up model, ``<name>.<n>.`` otherwise."""
+    stopping_since: float | None = None
+    """When it was asked to exit (``terminate``): the broker kills it after a grace period."""
 
     @property
     def identity(self) -> bytes:
-        return f"w{self.index}.{self.generation}".encode()
+        return f"{self.prefix}w{self.index}.{self.generation}".encode()
 
     @property
     def pid(self) -> int | None:
@@ -74,12 +84,24 @@ class WorkerSlot:
         env["LMI_WORKER_INDEX"] = str(self.index)
         self.process = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
         self.state, self.started_at = STARTING, time.monotonic()
-        self.batch, self.overdue_since, self.rolling_capacity = {}, None, 0
+        self.batch, self.overdue_since, self.rolling_capacity, self.stopping_since = {}, None, 0, None
         log.info("Started model worker %d (pid %d)", self.index, self.process.pid)
 
     def exit_code(self) -> int | None:
         """None while running (or never started)."""
         return None if self.process is None else self.process.poll()
+
+    def has_exited(self) -> bool:
+        return self.process is None or self.process.poll() is not None
+
+    def terminate(self) -> None:
+        """Ask it to exit without waiting (the broker thread must not block); see ``stopping_since``."""
+        if self.stopping_since is None and not self.has_exited():
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # it exited between the check and the signal
+        self.stopping_since = self.stopping_since or time.monotonic()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -87,14 +109,32 @@ class WorkerSlot:
             self.process.wait(timeout=10)
         self.state = DEAD
 
-    def stop(self, timeout_s: float) -> None:
-        """Ask politely, then kill: the worker may be inside a long forward pass."""
-        if self.process is None or self.process.poll() is not None:
-            self.state = DEAD
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self.state = DEAD
+
+def stop_all(slots: Iterable[WorkerSlot], timeout_s: float) -> None:
+    """SIGTERM every worker at once, then wait for them together: shutdown takes one grace period,
+    not one per worker."""
+    slots = list(slots)
+    for slot in slots:
+        slot.terminate()
+    deadline = time.monotonic() + timeout_s
+    for slot in slots:
+        if slot.process is not None:
+            try:
+                slot.process.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                slot.kill()
+        slot.state = DEAD
+
+
+def write_worker_spec(config: ServingConfig, path: str) -> None:
+    """What a model worker reads at start: the handler's init properties (strings, as DJL gives them)
+    and, under "options", every declared key's typed value (serving/options.py)."""
+    spec = {
+        "model_dir": config.model_dir,
+        "model_name": config.model_name,
+        "properties": config.handler_properties(),
+        "options": config.settings,
+        "log_level": logging.getLevelName(logging.getLogger().level),
+    }
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(spec, fh)

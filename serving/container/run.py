@@ -61,7 +61,9 @@ def start(
     model_dir: str | None = None,
     env: dict[str, str] | None = None,
     name: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Container:
+    """Started detached with LABEL (plus ``labels``, by which a caller finds its own containers later)."""
     volumes = {}
     if model_dir:
         volumes[str(model_folder(model_dir))] = {"bind": "/opt/ml/model", "mode": "ro"}
@@ -74,7 +76,7 @@ def start(
             volumes=volumes,
             environment=env or {},
             name=name,
-            labels={LABEL: "1"},
+            labels={LABEL: "1", **(labels or {})},
         )
     except docker.errors.ImageNotFound:
         raise ContainerError(

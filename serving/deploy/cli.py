@@ -1,8 +1,8 @@
 """``lmi deploy --spec deploy.yaml``: create, update (``--dry-run`` to preview) or ``--delete`` an endpoint.
 
-Imported by ``lmi`` itself on every start, so boto3 and yaml are imported inside ``run``. The spec is
-parsed once (serving/deploy/spec.py) and handed to the target: SageMaker through boto3. A local
-target (running ``spec.containers()`` on the local container engine) plugs in at ``_target``.
+Imported by ``lmi`` itself on every start, so boto3, yaml and docker are imported inside ``run``. The
+spec is parsed once (serving/deploy/spec.py) and handed to the target that ``_target`` picks: SageMaker
+through boto3, or with ``--local`` the local container engine (serving/deploy/local.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ DESCRIPTION = (
     "creates nothing; a changed spec creates new versions, switches the endpoint to them and removes "
     "the old ones. Credentials, region and endpoint URL come from the usual AWS settings (AWS_PROFILE, "
     "AWS_REGION, AWS_ENDPOINT_URL ...); the spec's region wins. Exit codes: 0 done, 1 a SageMaker call "
-    "or wait failed (the failure reason is printed), 2 the spec is invalid (every bad field is named)."
+    "or wait failed (the failure reason is printed), 2 the spec is invalid (every bad field is named). "
+    "--local runs the same containers on this machine's Docker or podman instead, as SageMaker starts "
+    "them: model data fetched from the spec's S3 here and mounted read-only at /opt/ml/model, the spec's "
+    "environment, one container per inference component on consecutive ports."
 )
 
 
@@ -30,10 +33,17 @@ def _positive(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535, or 0 for free ones), got {text}")
+    return port
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``deploy``; ``args.run(args)`` dispatches to ``run``."""
     parser = subparsers.add_parser(
-        "deploy", help="deploy a deploy.yaml spec to SageMaker", description=DESCRIPTION
+        "deploy", help="deploy a deploy.yaml spec to SageMaker (or --local)", description=DESCRIPTION
     )
     parser.add_argument("--spec", type=Path, required=True, help="the deploy.yaml to apply")
     action = parser.add_mutually_exclusive_group()
@@ -46,6 +56,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--wait-timeout", type=_positive, default=3600.0, help="seconds per wait (3600)")
     parser.add_argument(
         "--poll-interval", type=_positive, default=15.0, help="seconds between status checks (15)"
+    )
+    local = parser.add_argument_group("local run (--local)")
+    local.add_argument(
+        "--local", action="store_true", help="run the spec's containers on the local Docker or podman engine"
+    )
+    local.add_argument(
+        "--port", type=_port, help="host port of the first container; the next ones count up (8080; 0: free)"
+    )
+    local.add_argument(
+        "--detach", action="store_true", help="return once every /ping answers; leave the containers running"
     )
     parser.set_defaults(run=run)
     return parser
@@ -71,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for warning in spec.warnings:
         print(f"deploy: warning: {warning}", file=sys.stderr, flush=True)
+    misuse = _local_misuse(args)
+    if misuse:
+        _error(misuse)
+        return 2
     if args.dry_run:
         from dataclasses import asdict
 
@@ -81,8 +105,19 @@ def run(args: argparse.Namespace) -> int:
     return _target(spec, args)
 
 
+def _local_misuse(args: argparse.Namespace) -> str | None:
+    """Why the --local flags do not fit together; None when they do."""
+    if not args.local and (args.port is not None or args.detach):
+        return "--port and --detach apply to --local runs only: add --local"
+    if args.local and args.dry_run:
+        return "--dry-run previews SageMaker requests; --local sends none: drop one of them"
+    return None
+
+
 def _target(spec: Any, args: argparse.Namespace) -> int:
-    """Apply or delete on SageMaker; the one place a local target would be chosen instead."""
+    """Apply or delete on SageMaker, or with --local on the local container engine."""
+    if args.local:
+        return _local(spec, args)
     from botocore.exceptions import BotoCoreError
 
     from serving.deploy.apply import apply
@@ -99,6 +134,38 @@ def _target(spec: Any, args: argparse.Namespace) -> int:
         _error(f"{type(exc).__name__}: {exc}")
         return 1
     return 0
+
+
+def _local(spec: Any, args: argparse.Namespace) -> int:
+    """0 running (or deleted; in the foreground: stopped cleanly); 1 a fetch or container failed; 2 bad
+    --port."""
+    from botocore.exceptions import BotoCoreError
+
+    from serving.artifacts import ArtifactError
+    from serving.container.engine import ContainerError, connect
+    from serving.deploy import local
+
+    try:
+        planned = local.plan(spec, 8080 if args.port is None else args.port)
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    try:
+        client = connect()
+        if args.delete:
+            local.delete(client, spec.endpoint, say)
+            return 0
+        planned = local.fetch_models(planned, args.wait_timeout, say)
+        running = local.up(client, planned, args.wait_timeout, say)
+    except (ArtifactError, ContainerError) as exc:
+        _error(str(exc))
+        return 1
+    except BotoCoreError as exc:  # no credentials, an unknown profile
+        _error(f"{type(exc).__name__}: {exc}")
+        return 1
+    if args.detach:
+        return 0
+    return local.follow(running)
 
 
 def sagemaker_client(region: str | None, service: str = "sagemaker", read_timeout_s: float = 60.0) -> Any:

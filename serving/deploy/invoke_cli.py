@@ -1,6 +1,7 @@
-"""``lmi invoke``: one request to ``--url``, ``--endpoint`` or the endpoint of ``--spec deploy.yaml``.
+"""``lmi invoke``: one request to ``--url``, ``--endpoint`` or the endpoint of ``--spec deploy.yaml``
+(on SageMaker, or with ``--local`` the container ``lmi deploy --spec F --local`` started).
 
-Imported by ``lmi`` on every start, so boto3 and yaml are imported inside ``run``.
+Imported by ``lmi`` on every start, so boto3, yaml and docker are imported inside ``run``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ DESCRIPTION = (
     "Send one request and print the answer; with --stream print tokens as they arrive. Targets: a "
     "server's URL (e.g. http://127.0.0.1:8080, POSTs to /invocations unless the URL has a path), a "
     "SageMaker endpoint (invoke_endpoint / invoke_endpoint_with_response_stream), or the endpoint a "
-    "deploy.yaml describes (--component picks one of its inference components). The body is --body "
+    "deploy.yaml describes (--component picks one of its inference components; --local: the container "
+    "`lmi deploy --spec F --local` runs for it). The body is --body "
     '(JSON text, or @file) or LMI\'s {"inputs": PROMPT, "parameters": {"max_new_tokens": N}}.'
 )
 
@@ -28,6 +30,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     target.add_argument("--endpoint", help="a SageMaker endpoint name")
     target.add_argument("--spec", help="a deploy.yaml: its endpoint and region")
     parser.add_argument("--component", help="inference component (its name in the spec, or the full name)")
+    parser.add_argument(
+        "--local", action="store_true", help="with --spec: the local container `lmi deploy --local` started"
+    )
     parser.add_argument("--region", help="AWS region for --endpoint (default: the AWS settings)")
     body = parser.add_mutually_exclusive_group(required=True)
     body.add_argument("prompt", nargs="?", help="the prompt text")
@@ -63,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     except (SpecError, ValueError, OSError) as exc:
         _error(str(exc))
         return 2
+    except InvokeError as exc:  # --local: nothing runs for the spec
+        _error(str(exc))
+        return 1
     try:
         _send(args, target, body, sys.stdout)
     except InvokeError as exc:
@@ -79,12 +87,28 @@ def _target(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
         url = args.url.rstrip("/")
         has_path = "/" in url.split("://", 1)[-1]
         return (url if has_path else url + "/invocations"), None, None
+    if args.local and not args.spec:
+        raise ValueError("--local needs --spec: the deploy.yaml that `lmi deploy --local` ran")
     if args.endpoint:
         return args.endpoint, args.component, args.region
     from serving.deploy.spec import load_spec
 
     spec = load_spec(args.spec)
-    return spec.endpoint, _component(spec, args.component), args.region or spec.region
+    component = _component(spec, args.component)
+    if args.local:
+        return _local_url(spec.endpoint, component or spec.endpoint) + "/invocations", None, None
+    return spec.endpoint, component, args.region or spec.region
+
+
+def _local_url(endpoint: str, name: str) -> str:
+    from serving.container.engine import ContainerError, connect
+    from serving.deploy.invoke import InvokeError
+    from serving.deploy.local import local_url
+
+    try:
+        return local_url(connect(), endpoint, name)
+    except ContainerError as exc:
+        raise InvokeError(str(exc)) from None
 
 
 def _component(spec: Any, wanted: str | None) -> str | None:
@@ -107,7 +131,7 @@ def _send(
     from serving.deploy.invoke import endpoint_params, invoke_endpoint, invoke_url
 
     name, component, region = target
-    if args.url:
+    if args.url or args.local:
         invoke_url(name, body, args.content_type, args.accept, args.timeout, out)
         return
     params = endpoint_params(name, component, body, args.content_type, args.accept)

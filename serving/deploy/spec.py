@@ -3,8 +3,8 @@
 The spec lives in git next to the model's ``serving.properties`` and says what runs where: the
 image, the model data in S3, the environment, the instances, and optionally several inference
 components sharing one endpoint. ``lmi deploy`` turns it into SageMaker calls (serving/deploy/plan.py
-builds the requests); a local runner would start ``DeploySpec.containers()`` instead, fetching each
-``ModelData.uri`` through ``serving.artifacts.fetch``. Field-by-field reference: docs in
+builds the requests); ``lmi deploy --local`` (serving/deploy/local.py) starts ``DeploySpec.containers()``
+instead, each ``ModelData.uri`` fetched through the artifact module. Field-by-field reference: docs in
 ``properties_examples/deploy.yaml``.
 """
 
