@@ -171,7 +171,7 @@ def test_rolling_engine_reads_typed_fields(tiny_llama):
     engine = create_rolling_engine(config)
     assert (engine.capacity, engine.max_model_len) == (3, 64)
     assert engine.model.layers[0].ops.name == "torch"
-    assert engine.cache.num_blocks == 3 * 64 // config.block_size  # CPU default: capacity full sequences
+    assert engine.cache.num_blocks == 3 * 64 // engine.cache.block_size  # CPU: capacity full sequences
     budget = 5 * engine.cache.bytes_per_block() + 1
     smaller = create_rolling_engine(dataclasses.replace(config, kv_cache_memory_bytes=budget))
     assert smaller.cache.num_blocks == 5
