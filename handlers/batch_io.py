@@ -9,8 +9,12 @@ key grammar and those checks live here, so the handler API in `handlers.djl_api`
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from handlers.djl_api import Input, Output, PairList
+
+if TYPE_CHECKING:
+    from serving.messages import InferRequest
 
 _BATCH_INPUT_KEY = re.compile(r"batch_(\d+)[._](.*)", re.DOTALL)
 _BATCH_OUTPUT_KEY = re.compile(r"batch_(\d+)\.(.*)", re.DOTALL)
@@ -135,3 +139,12 @@ def _copy_output(output: Output) -> Output:
     copy.stream_content = output.stream_content
     copy.stream_output_formatter = output.stream_output_formatter
     return copy
+
+
+def request_input(request: InferRequest) -> Input:
+    """One request as DJL's Input: what a handler (or a custom input formatter) reads."""
+    item = Input()
+    item.properties.update(request.properties)
+    for key, value in request.content:
+        item.content.add(key, value)
+    return item

@@ -15,21 +15,14 @@ import traceback
 
 import zmq
 
+from handlers.batch_io import request_input
 from handlers.builtin.generation import GenerationHandler
-from handlers.djl_api import Input, Output
+from handlers.djl_api import Output
 from handlers.replies import AnyReply, Reply, StreamChunk, StreamEnd, StreamStart
 from handlers.service import HandlerService
 from serving import messages as msg
 
 log = logging.getLogger("handlers.worker")
-
-
-def to_input(request: msg.InferRequest) -> Input:
-    item = Input()
-    item.properties.update(request.properties)
-    for key, value in request.content:
-        item.content.add(key, value)
-    return item
 
 
 def to_reply(request_id: str, output: Output) -> Reply:
@@ -83,7 +76,7 @@ class Worker:
     def run_batch(self, requests: list[msg.InferRequest]) -> None:
         self.cancelled.clear()
         started = time.perf_counter()
-        outputs = self.service.handle_batch([to_input(r) for r in requests])
+        outputs = self.service.handle_batch([request_input(r) for r in requests])
         log.debug("batch of %d in %.1f ms", len(requests), (time.perf_counter() - started) * 1000)
         for request, output in zip(requests, outputs, strict=True):
             if output.stream_content is not None:

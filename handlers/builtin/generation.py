@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from engines.base import GenerationEngine
 from engines.scheduler import RollingScheduler
 from engines.types import GenerationRequest, SamplingParams, TokenEvent
+from handlers.batch_io import request_input
 from handlers.builtin import formats
 from handlers.builtin.custom_formatters import CustomFormatterError, CustomFormatters
 from handlers.builtin.formats import GENERATION_ERROR_CODE, ParsedRequest, RequestError, ResponseWriter
-from handlers.djl_api import Input
 from handlers.replies import AnyReply, Reply, StreamChunk, StreamEnd, StreamStart
 from serving import dialects
 from serving import messages as msg
@@ -65,15 +65,6 @@ def error_reply(request_id: str, api: Api, code: int, message: str, error_type: 
 def _body(request: msg.InferRequest) -> dict:
     raw = next((v for k, v in request.content if k == "data"), b"") or b"{}"
     return formats.decode_body(raw)
-
-
-def _as_input(request: msg.InferRequest) -> Input:
-    """The request as DJL's Input, which custom input formatters read."""
-    item = Input()
-    item.properties.update(request.properties)
-    for key, value in request.content:
-        item.content.add(key, value)
-    return item
 
 
 class GenerationHandler:
@@ -136,7 +127,7 @@ class GenerationHandler:
         """The body as a dict: what the custom input formatter makes of the request, else its JSON."""
         if self.formatters.input_formatter is None:
             return _body(request)
-        body = self.formatters.format_input(_as_input(request), tokenizer=self.tokenizer)
+        body = self.formatters.format_input(request_input(request), tokenizer=self.tokenizer)
         return formats.decode_body(body or {})
 
     @staticmethod

@@ -7,11 +7,9 @@ of a mixed workload must equal the one-step-at-a-time engine's.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from support import ROOT
+from support import tiny_model_script
 
 from engines.base import EngineConfig
 from engines.rolling.factory import create_rolling_engine
@@ -20,10 +18,7 @@ from engines.types import GenerationRequest, SamplingParams
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0))
+    return str(tiny_model_script().make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0))
 
 
 def engine_for(path, overlap: bool, **fields):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from support import ROOT
+from support import tiny_model_script
 
 from engines.base import EngineConfig, EngineLoadError
 from engines.rolling.factory import create_rolling_engine
@@ -15,10 +13,7 @@ from engines.types import GenerationRequest, SamplingParams
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "scripts" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0))
+    return str(tiny_model_script().make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0))
 
 
 def engine_for(path, **fields):
