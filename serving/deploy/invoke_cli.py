@@ -81,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _target(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
     """(URL or endpoint name, inference component, region)."""
+    if args.local and not args.spec:
+        raise ValueError("--local needs --spec: the deploy.yaml that `lmi deploy --local` ran")
     if args.url:
         if args.component:
             raise ValueError("--component needs --endpoint or --spec")
         url = args.url.rstrip("/")
         has_path = "/" in url.split("://", 1)[-1]
         return (url if has_path else url + "/invocations"), None, None
-    if args.local and not args.spec:
-        raise ValueError("--local needs --spec: the deploy.yaml that `lmi deploy --local` ran")
     if args.endpoint:
         return args.endpoint, args.component, args.region
     from serving.deploy.spec import load_spec

@@ -61,6 +61,8 @@ class LocalContainer:
 
 @dataclass(frozen=True)
 class Running:
+    """A started (or kept) container and where it answers."""
+
     planned: LocalContainer
     container: EngineContainer
     url: str
@@ -98,11 +100,11 @@ def fetch_models(
             continue
         timeout = each.startup.model_data_download_timeout or timeout_s
         options = FetchOptions(download_dir=os.environ.get(DOWNLOAD_DIR_ENV), timeout_s=timeout)
-        say(f"{each.name}: model data {data.uri}")
         try:
             folder = fetch_model_data(data, options)
         except ArtifactError as exc:
-            raise ArtifactError(f"{each.name}: model_data {data.uri}: {exc}") from None
+            raise type(exc)(f"{each.name}: {exc}") from None
+        say(f"{each.name}: model data {data.uri} in {folder}")
         fetched.append(replace(each, model_dir=folder))
     return fetched
 
@@ -195,9 +197,9 @@ def follow(running: list[Running]) -> int:
     threads = [
         threading.Thread(target=_print_logs, args=(each, len(running) > 1), daemon=True) for each in running
     ]
-    for thread in threads:
-        thread.start()
     try:
+        for thread in threads:
+            thread.start()
         for thread in threads:
             thread.join()
     except KeyboardInterrupt:

@@ -24,7 +24,15 @@ from serving.deploy.spec import ModelData
 
 
 def fetch_model_data(data: ModelData, options: FetchOptions) -> Path:
-    """The local folder to mount read-only at /opt/ml/model; reused while the S3 objects are unchanged."""
+    """The local folder to mount read-only at /opt/ml/model; reused while the S3 objects are unchanged.
+    Errors are the artifact module's, prefixed with ``model_data <uri>:``."""
+    try:
+        return _fetch(data, options)
+    except ArtifactError as exc:
+        raise type(exc)(f"model_data {data.uri}: {exc}") from None
+
+
+def _fetch(data: ModelData, options: FetchOptions) -> Path:
     deadline = time.monotonic() + options.timeout_s
     client = make_client(options.workers)
     location, objects = (_archive if data.compressed else _prefix)(client, data.uri)
@@ -52,8 +60,8 @@ def _prefix(client: Any, uri: str) -> tuple[S3Location, list[S3Object]]:
     objects = list_objects(client, location)
     if not objects:
         raise SourceNotFound(
-            f"No objects under {uri}; SageMaker would fail to create this model too. Upload the model "
-            "folder there, or point model_data at the prefix that holds it."
+            "no objects under this prefix; SageMaker would fail to create the model too. Upload the "
+            "model folder there, or point model_data at the prefix that holds it."
         )
     return location, objects
 
@@ -67,12 +75,12 @@ def _archive(client: Any, uri: str) -> tuple[S3Location, list[S3Object]]:
         head = client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
-            raise SourceNotFound(f"{uri} does not exist. Check model_data in the spec.") from None
+            raise SourceNotFound("no such object. Check the bucket and key in the spec.") from None
         raise describe_client_error(exc, uri, bucket) from None
     except BotoCoreError as exc:
         raise describe_client_error(exc, uri, bucket) from None
     if not head.get("ContentLength"):
-        raise ArtifactError(f"{uri} is empty: not a model.tar.gz.")
+        raise ArtifactError("the object is empty: not a model.tar.gz.")
     etag = str(head.get("ETag", "")).strip('"')
     return S3Location(bucket, f"{parent}/" if parent else ""), [
         S3Object(key, name, head["ContentLength"], etag)
