@@ -64,8 +64,11 @@ class Launch:
     plan_ahead: bool = True
     """The next step may be planned before these tokens are read (no row needs the ids it generated)."""
 
-    def row(self, seq: Sequence) -> int:
-        return next(i for i, s in enumerate(self.seqs) if s is seq)
+    rows: dict[int, int] = field(init=False)
+    """id(seq) -> its row: the next step looks up each unread input here (once per decode row)."""
+
+    def __post_init__(self) -> None:
+        self.rows = {id(seq): row for row, seq in enumerate(self.seqs)}
 
 
 def reads_history(seq: Sequence) -> bool:
@@ -251,7 +254,7 @@ class RollingEngine:
                 if pending is None or pending.token_ids is None:
                     raise RuntimeError(f"request {item.seq.request_id}: an unread token without its step")
                 dst.append(offset - 1)
-                src.append(pending.row(item.seq))
+                src.append(pending.rows[id(item.seq)])
         if dst:
             batch.token_ids[self._upload(dst)] = pending.token_ids[self._upload(src)]
 
