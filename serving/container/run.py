@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ import docker
 import requests
 from docker.models.containers import Container
 
+from serving.artifacts.archive import extract_archive
+from serving.artifacts.errors import ArtifactError
 from serving.container.engine import ContainerError
 
 log = logging.getLogger("serving.container")
@@ -37,8 +40,11 @@ def model_folder(source: str) -> Path:
     if not target.is_dir():
         partial = target.with_name(target.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(path) as archive:
-            archive.extractall(partial, filter="data")  # SageMaker unpacks model.tar.gz the same way
+        try:
+            extract_archive(path, partial)  # the artifact module's safe extraction, as for S3 tarballs
+        except ArtifactError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ContainerError(f"--model-dir {source}: {exc}") from None
         partial.rename(target)
     return target
 
