@@ -61,6 +61,17 @@ class EngineConfig:
     """On GPUs: no CUDA graphs for decode steps."""
     async_scheduling: bool = True
     """On GPUs: queue step N+1 before reading step N's tokens (host work overlaps the GPU's)."""
+    tensor_parallel_degree: int = 1
+    """Ranks each layer is split across (engines.parallel): one process per rank, one GPU each."""
+    pipeline_parallel_degree: int = 1
+    """Stages the layers are split into; the group has tensor x pipeline ranks."""
+    nnodes: int = 1
+    """Machines the group spans; each runs world / nnodes ranks (torchrun's --nnodes)."""
+    node_rank: int = 0
+    """This machine's place among them; node 0 serves HTTP and runs rank 0."""
+    master_addr: str | None = None
+    """Where the ranks meet (torchrun's MASTER_ADDR); None: this machine, a free port."""
+    master_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
     """Every init property as a string (option.* without the prefix), for settings no field covers."""
 

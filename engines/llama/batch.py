@@ -65,6 +65,36 @@ class ForwardBatch:
             if len(table) * self.block_size < context:
                 raise ValueError(f"{len(table)} blocks of {self.block_size} cannot hold {context} tokens")
 
+    def split(self, parts: int) -> list[ForwardBatch]:
+        """Up to ``parts`` micro-batches of whole sequences, in order, with about equal token counts
+        (pipeline stages work on one while the next stage works on the one before)."""
+        count = min(parts, self.num_seqs)
+        if count <= 1:
+            return [self]
+        total, bounds, acc = sum(self.query_lens), [0], 0
+        for index, length in enumerate(self.query_lens):
+            acc += length
+            left = self.num_seqs - index - 1
+            wanted = len(bounds)  # the boundary we are looking for
+            if wanted < count and (acc >= total * wanted / count or left == count - wanted):
+                bounds.append(index + 1)
+        bounds.append(self.num_seqs)
+        out, token = [], 0
+        for start, stop in zip(bounds, bounds[1:], strict=False):
+            size = sum(self.query_lens[start:stop])
+            out.append(
+                ForwardBatch(
+                    token_ids=self.token_ids[token : token + size],
+                    positions=self.positions[token : token + size],
+                    block_tables=self.block_tables[start:stop],
+                    query_lens=self.query_lens[start:stop],
+                    context_lens=self.context_lens[start:stop],
+                    block_size=self.block_size,
+                )
+            )
+            token += size
+        return out
+
     @classmethod
     def from_tensors(
         cls,

@@ -16,6 +16,9 @@ from safetensors import safe_open
 from engines.kernels.ops import TorchOps
 from engines.llama.model import LlamaModel
 from engines.llama.spec import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES, LlamaSpec
+from engines.parallel.comm import ParallelComm
+from engines.parallel.layout import ParallelLayout, ShardPlan
+from engines.parallel.shard import read_shard
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 """Old checkpoints saved these buffers; they are recomputed, never loaded."""
@@ -28,20 +31,29 @@ def load_llama(
     max_model_len: int = 2048,
     pack: bool = True,
     ops: type[TorchOps] = TorchOps,
+    layout: ParallelLayout | None = None,
+    comm: ParallelComm | None = None,
 ) -> tuple[LlamaModel, Any]:
     """Model and the HF config; NotImplementedError if unsupported. (The KV cache is sized after
     loading, from the memory the weights left: `LlamaModel.make_cache`.)
 
     `pack` pre-packs the projection weights for oneDNN on CPU (faster; see `linear.Linear.pack`);
-    `ops` are the hot-path ops: plain torch, or the native CPU kernels (engines.kernels.ops)."""
+    `ops` are the hot-path ops: plain torch, or the native CPU kernels (engines.kernels.ops); `layout`
+    picks the part a rank of a parallel group loads (engines.parallel), reading only its slices."""
     directory = Path(model_path)
     check_supported(json.loads((directory / "config.json").read_text()), max_model_len)
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     spec = LlamaSpec.from_hf(hf_config)
-    model = LlamaModel(spec, dtype, device, max_model_len, ops)
-    load_weights(model, directory)
+    plan = ShardPlan.build(spec, layout or ParallelLayout())
+    model = LlamaModel(spec, dtype, device, max_model_len, ops, plan, comm)
+    from engines.parallel.partition import is_partitioned, load_partition
+
+    if is_partitioned(directory):
+        load_partition(model, directory)
+    else:
+        load_weights(model, directory)
     if pack:
         model.pack()
     model.eval()
@@ -73,17 +85,20 @@ def load_weights(model: LlamaModel, directory: Path) -> None:
     if not files:
         raise FileNotFoundError(f"No *.safetensors files in {directory}")
     targets = weight_targets(model)
+    plan: ShardPlan = model.plan
     pending = set(targets)
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and name not in targets):
                     continue  # a tied checkpoint may still store lm_head; the embedding is used
+                if name not in targets and held_elsewhere(name, plan):
+                    continue  # another pipeline stage's layer, embedding or head
                 if name not in targets:
                     raise ValueError(
                         f"Unexpected tensor {name!r} in {file.name}: not a supported Llama layout"
                     )
-                _copy_into(targets[name], handle.get_tensor(name), name)
+                _copy_into(targets[name], read_shard(handle, name, plan), name)
                 pending.discard(name)
     if pending:
         raise ValueError(f"Checkpoint {directory} lacks {len(pending)} tensors, e.g. {sorted(pending)[:3]}")
@@ -99,15 +114,16 @@ def _copy_into(target: tuple[torch.Tensor, int], tensor: torch.Tensor, name: str
 
 def weight_targets(model: LlamaModel) -> dict[str, tuple[torch.Tensor, int]]:
     """HF tensor name -> (our parameter, first row): fused matrices take several HF tensors each."""
-    spec = model.spec
-    targets: dict[str, tuple[torch.Tensor, int]] = {
-        "model.embed_tokens.weight": (model.embed_tokens.data, 0),
-        "model.norm.weight": (model.norm.weight.data, 0),
-    }
-    if not spec.tie_word_embeddings:
+    spec, plan = model.spec, model.plan
+    targets: dict[str, tuple[torch.Tensor, int]] = {}
+    if model.embed_tokens is not None:
+        targets["model.embed_tokens.weight"] = (model.embed_tokens.data, 0)
+    if model.norm is not None:
+        targets["model.norm.weight"] = (model.norm.weight.data, 0)
+    if model.lm_head is not None and not spec.tie_word_embeddings:
         targets["lm_head.weight"] = (model.lm_head.weight.data, 0)
     for index, layer in enumerate(model.layers):
-        prefix = f"model.layers.{index}."
+        prefix = f"model.layers.{plan.hf_layer(index)}."
         parts = {
             "input_layernorm.weight": (layer.input_norm.weight, 0),
             "post_attention_layernorm.weight": (layer.post_norm.weight, 0),
@@ -130,3 +146,13 @@ def weight_targets(model: LlamaModel) -> dict[str, tuple[torch.Tensor, int]]:
             {prefix + key: (param.data, row) for key, (param, row) in parts.items() if param is not None}
         )
     return targets
+
+
+def held_elsewhere(name: str, plan: ShardPlan) -> bool:
+    """A tensor of the full model that another pipeline stage loads (never a misspelt name)."""
+    parts = name.split(".")
+    if name.startswith("model.layers.") and parts[2].isdigit():
+        return (
+            not plan.layer_start <= int(parts[2]) < plan.layer_stop and int(parts[2]) < plan.full.num_layers
+        )
+    return name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")

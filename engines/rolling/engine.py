@@ -122,6 +122,8 @@ class RollingEngine:
         self.forks: dict[Key, list[Sequence]] = {}
         """Completions 1..n-1 of a request, waiting for completion 0's prompt to share its cache."""
         self.steps = 0
+        self.group: Any = None
+        """Rank 0's parallel group (engines.parallel.group.Group), when the model is sharded."""
 
     @property
     def running(self) -> dict[Key, Sequence]:
@@ -340,6 +342,12 @@ class RollingEngine:
         picked = sample_batch(logits, tensors, [seq.generator for seq in seqs], max(wanted, default=0))
         ahead = not any(reads_history(seq) for seq in seqs)
         return Launch(seqs, copy=copy_to_host(picked, wanted), token_ids=picked.token_ids, plan_ahead=ahead)
+
+    def close(self) -> None:
+        """Release what outlives the object: a parallel group's follower processes."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     def abort_all(self, reason: str) -> list[TokenEvent]:
         """After a failed step: free every sequence's blocks and end each with an error."""

@@ -47,64 +47,191 @@ def _attention_shape(raw: dict) -> tuple[int, int, int]:
 
 
 def create_rolling_engine(config: EngineConfig) -> RollingEngine:
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from engines.hf.loading import resolve_dtype
-    from engines.kernels.ops import select_ops
-    from engines.llama.weights import load_llama
+    """Load the model (this process is rank 0 of its group when the degrees ask for several ranks)."""
+    from transformers import AutoTokenizer, GenerationConfig
 
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    if config.block_size is None:
-        config = dataclasses.replace(config, block_size=DEFAULT_BLOCK_SIZE.get(torch.device(device).type, 16))
-    configure_threads(config.num_threads, config.workers)
-    raw = json.loads((Path(config.model_path) / "config.json").read_text())
-    limit = int(raw.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
-    max_model_len = config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
-    stored = AutoConfig.from_pretrained(config.model_path)
-    dtype = resolve_dtype(config.dtype, stored, device, has_native_bf16(device))
+    world = config.tensor_parallel_degree * config.pipeline_parallel_degree
+    followers = None
+    if world > 1:
+        config = _distributed_defaults(config)
+        followers, threads = _start_local_followers(config)
+    else:
+        threads = None
     try:
-        ops = select_ops(config.kernels, device, _attention_shape(raw))
-    except (ValueError, RuntimeError) as exc:
-        raise EngineLoadError(str(exc)) from exc
-    model, hf_config = load_llama(config.model_path, dtype, device, max_model_len, ops=ops)
-    blocks = cache_blocks(model, config, max_model_len)
-    use_graphs = torch.device(device).type == "cuda" and not config.enforce_eager and ops.name == "triton"
-    cache = model.make_cache(blocks + use_graphs, config.block_size)  # + the graphs' padding block
-    graphs = _capture_graphs(model, cache, config, max_model_len) if use_graphs else None
+        model, cache, comm = load_rank(config, 0, threads)
+    except BaseException:
+        if followers is not None:
+            followers.stop_watching()
+            for process in followers.processes:
+                process.kill()
+        raise
+    graphs = None
+    if world > 1:
+        from engines.parallel.group import LeaderCache, LeaderModel
+
+        model, cache = LeaderModel(model, comm), LeaderCache(cache, comm)
+    elif _use_graphs(config, model):
+        graphs = _capture_graphs(model, cache, config, model.max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     try:
         generation = GenerationConfig.from_pretrained(config.model_path)
     except OSError:
         generation = None
-    log.info(
-        "Rolling-batch engine: %s in %s on %s, %s kernels, KV cache %d blocks x %d tokens = %d tokens = "
-        "%.0f MiB (%.1f sequences of max_model_len %d), prefix caching %s, loaded in %.1f s",
-        raw.get("architectures", ["?"])[0],
-        dtype,
-        device,
-        ops.name,
-        blocks,
-        config.block_size,
-        blocks * config.block_size,
-        cache.total_bytes() / 2**20,
-        blocks * config.block_size / max_model_len,
-        max_model_len,
-        "on" if config.enable_prefix_caching else "off",
-        time.perf_counter() - started,
-    )
-    return RollingEngine(
+    _log_loaded(config, model, cache, time.perf_counter() - started)
+    engine = RollingEngine(
         model,
         cache,
         tokenizer,
-        eos_token_ids(tokenizer, hf_config, generation),
-        max_model_len,
+        eos_token_ids(tokenizer, model.hf_config, generation),
+        model.max_model_len,
         config.max_rolling_batch_size,
         config.max_rolling_batch_prefill_tokens,
         config.enable_prefix_caching,
         graphs,
-        reserved_blocks=int(use_graphs),
-        overlap=config.async_scheduling,
+        reserved_blocks=int(_use_graphs(config, model) and world == 1),
+        overlap=config.async_scheduling and world == 1,
+    )
+    if world > 1:
+        from engines.parallel.group import Group
+
+        engine.group = Group(model.comm, followers)
+    return engine
+
+
+def _use_graphs(config: EngineConfig, model: Any) -> bool:
+    world = config.tensor_parallel_degree * config.pipeline_parallel_degree
+    return (
+        model.device.type == "cuda" and not config.enforce_eager and model.ops_name == "triton" and world == 1
+    )
+
+
+def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tuple[Any, Any, Any]:
+    """(model, KV cache, comm) of one rank: join the group, load this rank's part, size the cache
+    (every rank agrees on the smallest count), and return. Rank 0 and engines.parallel.follower."""
+    from transformers import AutoConfig
+
+    from engines.hf.loading import resolve_dtype
+    from engines.kernels.ops import select_ops
+    from engines.llama.spec import LlamaSpec
+    from engines.llama.weights import load_llama
+    from engines.parallel.comm import Rendezvous, init_comm
+    from engines.parallel.layout import ParallelLayout, ShardPlan
+
+    layout = ParallelLayout(config.tensor_parallel_degree, config.pipeline_parallel_degree, rank)
+    device = _rank_device(config, layout)
+    if config.block_size is None:
+        config = dataclasses.replace(config, block_size=DEFAULT_BLOCK_SIZE.get(torch.device(device).type, 16))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    else:
+        configure_threads(config.num_threads, config.workers)
+    raw = json.loads((Path(config.model_path) / "config.json").read_text())
+    limit = int(raw.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
+    max_model_len = config.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
+    stored = AutoConfig.from_pretrained(config.model_path)
+    plan = ShardPlan.build(LlamaSpec.from_hf(stored), layout)  # degrees checked before anyone loads
+    dtype = resolve_dtype(config.dtype, stored, device, has_native_bf16(device))
+    try:
+        local = plan.local
+        ops = select_ops(config.kernels, device, (local.num_heads, local.num_kv_heads, local.head_dim))
+    except (ValueError, RuntimeError) as exc:
+        raise EngineLoadError(str(exc)) from exc
+    comm = None
+    if layout.world_size > 1:
+        rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port or 0))
+        comm = init_comm(layout, rendezvous, torch.device(device))
+    model, hf_config = load_llama(
+        config.model_path, dtype, device, max_model_len, ops=ops, layout=layout, comm=comm
+    )
+    model.hf_config, model.ops_name = hf_config, ops.name
+    blocks = cache_blocks(model, config, max_model_len)
+    if comm is not None:
+        blocks = comm.min_over_ranks(blocks, model.device)
+    graphs = _use_graphs(config, model)
+    cache = model.make_cache(blocks + graphs, config.block_size)  # + the graphs' padding block
+    return model, cache, model.comm
+
+
+def _rank_device(config: EngineConfig, layout: Any) -> str:
+    """This rank's device: the CPU, or the GPU after option.device's index by its local rank."""
+    device = resolve_device(config.device)
+    if torch.device(device).type != "cuda" or layout.world_size == 1:
+        return device
+    per_node = layout.world_size // config.nnodes
+    local = layout.rank % per_node
+    base = torch.device(device).index or 0
+    if base + per_node > torch.cuda.device_count():
+        raise EngineLoadError(
+            f"{layout.describe()} needs {per_node} GPUs per node from cuda:{base}, but "
+            f"{torch.cuda.device_count()} are visible. Fix: lower the degrees or check CUDA_VISIBLE_DEVICES."
+        )
+    torch.cuda.set_device(base + local)
+    return f"cuda:{base + local}"
+
+
+def _distributed_defaults(config: EngineConfig) -> EngineConfig:
+    """Check the node split and fix the rendezvous (a free local port when none is given)."""
+    world = config.tensor_parallel_degree * config.pipeline_parallel_degree
+    if config.nnodes < 1 or world % config.nnodes:
+        raise EngineLoadError(
+            f"{world} ranks (tensor_parallel_degree={config.tensor_parallel_degree} x "
+            f"pipeline_parallel_degree={config.pipeline_parallel_degree}) cannot be split evenly over "
+            f"{config.nnodes} nodes. Fix: make the rank count a multiple of the node count."
+        )
+    if config.master_port is None:
+        if config.nnodes > 1:
+            raise EngineLoadError(
+                "A multi-node group needs MASTER_ADDR and MASTER_PORT (torchrun's conventions)"
+            )
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = dataclasses.replace(config, master_addr="127.0.0.1", master_port=port)
+    return config
+
+
+def _start_local_followers(config: EngineConfig) -> tuple[Any, int]:
+    """Node 0's follower ranks (1 .. per-node - 1), and the torch threads each rank gets here."""
+    from engines.parallel.comm import Rendezvous
+    from engines.parallel.group import start_followers
+
+    world = config.tensor_parallel_degree * config.pipeline_parallel_degree
+    per_node = world // config.nnodes
+    threads = _rank_threads(config, per_node)
+    rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port))
+    return start_followers(config, list(range(1, per_node)), rendezvous, threads), threads
+
+
+def _rank_threads(config: EngineConfig, ranks_here: int) -> int:
+    """option.num_threads per rank, else the cores split between every rank of every worker here."""
+    if config.num_threads is not None:
+        return config.num_threads
+    cores = torch.get_num_threads()
+    return max(1, cores // max(1, ranks_here * config.workers))
+
+
+def _log_loaded(config: EngineConfig, model: Any, cache: Any, seconds: float) -> None:
+    blocks, size, max_model_len = cache.num_blocks, config.block_size or cache.block_size, model.max_model_len
+    world = config.tensor_parallel_degree * config.pipeline_parallel_degree
+    log.info(
+        "Rolling-batch engine: %s in %s on %s, %s kernels, %s, KV cache %d blocks x %d tokens = %d tokens = "
+        "%.0f MiB per rank (%.1f sequences of max_model_len %d), prefix caching %s, loaded in %.1f s",
+        model.hf_config.architectures[0] if model.hf_config.architectures else "?",
+        model.dtype,
+        model.device,
+        model.ops_name,
+        f"{world} ranks ({model.plan.layout.describe()})" if world > 1 else "1 rank",
+        blocks,
+        size,
+        blocks * size,
+        cache.total_bytes() / 2**20,
+        blocks * size / max_model_len,
+        max_model_len,
+        "on" if config.enable_prefix_caching else "off",
+        seconds,
     )
 
 
