@@ -24,13 +24,20 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _serve(model_dir: str | None, host: str, port: int) -> int:
+def _serve(model_dir: str | None, host: str, port: int, node_rank: int | None = None) -> int:
     """Validate every key first: a bad value exits with code 2 before any process starts."""
+    environ = dict(os.environ)
+    if node_rank is not None:
+        environ["OPTION_NODE_RANK"] = str(node_rank)
     try:
-        config = load_config(model_dir, os.environ, host=host, port=port)
+        config = load_config(model_dir, environ, host=host, port=port)
     except ConfigError as exc:
         log.error("Invalid configuration: %s", exc)
         return 2
+    if config.settings["node_rank"] > 0:
+        from serving.node import run_node
+
+        return run_node(config)
     from serving.server import Server  # heavy-ish imports only when serving
 
     return Server(config).run()
@@ -41,6 +48,7 @@ COMMAND_MODULES = (
     "serving.container.cli",
     "serving.deploy.cli",
     "serving.deploy.invoke_cli",
+    "serving.partition_cli",
 )
 """Modules adding one subcommand each: ``add_parser(subparsers)`` sets ``run`` (args -> exit code)."""
 
@@ -53,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--log-level", default=os.environ.get("SERVING_LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--node-rank",
+        type=int,
+        help="this machine's index in a multi-node group (option.node_rank); nodes above 0 only compute",
+    )
     pull = sub.add_parser("pull", help="download and verify a model ahead of time; prints its local folder")
     pull.add_argument("source", help="s3://bucket/prefix/, a Hub id (org/name), or a .tar.gz/.tar archive")
     pull.add_argument("--dest", help="fill exactly this folder (default: the download cache)")
@@ -97,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log_level", "info"))
     if args.command == "serve":
-        sys.exit(_serve(args.model_dir, args.host, args.port))
+        sys.exit(_serve(args.model_dir, args.host, args.port, args.node_rank))
     if args.command == "pull":
         sys.exit(_pull(args))
     sys.exit(args.run(args))  # a COMMAND_MODULES subcommand

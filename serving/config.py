@@ -146,6 +146,28 @@ def _validate(settings: dict[str, Any]) -> None:
             f"minWorkers={lo} is greater than maxWorkers={hi}. Fix: set minWorkers <= maxWorkers "
             "(model workers are heavy: set both to the same value)."
         )
+    _validate_parallel(settings)
+
+
+def _validate_parallel(settings: dict[str, Any]) -> None:
+    """A multi-node group needs its rendezvous and a node rank inside it."""
+    nnodes, node = settings["nnodes"], settings["node_rank"]
+    if node >= nnodes:
+        raise ConfigError(
+            f"option.node_rank={node} is not below option.nnodes={nnodes}. Fix: number the nodes 0..nnodes-1."
+        )
+    if nnodes > 1 and (not settings["master_addr"] or settings["master_port"] is None):
+        raise ConfigError(
+            f"option.nnodes={nnodes} needs option.master_addr and option.master_port (MASTER_ADDR and "
+            "MASTER_PORT, as torchrun uses): where node 0 lets the ranks meet."
+        )
+    world = settings.get("world_size")
+    degrees = settings["tensor_parallel_degree"] * settings["pipeline_parallel_degree"]
+    if world is not None and degrees and world != degrees:
+        raise ConfigError(
+            f"WORLD_SIZE={world} but tensor_parallel_degree x pipeline_parallel_degree = {degrees}. Fix: "
+            "make them agree (WORLD_SIZE counts every rank of the group, on every node)."
+        )
 
 
 ENV_SERVER_KEYS = {
@@ -179,6 +201,8 @@ def load_config(
     settings = parse_settings(props.values, {key: props.source(key) for key in props.values})
     if settings["maxWorkers"] is None:
         settings["maxWorkers"] = settings["minWorkers"]
+    if environ.get("WORLD_SIZE", "").isdigit():
+        settings["world_size"] = int(environ["WORLD_SIZE"])
     _validate(settings)
     options = {k[len("option.") :]: v for k, v in props.values.items() if k.startswith("option.")}
     model_props = {k: v for k, v in props.values.items() if not k.startswith("option.")}

@@ -122,6 +122,16 @@ def _address(text: str) -> str:
     return f"{match[1]}:{match[2]}"
 
 
+def _degree(text: str) -> int:
+    """A parallel degree: a positive integer, or ``max`` (0: every visible GPU, resolved by the worker)."""
+    if text.strip().lower() == "max":
+        return 0
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
 def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.lower()):
         raise ValueError
@@ -279,6 +289,28 @@ _MODEL = [
     OptionSpec("option.async_scheduling", bool, True,
                doc="Native engine on a GPU: queue each step before reading the last one's tokens, so "
                    "detokenising and stop checks run while the GPU computes (off: one step at a time)."),
+    OptionSpec("option.tensor_parallel_degree", int, 1,
+               doc="Native engine: ranks each layer is split across (one process each: a GPU per rank, "
+                   "or a share of the CPU cores); `max`: every visible GPU. The HF handler spreads layers "
+                   "over that many GPUs (`device_map`).",
+               parse=_degree, expected="a positive integer or max"),
+    OptionSpec("option.pipeline_parallel_degree", int, 1,
+               doc="Native engine: stages the layers are split into (micro-batched); the group has "
+                   "tensor x pipeline ranks."),
+    OptionSpec("option.nnodes", int, 1,
+               doc="Machines one parallel group spans (torchrun's `--nnodes`; on SageMaker the hosts of "
+                   "`resourceconfig.json`). Node 0 serves HTTP, the others only compute."),
+    OptionSpec("option.node_rank", int, 0, minimum=0,
+               doc="This machine's index among `nnodes` (`lmi serve --node-rank N`)."),
+    OptionSpec("option.master_addr", str, None,
+               doc="Where the ranks of a multi-node group meet (node 0's address).",
+               shown_default="127.0.0.1 (one node)"),
+    OptionSpec("option.master_port", int, None,
+               doc="The rendezvous port on `master_addr`.",
+               shown_default="a free port (one node)"),
+    OptionSpec("option.save_mp_checkpoint_path", str, None,
+               doc="Partition the model for the degrees into this folder at start-up (as `lmi partition`) "
+                   "and serve from it; a later start reads each rank's file only."),
     OptionSpec("option.max_model_len", int, None,
                doc="Tokens per sequence (prompt + generated); sizes the KV cache.",
                shown_default="min(model, 2048)"),
@@ -304,7 +336,7 @@ COMPAT_KEYS = frozenset(
     {"load_on_devices", "max_idle_time", "gpu.minWorkers", "gpu.maxWorkers", "reserved_memory_mb",
      "gpu.required_memory_mb", "gpu.reserved_memory_mb", "log_request_metric", "metrics_aggregation",
      "metric_dimension", "translatorFactory", "health_check_override", "prometheus", "features",
-     "option.tensor_parallel_degree", "option.pipeline_parallel_degree", "option.device_map",
+     "option.device_map",
      "option.quantize", "option.enable_streaming", "option.pythonExecutable", "option.parallel_loading",
      "option.mpi_mode", "option.async_mode", "option.low_cpu_mem_usage", "option.normalize",
      "option.max_num_seqs", "option.chat_template",

@@ -6,6 +6,7 @@ configuration errors can name the file or variable to fix.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -23,6 +24,11 @@ _ENV_ALIASES: dict[str, str] = {
     "HF_MODEL_QUANTIZE": "option.quantize",
     "TENSOR_PARALLEL_DEGREE": "option.tensor_parallel_degree",
     "SM_NUM_GPUS": "option.tensor_parallel_degree",
+    "PIPELINE_PARALLEL_DEGREE": "option.pipeline_parallel_degree",
+    "NNODES": "option.nnodes",
+    "NODE_RANK": "option.node_rank",
+    "MASTER_ADDR": "option.master_addr",
+    "MASTER_PORT": "option.master_port",
     "MAX_BATCH_SIZE": "option.max_rolling_batch_size",
     "MAX_BATCH_PREFILL_TOKENS": "option.max_rolling_batch_prefill_tokens",
     "MAX_CONCURRENT_REQUESTS": "job_queue_size",
@@ -146,11 +152,36 @@ def load_properties(model_dir: str | None, environ: Mapping[str, str]) -> Proper
         mb = environ["SAGEMAKER_MAX_PAYLOAD_IN_MB"]
         value = str(int(float(mb) * 1024 * 1024)) if _is_number(mb) else mb
         props.set_default("max_request_size", value, "environment variable SAGEMAKER_MAX_PAYLOAD_IN_MB")
+    _cluster_defaults(props, environ)
     workers = environ.get("SAGEMAKER_NUM_MODEL_WORKERS", "")
     if workers:
         for key in ("minWorkers", "maxWorkers"):
             props.force(key, workers, "environment variable SAGEMAKER_NUM_MODEL_WORKERS")
     return props
+
+
+SAGEMAKER_RESOURCE_CONFIG = "/opt/ml/input/config/resourceconfig.json"
+DEFAULT_MASTER_PORT = "29500"
+"""torchrun's default rendezvous port, used when SageMaker's host list makes the nodes."""
+
+
+def _cluster_defaults(props: Properties, environ: Mapping[str, str]) -> None:
+    """On a SageMaker multi-host job, resourceconfig.json names the hosts: nnodes is their count, this
+    node's rank its place in the list, and the first host is where the ranks meet (unless set)."""
+    path = environ.get("SERVING_RESOURCE_CONFIG", SAGEMAKER_RESOURCE_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cluster = json.load(fh)
+        hosts, current = list(cluster["hosts"]), cluster["current_host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if len(hosts) < 2 or current not in hosts:
+        return
+    source = f"{path} (hosts {', '.join(hosts)})"
+    props.set_default("option.nnodes", str(len(hosts)), source)
+    props.set_default("option.node_rank", str(hosts.index(current)), source)
+    props.set_default("option.master_addr", hosts[0], source)
+    props.set_default("option.master_port", DEFAULT_MASTER_PORT, source)
 
 
 def _is_number(text: str) -> bool:

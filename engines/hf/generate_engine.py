@@ -110,7 +110,7 @@ class HfGenerateEngine:
     def __init__(self, model: Any, tokenizer: Any, capacity: int, max_model_len: int) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.capacity, self.max_model_len = capacity, max_model_len
-        self.device = next(model.parameters()).device
+        self.device = model.get_input_embeddings().weight.device  # the first GPU of a device_map
         self.eos_ids = eos_token_ids(tokenizer, model.config, getattr(model, "generation_config", None))
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.pad_id = next(
@@ -211,7 +211,8 @@ class HfGenerateEngine:
         prompts = [row.seq.request.prompt_ids for row in rows if row.index == 0]
         self.batch = Batch(rows, inputs)
         shared = [first[row.seq.request_id] for row in rows]
-        expand = None if len(prompts) == len(rows) else torch.tensor(shared, device=self.device)
+        # On the CPU: an index there reads tensors on any GPU of a device_map (encoder output, logits).
+        expand = None if len(prompts) == len(rows) else torch.tensor(shared)
         scored = {} if self.is_seq2seq else {first[r.seq.request_id]: r.seq for r in rows if r.index == 0}
         scored = {u: seq for u, seq in scored.items() if seq.params.prompt_logprobs}
         return self._forward(inputs.prefill(prompts, self.device, bool(scored)), expand, scored)

@@ -6,7 +6,10 @@ arbitrary code; safetensors and GGUF cannot.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,8 @@ ARCHITECTURE_SUFFIXES = (
     ("ForMaskedLM", "fill-mask"),
     ("Model", "feature-extraction"),
 )
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""option.device_map values accelerate turns into a placement; anything else is a placement itself."""
 ENCODER_MODEL_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "albert", "deberta", "deberta-v2",
      "camembert", "modernbert", "nomic_bert"}
@@ -229,23 +234,124 @@ def _task_for_architecture(architecture: str, hf_config: Any) -> str | None:
 def load_model(
     spec: TaskSpec, checkpoint: Checkpoint, config: EngineConfig, dtype: torch.dtype, hf_config: Any
 ) -> Any:
-    """Load the model with the task's Auto class, in `dtype`, on `config.device`, in eval mode."""
+    """Load the model with the task's Auto class, in `dtype`, on `config.device` (or spread over GPUs by
+    accelerate, see device_map_kwargs), in eval mode."""
     import transformers
 
     auto_class = getattr(transformers, spec.auto_class)
+    placement = device_map_kwargs(config, _free_gpu_memory(config))
+    if placement:
+        _require_accelerate(placement["device_map"])
+    custom_pickle = checkpoint.format == "pickle" and checkpoint.file
+    if placement and custom_pickle:
+        raise EngineLoadError(
+            f"option.device_map / tensor_parallel_degree cannot spread {checkpoint.describe()}: a state "
+            "dict under a custom name is loaded whole. Convert it to safetensors."
+        )
     try:
-        if checkpoint.format == "pickle" and checkpoint.file:
+        if custom_pickle:
             model = _load_pickle_file(auto_class, checkpoint, config, dtype, hf_config)
         else:
             kwargs = _common_kwargs(checkpoint, config)
             if checkpoint.format != "gguf":
                 kwargs["use_safetensors"] = checkpoint.format == "safetensors"
-            model = auto_class.from_pretrained(str(checkpoint.directory), dtype=dtype, **kwargs)
+            model = auto_class.from_pretrained(str(checkpoint.directory), dtype=dtype, **kwargs, **placement)
     except (OSError, ValueError, KeyError) as error:
         raise EngineLoadError(f"Cannot load {checkpoint.describe()} as {spec.auto_class}: {error}") from error
-    if config.device != "cpu":
+    if placement:
+        check_placement(getattr(model, "hf_device_map", None) or {}, placement)
+    elif config.device != "cpu":
         model.to(config.device)
     return model.eval()
+
+
+def device_map_kwargs(config: EngineConfig, gpu_free_bytes: Sequence[int]) -> dict[str, Any]:
+    """from_pretrained's `device_map` and `max_memory`, or {} to load whole onto `config.device`.
+
+    The native engine splits each layer over ranks; this handler serves the architectures it lacks, so,
+    as DJL's "huggingface accelerate" path, option.tensor_parallel_degree (0 = every visible GPU) spreads
+    whole layers over that many GPUs from config.device's index, and option.device_map (auto, balanced,
+    sequential...; every GPU unless a degree limits it) picks accelerate's strategy. A placement
+    (JSON or a device) passes through. `gpu_free_bytes`: free bytes of each visible GPU; each used GPU
+    may hold gpu_memory_utilization of its free memory in weights (the rest is for activations and cache).
+    """
+    requested = (config.extra.get("device_map") or "").strip()
+    strategy = requested.lower() if requested.lower() in DEVICE_MAP_STRATEGIES else None
+    degree = config.tensor_parallel_degree
+    if requested and strategy is None:
+        return {"device_map": _parse_device_map(requested)}
+    device = torch.device(config.device)
+    if device.type != "cuda":
+        if degree != 1 or strategy:
+            logger.warning(
+                "option.tensor_parallel_degree=%d%s: the Hugging Face handler does not split layers on %s; "
+                "loading the whole model (the native engine has real tensor parallelism on CPU).",
+                degree,
+                f", option.device_map={strategy}" if strategy else "",
+                device.type.upper(),
+            )
+        return {}
+    if degree == 1 and strategy is None:
+        return {}
+    first = device.index or 0
+    available = len(gpu_free_bytes) - first
+    count = available if degree in (0, 1) else degree
+    if count > available:
+        where = f" from cuda:{first} on" if first else ""
+        raise EngineLoadError(
+            f"option.tensor_parallel_degree={degree} spreads the model over {degree} GPUs, but "
+            f"{available} GPU(s) are visible{where}. Fix: lower it (or use max), or check "
+            "CUDA_VISIBLE_DEVICES."
+        )
+    share = config.gpu_memory_utilization
+    budget = {i: int(gpu_free_bytes[i] * share) for i in range(first, first + count)}
+    return {"device_map": strategy or "auto", "max_memory": budget}
+
+
+def check_placement(device_map: dict[str, Any], placement: dict[str, Any]) -> None:
+    """Log where accelerate put the modules; fail when a budgeted placement overflowed the GPUs, since
+    accelerate then silently serves the rest from CPU memory or from disk, orders of magnitude slower."""
+    placed = Counter(str(device) for device in device_map.values())
+    logger.info("device_map=%s placed modules on %s", placement["device_map"], dict(placed))
+    gpus = [str(index) for index in placement.get("max_memory", {})]
+    spilled = sorted(set(placed) - set(gpus)) if gpus else []
+    if spilled:
+        count = sum(placed[device] for device in spilled)
+        raise EngineLoadError(
+            f"The model does not fit on GPU(s) {', '.join(gpus)} (option.gpu_memory_utilization of their "
+            f"free memory): accelerate put {count} module(s) on {', '.join(spilled)}. "
+            "Fix: raise option.tensor_parallel_degree (or max), free GPU memory, or pick a smaller dtype."
+        )
+
+
+def _parse_device_map(text: str) -> Any:
+    """option.device_map as a placement: JSON ({"": 0}, per-module devices), a GPU index, or a device."""
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as error:
+            raise EngineLoadError(f"option.device_map is not valid JSON: {error}") from error
+    return int(text) if text.isdigit() else text
+
+
+def _free_gpu_memory(config: EngineConfig) -> list[int]:
+    """Free bytes per visible GPU, queried only when a device_map may use them (it opens a CUDA
+    context on every GPU)."""
+    spreads = config.tensor_parallel_degree != 1 or config.extra.get("device_map")
+    if not spreads or torch.device(config.device).type != "cuda":
+        return []
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+
+
+def _require_accelerate(device_map: Any) -> None:
+    """transformers places a device_map with accelerate, which is not a dependency of this server."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise EngineLoadError(
+            f"device_map={device_map!r} (option.device_map / option.tensor_parallel_degree on the Hugging "
+            "Face handler) needs the accelerate package: pip install accelerate."
+        ) from None
 
 
 def _load_pickle_file(

@@ -51,10 +51,11 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     from transformers import AutoTokenizer, GenerationConfig
 
     started = time.perf_counter()
+    config = save_partition(resolve_degrees(config))
     world = config.tensor_parallel_degree * config.pipeline_parallel_degree
     followers = None
     if world > 1:
-        config = _distributed_defaults(config)
+        config = distributed_config(config)
         followers, threads = _start_local_followers(config)
     else:
         threads = None
@@ -153,6 +154,51 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
     return model, cache, model.comm
 
 
+def resolve_degrees(config: EngineConfig) -> EngineConfig:
+    """tensor_parallel_degree ``max`` (0) -> every visible GPU of every node over the stages (1 on CPU);
+    then check the degrees against the model before any rank starts."""
+    from transformers import AutoConfig
+
+    from engines.llama.spec import LlamaSpec
+    from engines.parallel.layout import ParallelLayout, check_degrees
+
+    if config.tensor_parallel_degree == 0:
+        on_gpu = torch.device(resolve_device(config.device)).type == "cuda"
+        gpus = torch.cuda.device_count() * config.nnodes if on_gpu else 0
+        tp = max(1, gpus // config.pipeline_parallel_degree)
+        log.info(
+            "option.tensor_parallel_degree=max: %d (%d GPUs visible over %d nodes)", tp, gpus, config.nnodes
+        )
+        config = dataclasses.replace(config, tensor_parallel_degree=tp)
+    if config.tensor_parallel_degree * config.pipeline_parallel_degree > 1:
+        spec = LlamaSpec.from_hf(AutoConfig.from_pretrained(config.model_path))
+        layout = ParallelLayout(config.tensor_parallel_degree, config.pipeline_parallel_degree)
+        check_degrees(spec, layout)
+        from engines.parallel.partition import Manifest, check_layout, is_partitioned
+
+        if is_partitioned(config.model_path):
+            check_layout(Manifest.read(Path(config.model_path)), layout, Path(config.model_path))
+    return config
+
+
+def save_partition(config: EngineConfig) -> EngineConfig:
+    """option.save_mp_checkpoint_path (DJL's name): partition the model there for these degrees once,
+    then serve from the partition (a start that finds a matching one reuses it)."""
+    from engines.parallel.partition import Manifest, is_partitioned, write_partition
+
+    target = config.extra.get("save_mp_checkpoint_path")
+    if not target or is_partitioned(config.model_path):
+        return config
+    degrees = (config.tensor_parallel_degree, config.pipeline_parallel_degree)
+    if is_partitioned(target):
+        manifest = Manifest.read(Path(target))
+        if (manifest.tensor_parallel_degree, manifest.pipeline_parallel_degree) == degrees:
+            log.info("Serving the partition already in %s", target)
+            return dataclasses.replace(config, model_path=target)
+    write_partition(config.model_path, target, *degrees, dtype=config.dtype)
+    return dataclasses.replace(config, model_path=target)
+
+
 def _rank_device(config: EngineConfig, layout: Any) -> str:
     """This rank's device: the CPU, or the GPU after option.device's index by its local rank."""
     device = resolve_device(config.device)
@@ -170,7 +216,7 @@ def _rank_device(config: EngineConfig, layout: Any) -> str:
     return f"cuda:{base + local}"
 
 
-def _distributed_defaults(config: EngineConfig) -> EngineConfig:
+def distributed_config(config: EngineConfig) -> EngineConfig:
     """Check the node split and fix the rendezvous (a free local port when none is given)."""
     world = config.tensor_parallel_degree * config.pipeline_parallel_degree
     if config.nnodes < 1 or world % config.nnodes:
@@ -200,12 +246,12 @@ def _start_local_followers(config: EngineConfig) -> tuple[Any, int]:
 
     world = config.tensor_parallel_degree * config.pipeline_parallel_degree
     per_node = world // config.nnodes
-    threads = _rank_threads(config, per_node)
+    threads = rank_threads(config, per_node)
     rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port))
     return start_followers(config, list(range(1, per_node)), rendezvous, threads), threads
 
 
-def _rank_threads(config: EngineConfig, ranks_here: int) -> int:
+def rank_threads(config: EngineConfig, ranks_here: int) -> int:
     """option.num_threads per rank, else the cores split between every rank of every worker here."""
     if config.num_threads is not None:
         return config.num_threads

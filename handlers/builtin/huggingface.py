@@ -90,6 +90,12 @@ def engine_config(properties: dict[str, str], options: dict[str, Any] | None = N
         gpu_memory_utilization=typed["gpu_memory_utilization"],
         enforce_eager=typed["enforce_eager"],
         async_scheduling=typed["async_scheduling"],
+        tensor_parallel_degree=typed["tensor_parallel_degree"],
+        pipeline_parallel_degree=typed["pipeline_parallel_degree"],
+        nnodes=typed["nnodes"],
+        node_rank=typed["node_rank"],
+        master_addr=typed["master_addr"],
+        master_port=typed["master_port"],
         extra=dict(properties),
     )
 

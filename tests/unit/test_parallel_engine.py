@@ -1,0 +1,136 @@
+"""Tensor and pipeline parallelism against one process: the same tokens, event for event.
+
+Each parallel engine is a real group: rank 0 in this process, the other ranks as
+engines.parallel.follower processes joined over gloo. Tiny seeded random Llama (4 heads, 2 KV heads:
+KV heads split), Qwen2 (q/k/v biases, tied embeddings, 1 KV head: replicated) and Mistral models in
+fp32 run a workload with requests joining a running batch, chunked prompts, n=2 forks (a block copy on
+every rank), prompt log-probabilities (chosen rows) and top alternatives.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import tiny_model_script
+
+from engines.base import EngineConfig, EngineLoadError
+from engines.rolling.factory import create_rolling_engine
+from engines.types import GenerationRequest, SamplingParams
+
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+"""(tensor_parallel_degree, pipeline_parallel_degree) compared with (1, 1)."""
+
+
+def _qwen2(dest):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(param, std=0.5)
+    model.save_pretrained(dest)
+    tiny_model_script().build_tokenizer("llama").save_pretrained(dest)
+    return dest
+
+
+def _mistral(dest):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = MistralForCausalLM(config)
+        for param in model.parameters():
+            torch.nn.init.normal_(param, std=0.3)
+    model.save_pretrained(dest)
+    tiny_model_script().build_tokenizer("llama").save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def model_path(request, tmp_path_factory) -> str:
+    dest = tmp_path_factory.mktemp(request.param)
+    if request.param == "llama":
+        return str(tiny_model_script().make_tiny_model("llama", dest, seed=0))
+    return str(_qwen2(dest) if request.param == "qwen2" else _mistral(dest))
+
+
+def engine_for(path: str, tp: int, pp: int, **fields):
+    config = EngineConfig(
+        model_path=path, dtype="fp32", kernels="torch", max_model_len=96, max_rolling_batch_size=6,
+        block_size=16, max_rolling_batch_prefill_tokens=24, tensor_parallel_degree=tp,
+        pipeline_parallel_degree=pp, **fields,
+    )  # fmt: skip
+    return create_rolling_engine(config)
+
+
+def workload() -> dict[int, list[GenerationRequest]]:
+    greedy = SamplingParams(max_new_tokens=14, ignore_eos=True, top_logprobs=2)
+    return {
+        0: [
+            GenerationRequest("long", list(range(3, 60)), greedy),  # 57 tokens: three prefill chunks
+            GenerationRequest("short", [5, 6, 7], SamplingParams(max_new_tokens=10, ignore_eos=True)),
+        ],
+        3: [
+            GenerationRequest("forked", list(range(60, 81)), SamplingParams(max_new_tokens=8, n=2)),
+            GenerationRequest(
+                "scored", list(range(90, 110)), SamplingParams(max_new_tokens=6, prompt_logprobs=True)
+            ),
+        ],
+        7: [GenerationRequest("late", [11, 12, 13, 14], SamplingParams(max_new_tokens=9, ignore_eos=True))],
+    }
+
+
+def run(engine) -> dict[tuple[str, int], list[tuple]]:
+    """Every completion's events, driving the engine until idle."""
+    schedule, events, call = workload(), [], 0
+    while call <= max(schedule) or engine.running:
+        events += engine.step(schedule.get(call, []), [])
+        call += 1
+        assert call < 300, "the engine never went idle"
+    out: dict[tuple[str, int], list[tuple]] = {}
+    for e in events:
+        prompt = tuple(round(lp, 3) for _, _, lp in e.prompt_tokens if lp is not None)
+        row = (e.token_id, e.finish_reason, tuple(t for t, _ in e.top_logprobs), round(e.logprob, 3), prompt)
+        out.setdefault((e.request_id, e.index), []).append(row)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    engine = engine_for(model_path, 1, 1)
+    try:
+        return run(engine)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(("tp", "pp"), LAYOUTS, ids=[f"tp{t}-pp{p}" for t, p in LAYOUTS])
+def test_parallel_group_matches_one_process(model_path, reference, tp, pp):
+    engine = engine_for(model_path, tp, pp)
+    try:
+        assert engine.group is not None and engine.model.plan.layout.world_size == tp * pp
+        got = run(engine)
+    finally:
+        engine.close()
+    assert set(got) == set(reference)
+    assert sum(len(v) for v in reference.values()) > 50  # the workload really generated
+    for key, events in reference.items():
+        assert got[key] == events, key
+
+
+def test_degree_not_dividing_the_heads_fails_before_any_rank_starts(tmp_path):
+    path = str(tiny_model_script().make_tiny_model("llama", tmp_path, seed=0))
+    with pytest.raises(EngineLoadError, match=r"num_attention_heads=4 is not divisible by tensor_parallel_degree=3"):
+        engine_for(path, 3, 1)
+    with pytest.raises(EngineLoadError, match=r"num_hidden_layers=2 is fewer than pipeline_parallel_degree=3"):
+        engine_for(path, 1, 3)
