@@ -118,7 +118,8 @@ def reference(model_path):
 def test_parallel_group_matches_one_process(model_path, reference, tp, pp):
     engine = engine_for(model_path, tp, pp)
     try:
-        assert engine.group is not None and engine.model.plan.layout.world_size == tp * pp
+        assert engine.group is not None
+        assert engine.model.plan.layout.world_size == tp * pp
         got = run(engine)
     finally:
         engine.close()
@@ -130,7 +131,9 @@ def test_parallel_group_matches_one_process(model_path, reference, tp, pp):
 
 def test_degree_not_dividing_the_heads_fails_before_any_rank_starts(tmp_path):
     path = str(tiny_model_script().make_tiny_model("llama", tmp_path, seed=0))
-    with pytest.raises(EngineLoadError, match=r"num_attention_heads=4 is not divisible by tensor_parallel_degree=3"):
+    heads = r"num_attention_heads=4 is not divisible by tensor_parallel_degree=3"
+    with pytest.raises(EngineLoadError, match=heads):
         engine_for(path, 3, 1)
-    with pytest.raises(EngineLoadError, match=r"num_hidden_layers=2 is fewer than pipeline_parallel_degree=3"):
+    layers = r"num_hidden_layers=2 is fewer than pipeline_parallel_degree=3"
+    with pytest.raises(EngineLoadError, match=layers):
         engine_for(path, 1, 3)

@@ -31,7 +31,8 @@ def test_ranks_are_stage_major():
 @pytest.mark.parametrize(("layers", "stages"), [(5, 2), (4, 4), (7, 3), (2, 1)])
 def test_stages_cover_every_layer_once_in_order(layers, stages):
     ranges = [stage_layers(layers, stages, s) for s in range(stages)]
-    assert ranges[0][0] == 0 and ranges[-1][1] == layers
+    assert ranges[0][0] == 0
+    assert ranges[-1][1] == layers
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
     sizes = [b - a for a, b in ranges]
     assert max(sizes) - min(sizes) <= 1
@@ -70,7 +71,8 @@ def test_split_rules_name_the_megatron_layout():
 def test_stages_hold_their_layers_and_the_ends():
     first, last = plans(1, 2)
     assert (first.layer_start, first.layer_stop, last.layer_start, last.layer_stop) == (0, 3, 3, 5)
-    assert first.holds_embedding and not last.holds_embedding
+    assert first.holds_embedding
+    assert not last.holds_embedding
 
 
 @pytest.mark.parametrize(
