@@ -65,7 +65,9 @@ class ShardPlan:
     full: LlamaSpec
     local: LlamaSpec
     """The spec of this rank's part: its heads, kv heads and MLP width (hidden and vocab stay full)."""
+    q_head_start: int
     kv_head_start: int
+    mlp_start: int
     vocab_start: int
     vocab_shard: int
     """Rows of the embedding / LM head shard (the last shard is padded with zero rows)."""
@@ -85,20 +87,33 @@ class ShardPlan:
 
     @classmethod
     def build(cls, spec: LlamaSpec, layout: ParallelLayout) -> ShardPlan:
+        """With at least as many KV heads as ranks, each rank takes a contiguous run of KV heads with
+        their query heads (uneven when they do not divide: SmolLM2's 3 KV heads over 2 ranks are 2 + 1);
+        with fewer, the query heads split evenly and each rank keeps the one KV head they read."""
         check_degrees(spec, layout)
         tp, r = layout.tensor_parallel, layout.tp_rank
-        heads = spec.num_heads // tp
-        if spec.num_kv_heads >= tp:
-            kv_heads, kv_start = spec.num_kv_heads // tp, r * (spec.num_kv_heads // tp)
+        kv = spec.num_kv_heads
+        if kv >= tp:
+            kv_start, kv_stop = r * kv // tp, (r + 1) * kv // tp
+            group = spec.num_heads // kv
+            q_start, heads, kv_heads = kv_start * group, (kv_stop - kv_start) * group, kv_stop - kv_start
         else:  # replicated: rank r's query heads all read kv head r * kv / tp
-            kv_heads, kv_start = 1, r * spec.num_kv_heads // tp
-        local = dataclasses.replace(
-            spec, num_heads=heads, num_kv_heads=kv_heads, intermediate_size=spec.intermediate_size // tp
-        )
-        vocab_shard = -(-spec.vocab_size // tp)
+            heads = spec.num_heads // tp
+            q_start, kv_heads, kv_start = r * heads, 1, r * kv // tp
+        inter = spec.intermediate_size
+        mlp_start, mlp_stop = r * inter // tp, (r + 1) * inter // tp
         start, stop = stage_layers(spec.num_layers, layout.pipeline_parallel, layout.stage)
-        local = dataclasses.replace(local, num_layers=stop - start)
-        return cls(layout, spec, local, kv_start, r * vocab_shard, vocab_shard, start, stop)
+        local = dataclasses.replace(
+            spec,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            intermediate_size=mlp_stop - mlp_start,
+            num_layers=stop - start,
+        )
+        vocab_shard = -(-spec.vocab_size // tp)  # equal shards: the logits are all-gathered
+        return cls(
+            layout, spec, local, q_start, kv_start, mlp_start, r * vocab_shard, vocab_shard, start, stop
+        )
 
 
 def stage_layers(num_layers: int, stages: int, stage: int) -> tuple[int, int]:
@@ -114,19 +129,17 @@ def check_degrees(spec: LlamaSpec, layout: ParallelLayout) -> None:
     if tp < 1 or pp < 1:
         raise EngineLoadError(f"Parallel degrees must be at least 1 ({layout.describe()})")
     problems = []
-    if spec.num_heads % tp:
+    kv = spec.num_kv_heads
+    if kv < tp and tp % kv:
+        problems.append(
+            f"num_key_value_heads={kv} is fewer than tensor_parallel_degree={tp} and does not divide it"
+        )
+    elif kv < tp and spec.num_heads % tp:
         problems.append(
             f"num_attention_heads={spec.num_heads} is not divisible by tensor_parallel_degree={tp}"
         )
-    kv = spec.num_kv_heads
-    if kv % tp and tp % kv:
-        problems.append(
-            f"num_key_value_heads={kv} neither divides nor is divisible by tensor_parallel_degree={tp}"
-        )
-    if spec.intermediate_size % tp:
-        problems.append(
-            f"intermediate_size={spec.intermediate_size} is not divisible by tensor_parallel_degree={tp}"
-        )
+    if spec.intermediate_size < tp:
+        problems.append(f"intermediate_size={spec.intermediate_size} is below tensor_parallel_degree={tp}")
     if spec.num_layers < pp:
         problems.append(f"num_hidden_layers={spec.num_layers} is fewer than pipeline_parallel_degree={pp}")
     if problems:

@@ -20,22 +20,24 @@ ROWS, COLUMNS, FIRST_RANK, VOCAB, WHOLE = "rows", "columns", "first", "vocab", "
 def split_rule(name: str, plan: ShardPlan) -> tuple[str, int, int]:
     """(how, start, stop) for an HF tensor name: rows/columns [start, stop), the vocabulary shard,
     whole (replicated), or first (a row-parallel bias: rank 0 adds it once, the others hold zeros)."""
-    local, r, head_dim = plan.local, plan.layout.tp_rank, plan.full.head_dim
-    q, kv, inter = local.q_size, local.kv_size, local.intermediate_size
-    kv_start = plan.kv_head_start * head_dim
+    local, head_dim = plan.local, plan.full.head_dim
+    q_start, q_stop = plan.q_head_start * head_dim, plan.q_head_start * head_dim + local.q_size
+    kv_start, kv_stop = plan.kv_head_start * head_dim, plan.kv_head_start * head_dim + local.kv_size
+    mlp_start, mlp_stop = plan.mlp_start, plan.mlp_start + local.intermediate_size
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
         return VOCAB, plan.vocab_start, plan.vocab_start + plan.vocab_shard
     if ".self_attn.q_proj." in name:
-        return ROWS, r * q, (r + 1) * q
+        return ROWS, q_start, q_stop
     if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-        return ROWS, kv_start, kv_start + kv
-    if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
-        width = q if "o_proj" in name else inter
-        return COLUMNS, r * width, (r + 1) * width
+        return ROWS, kv_start, kv_stop
+    if name.endswith("self_attn.o_proj.weight"):
+        return COLUMNS, q_start, q_stop
+    if name.endswith("mlp.down_proj.weight"):
+        return COLUMNS, mlp_start, mlp_stop
     if name.endswith(("self_attn.o_proj.bias", "mlp.down_proj.bias")):
         return FIRST_RANK, 0, 0
     if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
-        return ROWS, r * inter, (r + 1) * inter
+        return ROWS, mlp_start, mlp_stop
     return WHOLE, 0, 0
 
 

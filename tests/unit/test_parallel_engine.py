@@ -131,7 +131,7 @@ def test_parallel_group_matches_one_process(model_path, reference, tp, pp):
 
 def test_degree_not_dividing_the_heads_fails_before_any_rank_starts(tmp_path):
     path = str(tiny_model_script().make_tiny_model("llama", tmp_path, seed=0))
-    heads = r"num_attention_heads=4 is not divisible by tensor_parallel_degree=3"
+    heads = r"num_key_value_heads=2 is fewer than tensor_parallel_degree=3 and does not divide it"
     with pytest.raises(EngineLoadError, match=heads):
         engine_for(path, 3, 1)
     layers = r"num_hidden_layers=2 is fewer than pipeline_parallel_degree=3"

@@ -51,6 +51,20 @@ def test_kv_heads_replicated_for_the_query_heads_each_rank_holds():
     assert plans(4)[0].replicated_kv
 
 
+def test_kv_heads_that_do_not_divide_split_unevenly_with_their_query_heads():
+    # SmolLM2-135M: 9 query heads in 3 groups, 2 ranks -> 1 + 2 KV heads, 3 + 6 query heads
+    import dataclasses
+
+    spec = dataclasses.replace(SPEC, num_heads=9, num_kv_heads=3, intermediate_size=1536)
+    got = [ShardPlan.build(spec, ParallelLayout(2, 1, r)) for r in range(2)]
+    assert [(p.q_head_start, p.local.num_heads, p.kv_head_start, p.local.num_kv_heads) for p in got] == [
+        (0, 3, 0, 1),
+        (3, 6, 1, 2),
+    ]
+    assert [(p.mlp_start, p.local.intermediate_size) for p in got] == [(0, 768), (768, 768)]
+    assert split_rule("model.layers.0.self_attn.o_proj.weight", got[1]) == (COLUMNS, 24, 72)
+
+
 def test_vocabulary_shards_cover_the_vocabulary_with_padding():
     shards = [(p.vocab_start, p.vocab_shard) for p in plans(2)]
     assert shards == [(0, 51), (51, 51)]  # 102 rows hold 101 tokens: one zero row of padding
@@ -78,9 +92,15 @@ def test_stages_hold_their_layers_and_the_ends():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"num_heads": 6}, "num_attention_heads=6 is not divisible by tensor_parallel_degree=4"),
-        ({"num_kv_heads": 3, "num_heads": 12}, "num_key_value_heads=3 neither divides"),
-        ({"intermediate_size": 90}, "intermediate_size=90 is not divisible"),
+        (
+            {"num_heads": 6, "num_kv_heads": 2},
+            "num_attention_heads=6 is not divisible by tensor_parallel_degree=4",
+        ),
+        (
+            {"num_kv_heads": 3, "num_heads": 12},
+            "num_key_value_heads=3 is fewer than tensor_parallel_degree=4",
+        ),
+        ({"intermediate_size": 3}, "intermediate_size=3 is below tensor_parallel_degree=4"),
     ],
 )
 def test_degrees_that_do_not_fit_name_the_numbers(change, message):
