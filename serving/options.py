@@ -294,6 +294,10 @@ _MODEL = [
                    "or a share of the CPU cores); `max`: every visible GPU. The HF handler spreads layers "
                    "over that many GPUs (`device_map`).",
                parse=_degree, expected="a positive integer or max"),
+    OptionSpec("option.device_map", str, None,
+               doc="HF handler on GPUs: accelerate's `device_map` (`auto`, `balanced`, `sequential`, or a "
+                   "JSON map) for models the native engine does not run; `tensor_parallel_degree` > 1 "
+                   "means `auto` over that many GPUs."),
     OptionSpec("option.pipeline_parallel_degree", int, 1,
                doc="Native engine: stages the layers are split into (micro-batched); the group has "
                    "tensor x pipeline ranks."),
@@ -336,7 +340,6 @@ COMPAT_KEYS = frozenset(
     {"load_on_devices", "max_idle_time", "gpu.minWorkers", "gpu.maxWorkers", "reserved_memory_mb",
      "gpu.required_memory_mb", "gpu.reserved_memory_mb", "log_request_metric", "metrics_aggregation",
      "metric_dimension", "translatorFactory", "health_check_override", "prometheus", "features",
-     "option.device_map",
      "option.quantize", "option.enable_streaming", "option.pythonExecutable", "option.parallel_loading",
      "option.mpi_mode", "option.async_mode", "option.low_cpu_mem_usage", "option.normalize",
      "option.max_num_seqs", "option.chat_template",

@@ -259,7 +259,9 @@ def load_model(
     except (OSError, ValueError, KeyError) as error:
         raise EngineLoadError(f"Cannot load {checkpoint.describe()} as {spec.auto_class}: {error}") from error
     if placement:
-        check_placement(getattr(model, "hf_device_map", None) or {}, placement)
+        # transformers only dispatches (and sets hf_device_map) when the modules landed on several devices.
+        whole = {"": model.device.index if model.device.type == "cuda" else model.device.type}
+        check_placement(getattr(model, "hf_device_map", None) or whole, placement)
     elif config.device != "cpu":
         model.to(config.device)
     return model.eval()

@@ -11,6 +11,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ class ParallelComm:
 
     layout: ParallelLayout = field(default_factory=ParallelLayout)
     tp_group: Any = None
+    shm: Any = None
+    """engines.parallel.shm.ShmGroup when the tensor-parallel group shares this machine's memory."""
     reduce_seconds: float = 0.0
     """Time spent in all-reduces and all-gathers since start (the communication share of a step)."""
 
@@ -55,7 +58,10 @@ class ParallelComm:
         import torch.distributed as dist
 
         started = time.perf_counter()
-        dist.all_reduce(tensor, group=self.tp_group)
+        if self.shm is not None and self.shm.fits(tensor):
+            self.shm.all_reduce(tensor)
+        else:
+            dist.all_reduce(tensor, group=self.tp_group)
         self.reduce_seconds += time.perf_counter() - started
         return tensor
 
@@ -66,10 +72,14 @@ class ParallelComm:
         import torch.distributed as dist
 
         started = time.perf_counter()
-        parts = [torch.empty_like(tensor) for _ in range(self.layout.tensor_parallel)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
+        if self.shm is not None and self.shm.fits(tensor):
+            gathered = self.shm.all_gather_last(tensor)
+        else:
+            parts = [torch.empty_like(tensor) for _ in range(self.layout.tensor_parallel)]
+            dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
+            gathered = torch.cat(parts, dim=-1)
         self.reduce_seconds += time.perf_counter() - started
-        return torch.cat(parts, dim=-1)
+        return gathered
 
     def send(self, tensor: torch.Tensor, rank: int) -> Any:
         """Start sending to a global rank; wait on the returned work before reusing ``tensor``."""
@@ -112,7 +122,11 @@ class ParallelComm:
 
 
 def init_comm(
-    layout: ParallelLayout, rendezvous: Rendezvous, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
+    layout: ParallelLayout,
+    rendezvous: Rendezvous,
+    device: torch.device,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    shared_memory: bool = False,
 ) -> ParallelComm:
     """Join the group (blocks until every rank has) and build every stage's tensor-parallel group.
 
@@ -139,5 +153,36 @@ def init_comm(
             group = dist.new_group(layout.stage_ranks(stage))
             if stage == layout.stage:
                 tp_group = group
-    log.info("Rank %d/%d joined (%s, %s)", layout.rank, layout.world_size, backend, layout.describe())
-    return ParallelComm(layout, tp_group)
+    shm = (
+        _shared_memory_group(layout, rendezvous, tp_group) if shared_memory and device.type == "cpu" else None
+    )
+    log.info(
+        "Rank %d/%d joined (%s%s, %s)",
+        layout.rank,
+        layout.world_size,
+        backend,
+        " + shared-memory all-reduce" if shm is not None else "",
+        layout.describe(),
+    )
+    return ParallelComm(layout, tp_group, shm)
+
+
+def _shared_memory_group(layout: ParallelLayout, rendezvous: Rendezvous, tp_group: Any) -> Any:
+    """The group's slots in /dev/shm: its first rank creates the file, every rank maps it, and the file
+    is unlinked at once so that nothing outlives the group, however its ranks die."""
+    if layout.tensor_parallel == 1:
+        return None
+    import torch.distributed as dist
+
+    from engines.parallel.shm import ShmGroup
+
+    path = Path("/dev/shm") / f"lmi-tp-{rendezvous.address}-{rendezvous.port}-{layout.stage}"
+    first = layout.tp_rank == 0
+    group = ShmGroup(path, layout.tensor_parallel, layout.tp_rank, create=True) if first else None
+    dist.barrier(group=tp_group)
+    if not first:
+        group = ShmGroup(path, layout.tensor_parallel, layout.tp_rank, create=False)
+    dist.barrier(group=tp_group)
+    if first:
+        path.unlink(missing_ok=True)
+    return group

@@ -141,7 +141,9 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
     comm = None
     if layout.world_size > 1:
         rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port or 0))
-        comm = init_comm(layout, rendezvous, torch.device(device))
+        per_node = layout.world_size // config.nnodes
+        same_node = per_node % layout.tensor_parallel == 0  # each TP group lies on one machine
+        comm = init_comm(layout, rendezvous, torch.device(device), shared_memory=same_node)
     model, hf_config = load_llama(
         config.model_path, dtype, device, max_model_len, ops=ops, layout=layout, comm=comm
     )

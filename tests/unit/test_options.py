@@ -213,9 +213,9 @@ def test_unknown_keys_warn_with_the_closest_known_key(caplog, variable, key, sug
 
 def test_compat_keys_are_accepted_without_a_warning(caplog):
     with caplog.at_level(logging.INFO, logger="serving.config"):
-        load_config(None, {"OPTION_TENSOR_PARALLEL_DEGREE": "max"})
+        load_config(None, {"OPTION_MPI_MODE": "true"})
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert "'option.tensor_parallel_degree' is accepted for DJL compatibility" in caplog.text
+    assert "'option.mpi_mode' is accepted for DJL compatibility" in caplog.text
 
 
 # ---- lmi serve ----------------------------------------------------------------------------------
