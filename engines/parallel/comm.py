@@ -45,15 +45,17 @@ class ParallelComm:
     shm: Any = None
     """engines.parallel.shm.ShmGroup when the tensor-parallel group shares this machine's memory."""
     reduce_seconds: float = 0.0
+    forced: bool = False
+    """Run the collectives even in a group of one (tests of the NCCL path on a single GPU)."""
     """Time spent in all-reduces and all-gathers since start (the communication share of a step)."""
 
     @property
     def distributed(self) -> bool:
-        return self.layout.world_size > 1
+        return self.layout.world_size > 1 or self.forced
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the tensor-parallel group, in place."""
-        if self.layout.tensor_parallel == 1:
+        if self.layout.tensor_parallel == 1 and not self.forced:
             return tensor
         import torch.distributed as dist
 
@@ -67,7 +69,7 @@ class ParallelComm:
 
     def all_gather_last(self, tensor: torch.Tensor) -> torch.Tensor:
         """[..., n] on every rank -> [..., tp x n], rank order (the vocabulary shards of the logits)."""
-        if self.layout.tensor_parallel == 1:
+        if self.layout.tensor_parallel == 1 and not self.forced:
             return tensor
         import torch.distributed as dist
 
@@ -127,11 +129,12 @@ def init_comm(
     device: torch.device,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     shared_memory: bool = False,
+    force: bool = False,
 ) -> ParallelComm:
     """Join the group (blocks until every rank has) and build every stage's tensor-parallel group.
 
     Every rank creates every stage's group, in the same order, as torch.distributed requires."""
-    if layout.world_size == 1:
+    if layout.world_size == 1 and not force:
         return ParallelComm(layout)
     import torch.distributed as dist
 
@@ -164,7 +167,7 @@ def init_comm(
         " + shared-memory all-reduce" if shm is not None else "",
         layout.describe(),
     )
-    return ParallelComm(layout, tp_group, shm)
+    return ParallelComm(layout, tp_group, shm, forced=force)
 
 
 def _shared_memory_group(layout: ParallelLayout, rendezvous: Rendezvous, tp_group: Any) -> Any:

@@ -137,3 +137,38 @@ def test_degree_not_dividing_the_heads_fails_before_any_rank_starts(tmp_path):
     layers = r"num_hidden_layers=2 is fewer than pipeline_parallel_degree=3"
     with pytest.raises(EngineLoadError, match=layers):
         engine_for(path, 1, 3)
+
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_collectives_in_a_group_of_one_equal_the_plain_model(tmp_path, device):
+    """Every collective of the model's forward and rank 0's step broadcast run (NCCL on a GPU, gloo on
+    the CPU, in a group of one, forced), and the logits equal the model's without any group."""
+    import torch.distributed as dist
+    from support import free_port
+
+    from engines.llama.batch import ForwardBatch
+    from engines.llama.weights import load_llama
+    from engines.parallel.comm import Rendezvous, init_comm
+    from engines.parallel.group import LeaderModel
+    from engines.parallel.layout import ParallelLayout
+
+    path = str(tiny_model_script().make_tiny_model("llama", tmp_path, seed=0))
+    plain, _ = load_llama(path, torch.float32, device, max_model_len=64)
+    comm = init_comm(ParallelLayout(), Rendezvous("127.0.0.1", free_port()), torch.device(device), force=True)
+    try:
+        assert dist.get_backend() == ("nccl" if device == "cuda" else "gloo")
+        grouped, _ = load_llama(path, torch.float32, device, max_model_len=64, comm=comm)
+        leader = LeaderModel(grouped, comm)
+        inputs = [([0, 1], list(range(5, 25)), 0), ([2], [7, 8, 9], 0)]
+        got = leader(ForwardBatch.build(inputs, 16, device), grouped.make_cache(4, 16))
+        want = plain(ForwardBatch.build(inputs, 16, device), plain.make_cache(4, 16))
+        torch.testing.assert_close(got, want)
+        assert comm.reduce_seconds > 0  # the all-reduces ran
+    finally:
+        dist.destroy_process_group()
