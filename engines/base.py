@@ -72,6 +72,9 @@ class EngineConfig:
     master_addr: str | None = None
     """Where the ranks meet (torchrun's MASTER_ADDR); None: this machine, a free port."""
     master_port: int | None = None
+    worker_index: int = 0
+    """This model worker's index among minWorkers: a parallel group on GPUs takes the index-th run of
+    per-node GPUs, so several groups on one machine get disjoint devices."""
     extra: dict[str, str] = field(default_factory=dict)
     """Every init property as a string (option.* without the prefix), for settings no field covers."""
 

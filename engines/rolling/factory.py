@@ -208,11 +208,12 @@ def _rank_device(config: EngineConfig, layout: Any) -> str:
         return device
     per_node = layout.world_size // config.nnodes
     local = layout.rank % per_node
-    base = torch.device(device).index or 0
+    base = (torch.device(device).index or 0) + config.worker_index * per_node
     if base + per_node > torch.cuda.device_count():
         raise EngineLoadError(
-            f"{layout.describe()} needs {per_node} GPUs per node from cuda:{base}, but "
-            f"{torch.cuda.device_count()} are visible. Fix: lower the degrees or check CUDA_VISIBLE_DEVICES."
+            f"Model worker {config.worker_index}'s group ({layout.describe()}) needs {per_node} GPUs from "
+            f"cuda:{base}, but {torch.cuda.device_count()} are visible. Fix: lower the degrees or minWorkers "
+            "(each worker's group takes its own GPUs), or check CUDA_VISIBLE_DEVICES."
         )
     torch.cuda.set_device(base + local)
     return f"cuda:{base + local}"

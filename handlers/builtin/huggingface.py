@@ -96,6 +96,7 @@ def engine_config(properties: dict[str, str], options: dict[str, Any] | None = N
         node_rank=typed["node_rank"],
         master_addr=typed["master_addr"],
         master_port=typed["master_port"],
+        worker_index=int(os.environ.get("LMI_WORKER_INDEX", "0")),
         extra=dict(properties),
     )
 
