@@ -107,6 +107,25 @@ def check_layout(manifest: Manifest, layout: ParallelLayout, directory: Path) ->
         )
 
 
+def partition_dtype(manifest: Manifest, requested: Any, explicit: bool) -> Any:
+    """The dtype to serve a partition in: the requested one when the partition holds it exactly (the
+    same dtype, or fp32 to convert down); option.dtype=auto falls back to the partition's; an explicit
+    dtype the stored weights cannot give (bf16 weights served as fp32) is refused."""
+    import torch
+
+    stored = getattr(torch, manifest.dtype)
+    if requested == stored or stored == torch.float32:
+        return requested
+    if not explicit:
+        return stored
+    name = str(requested).removeprefix("torch.")
+    raise EngineLoadError(
+        f"The partition stores {manifest.dtype} weights; option.dtype={name} would serve rounded weights "
+        f"as if they were {name}. Fix: set option.dtype={manifest.dtype} (or auto), or partition again "
+        f"with --dtype {name}."
+    )
+
+
 def load_partition(model: Any, directory: Path) -> None:
     """Fill ``model`` (one rank's LlamaModel) from its rank file; only that file is read."""
     from safetensors import safe_open
@@ -114,6 +133,7 @@ def load_partition(model: Any, directory: Path) -> None:
     manifest = Manifest.read(directory)
     layout = model.plan.layout
     check_layout(manifest, layout, directory)
+    partition_dtype(manifest, model.dtype, explicit=True)
     entry = next((f for f in manifest.files if f.rank == layout.rank), None)
     if entry is None:
         raise EngineLoadError(f"{directory / MANIFEST} lists no file for rank {layout.rank}")
@@ -178,7 +198,9 @@ def write_partition(
     source, output = Path(source), Path(output)
     if is_partitioned(source):
         raise EngineLoadError(f"{source} is already a partition; partition the original checkpoint")
-    torch_dtype = resolve_dtype(dtype, AutoConfig.from_pretrained(source), "cpu", True)
+    torch_dtype = resolve_dtype(
+        dtype, AutoConfig.from_pretrained(source), "cpu", False
+    )  # auto: the checkpoint's
     output.mkdir(parents=True, exist_ok=True)
     world = tensor_parallel * pipeline_parallel
     manifest = Manifest(
@@ -194,7 +216,7 @@ def write_partition(
         model, _ = load_llama(str(source), torch_dtype, "cpu", max_model_len=1, pack=False, layout=layout)
         tensors = {name: param.detach().contiguous() for name, param in model.named_parameters()}
         path = output / rank_file_name(rank, world)
-        save_file(tensors, str(path), metadata={"rank": str(rank), "world_size": str(world)})
+        save_file(tensors, str(path))  # no metadata: safetensors writes it in random order (unstable hashes)
         manifest.files.append(RankFile(rank, path.name, path.stat().st_size, file_sha256(path)))
         del model, tensors
     for name in COPIED_FILES:

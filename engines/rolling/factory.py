@@ -133,6 +133,11 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
     stored = AutoConfig.from_pretrained(config.model_path)
     plan = ShardPlan.build(LlamaSpec.from_hf(stored), layout)  # degrees checked before anyone loads
     dtype = resolve_dtype(config.dtype, stored, device, has_native_bf16(device))
+    from engines.parallel.partition import Manifest, is_partitioned, partition_dtype
+
+    if is_partitioned(config.model_path):
+        manifest = Manifest.read(Path(config.model_path))
+        dtype = partition_dtype(manifest, dtype, explicit=config.dtype.strip().lower() != "auto")
     try:
         local = plan.local
         ops = select_ops(config.kernels, device, (local.num_heads, local.num_kv_heads, local.head_dim))
@@ -186,7 +191,7 @@ def resolve_degrees(config: EngineConfig) -> EngineConfig:
 def save_partition(config: EngineConfig) -> EngineConfig:
     """option.save_mp_checkpoint_path (DJL's name): partition the model there for these degrees once,
     then serve from the partition (a start that finds a matching one reuses it)."""
-    from engines.parallel.partition import Manifest, is_partitioned, write_partition
+    from engines.parallel.partition import Manifest, is_partitioned, source_hash, write_partition
 
     target = config.extra.get("save_mp_checkpoint_path")
     if not target or is_partitioned(config.model_path):
@@ -194,9 +199,16 @@ def save_partition(config: EngineConfig) -> EngineConfig:
     degrees = (config.tensor_parallel_degree, config.pipeline_parallel_degree)
     if is_partitioned(target):
         manifest = Manifest.read(Path(target))
-        if (manifest.tensor_parallel_degree, manifest.pipeline_parallel_degree) == degrees:
-            log.info("Serving the partition already in %s", target)
+        same_source = manifest.source_sha256 == source_hash(Path(config.model_path))
+        same_degrees = (manifest.tensor_parallel_degree, manifest.pipeline_parallel_degree) == degrees
+        explicit = config.dtype.strip().lower() != "auto"
+        from engines.hf.loading import resolve_dtype
+
+        wanted = str(resolve_dtype(config.dtype, None)).removeprefix("torch.") if explicit else manifest.dtype
+        if same_source and same_degrees and wanted == manifest.dtype:
+            log.info("Serving the partition of this model already in %s", target)
             return dataclasses.replace(config, model_path=target)
+        log.info("%s holds a partition of another model or for other degrees: partitioning again", target)
     write_partition(config.model_path, target, *degrees, dtype=config.dtype)
     return dataclasses.replace(config, model_path=target)
 

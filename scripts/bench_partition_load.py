@@ -1,0 +1,219 @@
+"""Engine start-up with tensor_parallel_degree=2: sharding the original checkpoint at load vs reading an
+ahead-of-time partition (``lmi partition``), on a random 1.1 B-parameter Llama-architecture model.
+
+Writes the checkpoint (bf16, one safetensors file written tensor by tensor: memory stays at one tensor),
+partitions it for tp=2 (timed), then times ``create_rolling_engine`` until it returns (rank 0 here, rank 1
+a follower process) and ``load_llama`` of rank 0 alone (the weights without the group or packing), from
+each folder in turn. ``warm``: the files are in the page cache (read just before); ``cold``: their pages
+were evicted with posix_fadvise(DONTNEED) first (no root needed; checked with fincore where installed),
+so the files come from the disk. Each figure is the median of --repeats runs, the two sources alternating,
+after one untimed engine start (the first in a process also pays one-time imports).
+
+    python scripts/bench_partition_load.py                      # ~3 min on 2 cores, 4.3 GiB of disk
+    python scripts/bench_partition_load.py --layers 2 --repeats 1   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engines.base import EngineConfig  # noqa: E402
+from engines.llama.weights import load_llama  # noqa: E402
+from engines.parallel.layout import ParallelLayout  # noqa: E402
+from engines.parallel.partition import write_partition  # noqa: E402
+from engines.rolling.factory import create_rolling_engine  # noqa: E402
+
+
+def llama_shapes(args: argparse.Namespace) -> dict[str, list[int]]:
+    """HF tensor name -> shape of a Llama checkpoint with untied embeddings."""
+    hidden, inter, head_dim = args.hidden, args.intermediate, args.hidden // args.heads
+    kv = args.kv_heads * head_dim
+    shapes = {"model.embed_tokens.weight": [args.vocab, hidden]}
+    for i in range(args.layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": [hidden],
+            p + "self_attn.q_proj.weight": [hidden, hidden],
+            p + "self_attn.k_proj.weight": [kv, hidden],
+            p + "self_attn.v_proj.weight": [kv, hidden],
+            p + "self_attn.o_proj.weight": [hidden, hidden],
+            p + "post_attention_layernorm.weight": [hidden],
+            p + "mlp.gate_proj.weight": [inter, hidden],
+            p + "mlp.up_proj.weight": [inter, hidden],
+            p + "mlp.down_proj.weight": [hidden, inter],
+        }
+    return shapes | {"model.norm.weight": [hidden], "lm_head.weight": [args.vocab, hidden]}
+
+
+def write_checkpoint(folder: Path, args: argparse.Namespace) -> int:
+    """config.json, a tokenizer and model.safetensors (bf16, std 0.02, norms 1); returns the parameters."""
+    folder.mkdir(parents=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer_script = Path(__file__).parent / "make_tiny_model.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_model", tokenizer_script)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.build_tokenizer("llama").save_pretrained(folder)  # any tokenizer: nothing is generated
+    shapes = llama_shapes(args)
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(torch.Size(shape).numel())
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    generator = torch.Generator().manual_seed(0)
+    with (folder / "model.safetensors").open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                tensor = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensor = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+            handle.write(tensor.view(torch.int16).numpy().tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    return sum(int(torch.Size(shape).numel()) for shape in shapes.values())
+
+
+def evict(folder: Path) -> str:
+    """Drop the folder's files from the page cache; returns what fincore says stays resident."""
+    subprocess.run(["sync"], check=False)
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    weights = sorted(str(p) for p in folder.glob("*.safetensors"))
+    if not shutil.which("fincore"):
+        return "unchecked (no fincore)"
+    out = subprocess.run(["fincore", "-b", "-n", "-o", "RES", *weights], capture_output=True, text=True)
+    return f"{sum(int(line) for line in out.stdout.split()) / 2**20:.0f} MiB resident"
+
+
+def warm(folder: Path) -> None:
+    for path in folder.glob("*.safetensors"):
+        with path.open("rb") as handle:
+            while handle.read(1 << 26):
+                pass
+
+
+def engine_seconds(folder: Path) -> float:
+    config = EngineConfig(
+        model_path=str(folder), tensor_parallel_degree=2, dtype="bf16", max_rolling_batch_size=1,
+        max_model_len=256,
+    )  # fmt: skip
+    started = time.perf_counter()
+    engine = create_rolling_engine(config)
+    seconds = time.perf_counter() - started
+    engine.close()
+    return seconds
+
+
+def rank0_seconds(folder: Path) -> float:
+    started = time.perf_counter()
+    model, _ = load_llama(str(folder), torch.bfloat16, "cpu", 256, pack=False, layout=ParallelLayout(2, 1, 0))
+    seconds = time.perf_counter() - started
+    del model
+    return seconds
+
+
+def measure(
+    what: Callable[[Path], float], folders: dict[str, Path], cache: str, repeats: int
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in folders}
+    for _ in range(repeats):
+        for name, folder in folders.items():
+            if cache == "cold":
+                state = evict(folder)
+            else:
+                warm(folder)
+                state = "warm"
+            times[name].append(what(folder))
+            print(f"  {what.__name__} {name} ({cache}, {state}): {times[name][-1]:.2f} s", flush=True)
+    return times
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--workdir", help="where the checkpoint and partition go (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the workdir")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--caches", nargs="+", choices=("warm", "cold"), default=["warm", "cold"])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=22, help="22: 1.12 B parameters at the defaults")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    args = parser.parse_args()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="lmi-bench-partition-"))
+    source, partition = root / "original", root / "partition-tp2"
+    try:
+        started = time.perf_counter()
+        params = write_checkpoint(source, args)
+        size = (source / "model.safetensors").stat().st_size
+        print(f"checkpoint: {params / 1e9:.3f} B parameters, {size / 2**30:.2f} GiB bf16, "
+              f"written in {time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
+        started = time.perf_counter()
+        manifest = write_partition(source, partition, 2, 1, "bf16")
+        cut = time.perf_counter() - started
+        sizes = ", ".join(f"{f.bytes / 2**30:.2f}" for f in manifest.files)
+        print(f"lmi partition tp=2: {cut:.1f} s ({sizes} GiB per rank file)", flush=True)
+        folders = {"original (runtime sharding)": source, "partition": partition}
+        warm_up = engine_seconds(partition)  # the first start in a process also pays one-time imports
+        print(f"untimed warm-up engine start: {warm_up:.2f} s", flush=True)
+        rows = []
+        for cache in args.caches:
+            for what in (engine_seconds, rank0_seconds):
+                times = measure(what, folders, cache, args.repeats)
+                rows.append((what, cache, {name: statistics.median(t) for name, t in times.items()}))
+        print_table(rows, params, cut, args.repeats)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def print_table(rows: list, params: int, cut: float, repeats: int) -> None:
+    labels = {
+        engine_seconds: "create_rolling_engine, TP=2 (2 processes)",
+        rank0_seconds: "load_llama rank 0 of 2 (weights only)",
+    }
+    print(f"\n{params / 1e9:.2f} B-param Llama, bf16, CPU, median of {repeats}, partitioned in {cut:.1f} s")
+    print(f"| {'what':<42} | cache | original s | partition s | original / partition |")
+    print(f"|{'-' * 44}|-------|------------|-------------|----------------------|")
+    for what, cache, medians in rows:
+        original, part = medians.values()
+        ratio = original / part
+        print(f"| {labels[what]:<42} | {cache:<5} | {original:>10.2f} | {part:>11.2f} | {ratio:>20.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Ahead-of-time partitions (engines.parallel.partition, ``lmi partition``): what the manifest records,
+that each rank's file loads the exact parameters runtime sharding gives, and the refusals.
+
+Tiny seeded random checkpoints in fp32: Llama (4 heads, 2 KV heads: split) and Qwen2 (q/k/v biases,
+tied embeddings, 1 KV head: replicated, 3 layers over 2 stages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from support import tiny_model_script
+
+from engines.base import EngineLoadError
+from engines.llama.weights import load_llama
+from engines.parallel.layout import ParallelLayout
+from engines.parallel.partition import MANIFEST, Manifest, rank_file_name, source_hash, write_partition
+from serving.cli import main
+
+DEGREES = [(2, 1), (2, 2)]
+
+
+def _qwen2(dest: Path) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(param, std=0.5)
+    model.save_pretrained(dest)
+    tiny_model_script().build_tokenizer("llama").save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return tiny_model_script().make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def sources(llama, tmp_path_factory) -> dict[str, Path]:
+    return {"llama": llama, "qwen2": _qwen2(tmp_path_factory.mktemp("qwen2"))}
+
+
+@pytest.fixture(scope="module")
+def partitions(sources, tmp_path_factory) -> dict[tuple, Path]:
+    """(model, tp, pp, dtype) -> partition folder."""
+    out = {}
+    for model, source in sources.items():
+        for tp, pp in DEGREES:
+            for dtype in ("fp32", "bf16"):
+                folder = tmp_path_factory.mktemp(f"{model}-tp{tp}-pp{pp}-{dtype}")
+                write_partition(source, folder, tp, pp, dtype)
+                out[model, tp, pp, dtype] = folder
+    return out
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(["partition", *argv])
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(("tp", "pp"), DEGREES)
+def test_manifest_records_degrees_dtype_and_each_files_size_and_hash(sources, partitions, tp, pp):
+    folder = partitions["llama", tp, pp, "fp32"]
+    manifest = Manifest.read(folder)
+    assert (manifest.tensor_parallel_degree, manifest.pipeline_parallel_degree) == (tp, pp)
+    assert manifest.dtype == "float32"
+    assert manifest.source == str(sources["llama"])
+    assert manifest.source_sha256 == source_hash(sources["llama"])
+    world = tp * pp
+    assert [(f.rank, f.file) for f in manifest.files] == [(r, rank_file_name(r, world)) for r in range(world)]
+    for entry in manifest.files:
+        data = (folder / entry.file).read_bytes()
+        assert entry.bytes == len(data)
+        assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [f.file for f in manifest.files]
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).read_bytes() == (sources["llama"] / name).read_bytes()
+    assert Manifest.read(partitions["llama", tp, pp, "bf16"]).dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize(("tp", "pp"), DEGREES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_rank_loads_bit_equal_to_runtime_sharding(sources, partitions, model, tp, pp, dtype):
+    folder = partitions[model, tp, pp, "fp32" if dtype == torch.float32 else "bf16"]
+    for rank in range(tp * pp):
+        layout = ParallelLayout(tp, pp, rank)
+        runtime, _ = load_llama(str(sources[model]), dtype, max_model_len=64, pack=False, layout=layout)
+        stored, _ = load_llama(str(folder), dtype, max_model_len=64, pack=False, layout=layout)
+        expected, got = dict(runtime.named_parameters()), dict(stored.named_parameters())
+        assert list(got) == list(expected)
+        for name, param in expected.items():
+            assert got[name].dtype == param.dtype, name
+            assert torch.equal(got[name], param), f"rank {rank}: {name}"
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (4, 1), (2, 2)])
+def test_other_degrees_are_refused_naming_both(partitions, tp, pp):
+    folder = partitions["llama", 2, 1, "fp32"]
+    with pytest.raises(EngineLoadError) as info:
+        load_llama(str(folder), max_model_len=64, layout=ParallelLayout(tp, pp, 0))
+    message = str(info.value)
+    assert "is partitioned for tensor_parallel_degree=2, pipeline_parallel_degree=1" in message
+    assert f"runs tensor_parallel_degree={tp}, pipeline_parallel_degree={pp}" in message
+    assert f"--tensor-parallel-degree {tp} --pipeline-parallel-degree {pp}" in message
+
+
+def test_a_truncated_or_missing_rank_file_is_refused(partitions, tmp_path):
+    folder = shutil.copytree(partitions["llama", 2, 1, "fp32"], tmp_path / "copy")
+    name = rank_file_name(1, 2)
+    size = (folder / name).stat().st_size
+    with (folder / name).open("r+b") as handle:
+        handle.truncate(size - 100)
+    layout = ParallelLayout(2, 1, 1)
+    with pytest.raises(EngineLoadError, match=f"{size - 100} bytes, the manifest says {size} bytes"):
+        load_llama(str(folder), max_model_len=64, layout=layout)
+    load_llama(str(folder), max_model_len=64, layout=layout.for_rank(0))  # rank 0 reads only its file
+    (folder / name).unlink()
+    with pytest.raises(EngineLoadError, match="is missing, the manifest says"):
+        load_llama(str(folder), max_model_len=64, layout=layout)
+
+
+def test_a_broken_manifest_is_refused(partitions, tmp_path):
+    folder = shutil.copytree(partitions["llama", 2, 1, "fp32"], tmp_path / "copy")
+    (folder / MANIFEST).write_text("{not json")
+    with pytest.raises(EngineLoadError, match="is not a valid partition manifest"):
+        load_llama(str(folder), max_model_len=64, layout=ParallelLayout(2, 1, 0))
+
+
+def test_cli_writes_a_partition_and_prints_the_manifest(llama, tmp_path, capsys):
+    output = tmp_path / "tp2pp2"
+    code, out, _ = _cli(
+        capsys, "--model-dir", str(llama), "--tensor-parallel-degree", "2", "--pipeline-parallel-degree",
+        "2", "--dtype", "fp32", "--output", str(output),
+    )  # fmt: skip
+    assert code == 0
+    manifest = Manifest.read(output)
+    assert (manifest.tensor_parallel_degree, manifest.pipeline_parallel_degree) == (2, 2)
+    assert "tensor_parallel_degree=2, pipeline_parallel_degree=2 (float32)" in out
+    for entry in manifest.files:
+        assert f"{entry.file}  {entry.bytes:>15,}  {entry.sha256[:16]}" in out
+    total = sum(entry.bytes for entry in manifest.files)
+    assert f"4 files, {total:,} bytes" in out
+    serve = "OPTION_TENSOR_PARALLEL_DEGREE=2 OPTION_PIPELINE_PARALLEL_DEGREE=2 lmi serve --model-dir"
+    assert f"{serve} {output}" in out
+
+
+def test_cli_refuses_a_non_empty_output_unless_forced(llama, tmp_path, capsys):
+    output = tmp_path / "out"
+    args = ["--model-dir", str(llama), "--dtype", "fp32", "--output", str(output)]
+    assert _cli(capsys, *args, "--tensor-parallel-degree", "2", "--pipeline-parallel-degree", "2")[0] == 0
+    code, _, err = _cli(capsys, *args, "--tensor-parallel-degree", "2")
+    assert code == 2
+    assert f"--output {output} exists and is not empty" in err
+    assert Manifest.read(output).pipeline_parallel_degree == 2  # untouched
+    assert _cli(capsys, *args, "--tensor-parallel-degree", "2", "--force")[0] == 0
+    assert Manifest.read(output).pipeline_parallel_degree == 1
+    assert sorted(p.name for p in output.glob("rank-*")) == [rank_file_name(r, 2) for r in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "message"),
+    [
+        (3, 1, "The parallel degrees do not fit this model: num_key_value_heads=2"),
+        (2, 3, "num_hidden_layers=2 is fewer than pipeline_parallel_degree=3"),
+    ],
+)
+def test_cli_refuses_degrees_that_do_not_fit(llama, tmp_path, capsys, tp, pp, message):
+    argv = ["--model-dir", str(llama), "--tensor-parallel-degree", str(tp)]
+    code, _, err = _cli(capsys, *argv, "--pipeline-parallel-degree", str(pp), "--output", str(tmp_path / "o"))
+    assert code == 2
+    assert message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_an_unsupported_architecture(tmp_path, capsys):
+    gpt2 = tiny_model_script().make_tiny_model("gpt2", tmp_path / "gpt2", seed=0)
+    argv = ["--model-dir", str(gpt2), "--tensor-parallel-degree", "2", "--output", str(tmp_path / "o")]
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2
+    assert "Architecture 'GPT2LMHeadModel' (model_type 'gpt2') is not supported" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_a_partition_a_missing_folder_and_its_own_source(llama, partitions, tmp_path, capsys):
+    cases = {
+        str(partitions["llama", 2, 1, "fp32"]): "is already a partition; partition the original checkpoint",
+        str(tmp_path / "absent"): "is not a folder, an s3:// URL or a Hub id",
+    }
+    for source, message in cases.items():
+        argv = ["--model-dir", source, "--tensor-parallel-degree", "2", "--output", str(tmp_path / "o")]
+        code, _, err = _cli(capsys, *argv)
+        assert (code, message in err) == (2, True), err
+    argv = ["--model-dir", str(llama), "--tensor-parallel-degree", "2", "--output", str(llama), "--force"]
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2
+    assert "--output is the source folder" in err
+    assert not (llama / MANIFEST).exists()
+
+
+def test_cli_help_lists_partition(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "partition" in capsys.readouterr().out
+
+
+def test_auto_keeps_the_checkpoints_dtype(llama, tmp_path):
+    assert write_partition(llama, tmp_path / "auto", 2).dtype == "float32"  # the tiny checkpoint is fp32
+
+
+def test_a_bf16_partition_is_not_served_as_fp32(partitions):
+    from engines.base import EngineLoadError
+
+    layout = ParallelLayout(2, 1, 0)
+    with pytest.raises(EngineLoadError, match="stores bfloat16 weights; option.dtype=float32"):
+        load_llama(str(partitions["llama", 2, 1, "bf16"]), torch.float32, max_model_len=64, layout=layout)
+    model, _ = load_llama(
+        str(partitions["llama", 2, 1, "fp32"]), torch.bfloat16, max_model_len=64, layout=layout
+    )
+    assert model.dtype == torch.bfloat16  # fp32 weights convert down exactly as the original's would
+
+
+def test_save_mp_checkpoint_path_partitions_again_for_another_model(sources, partitions, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from engines.base import EngineConfig
+    from engines.rolling.factory import save_partition
+
+    target = tmp_path / "saved"
+    shutil.copytree(partitions["qwen2", 2, 1, "fp32"], target)  # someone else's partition
+    config = EngineConfig(
+        model_path=str(sources["llama"]), dtype="fp32", tensor_parallel_degree=2,
+        extra={"save_mp_checkpoint_path": str(target)},
+    )  # fmt: skip
+    served = save_partition(config)
+    assert served.model_path == str(target)
+    assert Manifest.read(target).source == str(sources["llama"])
+    written = {f.name: f.stat().st_mtime_ns for f in target.glob("rank-*")}
+    reused = save_partition(replace(config, extra={"save_mp_checkpoint_path": str(target)}))
+    assert reused.model_path == str(target)
+    assert {f.name: f.stat().st_mtime_ns for f in target.glob("rank-*")} == written  # kept, not rewritten
