@@ -64,11 +64,13 @@ def cmdline(pid: int) -> str:
 
 
 def process_groups(main: int) -> dict[str, list[int]]:
-    """main (broker + supervisor), http (gunicorn front and its workers), worker (the model)."""
+    """main (broker + supervisor), http (gunicorn front and its workers), worker (the model: every rank
+    of a parallel group)."""
     groups: dict[str, list[int]] = {"main": [main], "http": [], "worker": []}
     for pid in descendants(main):
         line = cmdline(pid)
-        groups["worker" if "handlers.worker" in line else "http"].append(pid)
+        model = "handlers.worker" in line or "engines.parallel.follower" in line
+        groups["worker" if model else "http"].append(pid)
     return groups
 
 
