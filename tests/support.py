@@ -164,3 +164,45 @@ def paged_attention_case(
     fused = torch.randn(sum(query_lens), heads + 2 * kv_heads, head_dim, generator=generator)
     meta = PagedAttentionMeta.build(tables, query_lens, context_lens)
     return fused.to(dtype)[:, :heads], cache_k.to(dtype), cache_v.to(dtype), meta
+
+
+def tiny_qwen2(dest: Path) -> Path:
+    """A seeded random Qwen2: q/k/v biases (random, not zero), tied embeddings, 1 KV head, 3 layers."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = tiny_model_script().build_tokenizer("llama")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+        for name, param in model.named_parameters():
+            torch.nn.init.normal_(param, std=0.5 if name.endswith("bias") else 0.3)  # varied greedy outputs
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def tiny_mistral(dest: Path) -> Path:
+    """A seeded random Mistral (8 heads, 2 KV heads, 4 layers) with wide weights, no sliding window."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = tiny_model_script().build_tokenizer("llama")
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = MistralForCausalLM(config)
+        for param in model.parameters():
+            torch.nn.init.normal_(param, std=0.3)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ROOT, ServerProcess, free_port, tiny_model_script
+from support import ROOT, ServerProcess, free_port, tiny_mistral, tiny_model_script, tiny_qwen2
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at"]
 SMALL = {"OPTION_MAX_ROLLING_BATCH_SIZE": "4", "OPTION_MAX_MODEL_LEN": "256", "OPTION_DTYPE": "fp32"}
@@ -169,3 +169,17 @@ def test_two_nodes_on_loopback_equal_one_process(tiny_llama):
             node1.kill()
             node1.wait()
     assert not followers(node1.pid)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_at_tp2_pp2_equal_one_process(kind, tmp_path):
+    path = (tiny_qwen2 if kind == "qwen2" else tiny_mistral)(tmp_path / kind)
+    with ServerProcess(path, SMALL) as srv:
+        srv.wait_ready(timeout_s=120)
+        reference = generate_all(srv)
+    layout = {"OPTION_TENSOR_PARALLEL_DEGREE": "2", "OPTION_PIPELINE_PARALLEL_DEGREE": "2"}
+    with ServerProcess(path, {**SMALL, **layout}) as srv:
+        srv.wait_ready(timeout_s=120)
+        assert generate_all(srv) == reference
+        assert len(followers(srv.proc.pid)) == 3
+    assert len(set(reference.values())) == len(PROMPTS)  # the random model does tell the prompts apart

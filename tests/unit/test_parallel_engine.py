@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import tiny_model_script
+from support import tiny_mistral, tiny_model_script, tiny_qwen2
 
 from engines.base import EngineConfig, EngineLoadError
 from engines.rolling.factory import create_rolling_engine
@@ -21,47 +21,12 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 """(tensor_parallel_degree, pipeline_parallel_degree) compared with (1, 1)."""
 
 
-def _qwen2(dest):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                torch.nn.init.normal_(param, std=0.5)
-    model.save_pretrained(dest)
-    tiny_model_script().build_tokenizer("llama").save_pretrained(dest)
-    return dest
-
-
-def _mistral(dest):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = MistralForCausalLM(config)
-        for param in model.parameters():
-            torch.nn.init.normal_(param, std=0.3)
-    model.save_pretrained(dest)
-    tiny_model_script().build_tokenizer("llama").save_pretrained(dest)
-    return dest
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def model_path(request, tmp_path_factory) -> str:
     dest = tmp_path_factory.mktemp(request.param)
     if request.param == "llama":
         return str(tiny_model_script().make_tiny_model("llama", dest, seed=0))
-    return str(_qwen2(dest) if request.param == "qwen2" else _mistral(dest))
+    return str(tiny_qwen2(dest) if request.param == "qwen2" else tiny_mistral(dest))
 
 
 def engine_for(path: str, tp: int, pp: int, **fields):
