@@ -116,7 +116,7 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
     from engines.kernels.ops import select_ops
     from engines.llama.spec import LlamaSpec
     from engines.llama.weights import load_llama
-    from engines.parallel.comm import Rendezvous, init_comm
+    from engines.parallel.comm import ParallelComm, Rendezvous, init_comm
     from engines.parallel.layout import ParallelLayout, ShardPlan
 
     layout = ParallelLayout(config.tensor_parallel_degree, config.pipeline_parallel_degree, rank)
@@ -143,15 +143,16 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
         ops = select_ops(config.kernels, device, (local.num_heads, local.num_kv_heads, local.head_dim))
     except (ValueError, RuntimeError) as exc:
         raise EngineLoadError(str(exc)) from exc
-    comm = None
+    comm = ParallelComm(layout)  # joined after loading: this rank loads while the others start
+    model, hf_config = load_llama(
+        config.model_path, dtype, device, max_model_len, ops=ops, layout=layout, comm=comm
+    )
     if layout.world_size > 1:
         rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port or 0))
         per_node = layout.world_size // config.nnodes
         same_node = per_node % layout.tensor_parallel == 0  # each TP group lies on one machine
-        comm = init_comm(layout, rendezvous, torch.device(device), shared_memory=same_node)
-    model, hf_config = load_llama(
-        config.model_path, dtype, device, max_model_len, ops=ops, layout=layout, comm=comm
-    )
+        joined = init_comm(layout, rendezvous, torch.device(device), shared_memory=same_node)
+        comm.tp_group, comm.shm = joined.tp_group, joined.shm
     model.hf_config, model.ops_name = hf_config, ops.name
     blocks = cache_blocks(model, config, max_model_len)
     if comm is not None:
