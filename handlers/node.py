@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> None:
         os.chdir(spec["model_dir"])
     from engines.parallel.comm import Rendezvous
     from engines.parallel.group import start_followers
-    from engines.rolling.factory import distributed_config, rank_threads
+    from engines.rolling.factory import distributed_config, rank_threads, resolve_degrees
     from handlers.builtin.huggingface import engine_config
 
-    config = distributed_config(engine_config(spec["properties"], spec.get("options")))
+    config = distributed_config(resolve_degrees(engine_config(spec["properties"], spec.get("options"))))
     world = config.tensor_parallel_degree * config.pipeline_parallel_degree
     per_node = world // config.nnodes
     first = config.node_rank * per_node
