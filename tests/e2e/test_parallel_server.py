@@ -148,6 +148,7 @@ def test_two_nodes_on_loopback_equal_one_process(tiny_llama):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_"))}
     env.update(cluster, PYTHONPATH=str(ROOT))
     node1_log = Path(tiny_llama) / "node1.log"
+    node1_ranks: list[int] = []
     with node1_log.open("w") as log:
         node1 = subprocess.Popen(
             [sys.executable, "-m", "serving", "serve", "--model-dir", str(tiny_llama), "--node-rank", "1"],
@@ -158,7 +159,8 @@ def test_two_nodes_on_loopback_equal_one_process(tiny_llama):
             srv.wait_ready(timeout_s=120)
             assert generate_all(srv) == reference
             assert len(followers(srv.proc.pid)) == 1  # rank 1 here; ranks 2 and 3 on node 1
-            assert len(followers(node1.pid)) == 2, node1_log.read_text()[-3000:]
+            node1_ranks = followers(node1.pid)
+            assert len(node1_ranks) == 2, node1_log.read_text()[-3000:]
             assert "Rank 3/4 joined" in node1_log.read_text()
             assert "/ping" not in node1_log.read_text()  # node 1 serves no HTTP
     finally:
@@ -168,7 +170,10 @@ def test_two_nodes_on_loopback_equal_one_process(tiny_llama):
         except subprocess.TimeoutExpired:
             node1.kill()
             node1.wait()
-    assert not followers(node1.pid)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in node1_ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in node1_ranks if Path(f"/proc/{pid}").exists()]  # node 1's ranks went with it
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
