@@ -72,6 +72,10 @@ class EngineConfig:
     master_addr: str | None = None
     """Where the ranks meet (torchrun's MASTER_ADDR); None: this machine, a free port."""
     master_port: int | None = None
+    quantize: str | None = None
+    """Weight-only quantization of the native engine's projections: int8 or int4 (engines.quant)."""
+    quantize_group_size: int = 128
+    """int4: input columns per scale (a smaller one that divides is used where it does not)."""
     worker_index: int = 0
     """This model worker's index among minWorkers: a parallel group on GPUs takes the index-th run of
     per-node GPUs, so several groups on one machine get disjoint devices."""

@@ -315,6 +315,13 @@ _MODEL = [
     OptionSpec("option.save_mp_checkpoint_path", str, None,
                doc="Partition the model for the degrees into this folder at start-up (as `lmi partition`) "
                    "and serve from it; a later start reads each rank's file only."),
+    OptionSpec("option.quantize", str, None,
+               doc="Native engine: weight-only quantization of the decoder projections (`int8`: "
+                   "per-channel scales; `int4`: groups of `quantize_group_size` with scale and minimum). "
+                   "`fp8` is refused on CPUs.",
+               choices=("int8", "int4", "fp8")),
+    OptionSpec("option.quantize_group_size", int, 128,
+               doc="int4: input columns per scale; where it does not divide a width, 64 or 32 is used."),
     OptionSpec("option.max_model_len", int, None,
                doc="Tokens per sequence (prompt + generated); sizes the KV cache.",
                shown_default="min(model, 2048)"),
@@ -340,7 +347,7 @@ COMPAT_KEYS = frozenset(
     {"load_on_devices", "max_idle_time", "gpu.minWorkers", "gpu.maxWorkers", "reserved_memory_mb",
      "gpu.required_memory_mb", "gpu.reserved_memory_mb", "log_request_metric", "metrics_aggregation",
      "metric_dimension", "translatorFactory", "health_check_override", "prometheus", "features",
-     "option.quantize", "option.enable_streaming", "option.pythonExecutable", "option.parallel_loading",
+     "option.enable_streaming", "option.pythonExecutable", "option.parallel_loading",
      "option.mpi_mode", "option.async_mode", "option.low_cpu_mem_usage", "option.normalize",
      "option.max_num_seqs", "option.chat_template",
      "option.pooling", "option.max_length", "option.truncation"}

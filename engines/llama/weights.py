@@ -33,13 +33,16 @@ def load_llama(
     ops: type[TorchOps] = TorchOps,
     layout: ParallelLayout | None = None,
     comm: ParallelComm | None = None,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> tuple[LlamaModel, Any]:
     """Model and the HF config; NotImplementedError if unsupported. (The KV cache is sized after
     loading, from the memory the weights left: `LlamaModel.make_cache`.)
 
     `pack` pre-packs the projection weights for oneDNN on CPU (faster; see `linear.Linear.pack`);
     `ops` are the hot-path ops: plain torch, or the native CPU kernels (engines.kernels.ops); `layout`
-    picks the part a rank of a parallel group loads (engines.parallel), reading only its slices."""
+    picks the part a rank of a parallel group loads (engines.parallel), reading only its slices;
+    `quantize` (int8/int4) replaces the decoder projections with quantized ones (engines.quant)."""
     directory = Path(model_path)
     check_supported(json.loads((directory / "config.json").read_text()), max_model_len)
     from transformers import AutoConfig
@@ -54,6 +57,10 @@ def load_llama(
         load_partition(model, directory)
     else:
         load_weights(model, directory)
+    if quantize:
+        from engines.quant.apply import quantize_model
+
+        quantize_model(model, quantize, group_size)
     if pack:
         model.pack()
     model.eval()

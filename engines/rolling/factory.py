@@ -145,7 +145,15 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
         raise EngineLoadError(str(exc)) from exc
     comm = ParallelComm(layout)  # joined after loading: this rank loads while the others start
     model, hf_config = load_llama(
-        config.model_path, dtype, device, max_model_len, ops=ops, layout=layout, comm=comm
+        config.model_path,
+        dtype,
+        device,
+        max_model_len,
+        ops=ops,
+        layout=layout,
+        comm=comm,
+        quantize=config.quantize,
+        group_size=config.quantize_group_size,
     )
     if layout.world_size > 1:
         rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port or 0))

@@ -12,7 +12,7 @@ import os
 import uuid
 from typing import Any
 
-from engines import create_engine, create_generation_engine
+from engines import EngineLoadError, create_engine, create_generation_engine
 from engines.base import Engine, EngineConfig, RequestError, TaskRequest
 from engines.hf.loading import detect_task
 from handlers.builtin.custom_formatters import CustomFormatterError, CustomFormatters
@@ -97,6 +97,8 @@ def engine_config(properties: dict[str, str], options: dict[str, Any] | None = N
         master_addr=typed["master_addr"],
         master_port=typed["master_port"],
         worker_index=int(os.environ.get("LMI_WORKER_INDEX", "0")),
+        quantize=typed["quantize"],
+        quantize_group_size=typed["quantize_group_size"],
         extra=dict(properties),
     )
 
@@ -255,6 +257,11 @@ def create_handler(
         return HuggingFaceHandler(create_engine("hf", config), formatters)
     name, config = choose_generation_engine(settings, dataclasses.replace(config, task=task), task)
     log.info("Text generation on the %r engine", name)
+    if config.quantize and name != "native":
+        raise EngineLoadError(
+            f"option.quantize={config.quantize} needs the native engine, but this model runs on {name!r} "
+            "(its architecture or option.rolling_batch). Fix: drop option.quantize or serve a model it runs."
+        )
     engine = create_generation_engine(name, config)
     return GenerationHandler(engine, generation_settings(settings), formatters)
 

@@ -1,0 +1,68 @@
+"""Quantize a loaded native model's decoder projections in place (``option.quantize``).
+
+q/k/v, o, gate/up and down of every layer become QuantizedLinear; the embedding, the norms and the LM
+head keep the model's dtype (the head's error would reach every logit). Runs after loading and
+sharding (each rank quantizes its own slice) and before oneDNN packing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from engines.base import EngineLoadError
+from engines.quant.linear import QuantizedLinear
+from engines.quant.methods import METHODS, group_size_for, quantize_int4, quantize_int8
+
+log = logging.getLogger("engines.quant")
+
+PROJECTIONS = ("qkv", "o_proj", "gate_up", "down")
+
+
+def check_method(method: str, device: torch.device) -> None:
+    """EngineLoadError for a method this build cannot run on ``device``."""
+    if method not in METHODS:
+        raise EngineLoadError(f"option.quantize={method!r} is not one of {', '.join(METHODS)}")
+    if method == "fp8" and device.type != "cuda":
+        raise EngineLoadError(
+            "option.quantize=fp8 needs a GPU with fp8 matmuls (Hopper or Ada); this model runs on the CPU. "
+            "Fix: use option.quantize=int8 or int4 on CPUs."
+        )
+    if method == "fp8":
+        raise EngineLoadError("option.quantize=fp8 is not implemented yet; use int8 or int4")
+
+
+def quantize_model(model: Any, method: str, group_size: int = 128) -> dict[str, int]:
+    """Replace every decoder projection of ``model``; returns {"before": bytes, "after": bytes}."""
+    check_method(method, model.device)
+    before = after = 0
+    groups: set[int] = set()
+    for layer in model.layers:
+        for name in PROJECTIONS:
+            linear = getattr(layer, name)
+            weight = linear.weight.detach()
+            before += weight.numel() * weight.element_size()
+            if method == "int8":
+                quantized = quantize_int8(weight)
+            else:
+                try:
+                    group = group_size_for(weight.shape[1], group_size)
+                except ValueError as exc:
+                    raise EngineLoadError(str(exc)) from exc
+                groups.add(group)
+                quantized = quantize_int4(weight, group)
+            replacement = QuantizedLinear(quantized, linear.bias, model.dtype)
+            after += replacement.weight_bytes()
+            setattr(layer, name, replacement)
+    if groups and groups != {group_size}:
+        log.info(
+            "int4 group sizes %s (option.quantize_group_size=%d does not divide every width)",
+            sorted(groups),
+            group_size,
+        )
+    log.info(
+        "Quantized the decoder projections to %s: %.1f MiB -> %.1f MiB", method, before / 2**20, after / 2**20
+    )
+    return {"before": before, "after": after}

@@ -1,0 +1,130 @@
+"""Weight-only int8 / int4 (option.quantize): the kernels against the plain-torch reference, and the
+engine's greedy tokens against the same model with its weights replaced by their dequantised values."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from support import tiny_model_script
+
+from engines.base import EngineConfig, EngineLoadError
+from engines.quant.linear import QuantizedLinear
+from engines.quant.methods import group_size_for, quantize_int4, quantize_int8, reference_linear
+from engines.rolling.factory import create_rolling_engine
+from engines.types import GenerationRequest, SamplingParams
+
+SHAPES = [(64, 128), (40, 192), (72, 64), (8, 256)]
+"""(out, in): odd output counts and widths that take 128, 64 and 32-column groups."""
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_int8_and_int4_round_trip_within_half_a_step():
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    q8 = quantize_int8(w)
+    assert q8.q.dtype == torch.int8
+    assert ((q8.dequantize() - w).abs() <= q8.scale[:, None] / 2 + 1e-6).all()
+    q4 = quantize_int4(w, 64)
+    assert int(q4.q.max()) <= 15
+    step = q4.scale.repeat_interleave(64, dim=1)
+    assert ((q4.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_group_size_falls_back_to_one_that_divides():
+    assert group_size_for(4096, 128) == 128
+    assert group_size_for(576, 128) == 64  # SmolLM2's hidden size
+    assert group_size_for(96, 128) == 32
+    with pytest.raises(ValueError, match="No int4 group size up to 128 divides the input width 100"):
+        group_size_for(100, 128)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_reference(method, n, k, rows, dtype):
+    generator = torch.Generator().manual_seed(n * k + rows)
+    w = torch.randn(n, k, generator=generator) * 0.05
+    bias = torch.randn(n, generator=generator)
+    weight = quantize_int8(w) if method == "int8" else quantize_int4(w, group_size_for(k, 128))
+    layer = QuantizedLinear(weight, bias, dtype)
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    got = layer(x)
+    want = reference_linear(x, weight, bias)
+    assert got.dtype == dtype
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got.float(), want.float(), **tolerance)
+
+
+def dequantized_copy(source: Path, dest: Path, method: str) -> Path:
+    """The checkpoint with every decoder projection replaced by its quantize -> dequantize value."""
+    shutil.copytree(source, dest)
+    for file in dest.glob("*.safetensors"):
+        tensors = load_file(file)
+        for name, tensor in tensors.items():
+            if name.endswith(".weight") and any(f".{p}." in name for p in PROJECTIONS):
+                weight = (
+                    quantize_int8(tensor)
+                    if method == "int8"
+                    else quantize_int4(tensor, group_size_for(tensor.shape[1], 128))
+                )
+                tensors[name] = weight.dequantize().to(tensor.dtype)
+        save_file(tensors, file, metadata={"format": "pt"})
+    return dest
+
+
+def greedy(path: Path, **fields) -> dict[str, list[int]]:
+    engine = create_rolling_engine(
+        EngineConfig(model_path=str(path), dtype="fp32", kernels="torch", max_model_len=96, **fields)
+    )
+    prompts = {"a": list(range(3, 40)), "b": [5, 6, 7], "c": list(range(50, 70))}
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    out: dict[str, list[int]] = {}
+    admit = [GenerationRequest(rid, ids, params) for rid, ids in prompts.items()]
+    while admit or engine.running:
+        for event in engine.step(admit, []):
+            out.setdefault(event.request_id, []).append(event.token_id)
+        admit = []
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_model_script().make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_engine_tokens_equal_the_dequantised_reference(tiny, tmp_path, method):
+    reference = greedy(dequantized_copy(tiny, tmp_path / "dequantized", method))
+    quantized = greedy(tiny, quantize=method)
+    assert quantized == reference
+    if method == "int4":
+        assert quantized != greedy(tiny)  # 4 bits do change this model's tokens (8 bits do not)
+
+
+def test_the_projections_are_stored_quantized(tiny):
+    from engines.llama.weights import load_llama
+
+    model, _ = load_llama(str(tiny), torch.float32, quantize="int4", group_size=128)
+    layer = model.layers[0]
+    assert isinstance(layer.qkv, QuantizedLinear)
+    assert layer.qkv.method == "int4"
+    assert not [
+        name for name, _ in layer.named_parameters() if name.endswith("weight") and "norm" not in name
+    ]
+
+
+def test_fp8_on_cpu_is_refused_clearly(tiny):
+    with pytest.raises(EngineLoadError, match="option.quantize=fp8 needs a GPU with fp8 matmuls"):
+        create_rolling_engine(EngineConfig(model_path=str(tiny), quantize="fp8"))
+
+
+def test_an_unknown_method_fails_start_up():
+    from serving.config import load_config
+    from serving.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="option.quantize"):
+        load_config(None, {"OPTION_QUANTIZE": "awq"})
