@@ -166,14 +166,15 @@ def paged_attention_case(
     return fused.to(dtype)[:, :heads], cache_k.to(dtype), cache_v.to(dtype), meta
 
 
-def tiny_qwen2(dest: Path) -> Path:
-    """A seeded random Qwen2: q/k/v biases (random, not zero), tied embeddings, 1 KV head, 3 layers."""
+def tiny_qwen2(dest: Path, vocab_size: int | None = None) -> Path:
+    """A seeded random Qwen2: q/k/v biases (random, not zero), tied embeddings, 1 KV head, 3 layers;
+    the test tokenizer's vocabulary unless ``vocab_size`` (an odd one pads the vocabulary shards)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = tiny_model_script().build_tokenizer("llama")
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=1, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
     )  # fmt: skip

@@ -1,8 +1,8 @@
 """The native Llama engine against transformers over a paged KV cache: logits, greedy decoding, chunked
 prefill, shuffled block tables, dtypes, refusals.
 
-Tiny seeded random models (a Llama from scripts/make_tiny_model.py and a Qwen2 with q/k/v biases and
-tied embeddings built here) keep these exact and fast; the bundled SmolLM2 adds a real-model check.
+Tiny seeded random models (a Llama from scripts/make_tiny_model.py and tests/support.py's Qwen2 with
+q/k/v biases and tied embeddings) keep these exact and fast; the bundled SmolLM2 adds a real-model check.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import tiny_qwen2
 
 from engines.kernels import ops as ops_module
 from engines.kernels.ops import NativeOps, TorchOps
@@ -39,31 +40,13 @@ def _make_tiny_llama(dest: Path) -> Path:
     return module.make_tiny_model("llama", dest, seed=0)
 
 
-def _make_tiny_qwen2(dest: Path) -> Path:
-    """Qwen2 with random (not zero-initialised) q/k/v biases, tied embeddings and a large rope theta."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                torch.nn.init.normal_(param, std=0.5)
-    model.save_pretrained(dest)
-    return dest
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     """(model folder, HF reference model in fp32)."""
     from transformers import AutoModelForCausalLM
 
     dest = tmp_path_factory.mktemp(request.param)
-    path = _make_tiny_llama(dest) if request.param == "llama" else _make_tiny_qwen2(dest)
+    path = _make_tiny_llama(dest) if request.param == "llama" else tiny_qwen2(dest, vocab_size=320)
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 

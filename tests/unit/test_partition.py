@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import tiny_model_script
+from support import tiny_model_script, tiny_qwen2
 
 from engines.base import EngineLoadError
 from engines.llama.weights import load_llama
@@ -24,24 +24,6 @@ from serving.cli import main
 DEGREES = [(2, 1), (2, 2)]
 
 
-def _qwen2(dest: Path) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                torch.nn.init.normal_(param, std=0.5)
-    model.save_pretrained(dest)
-    tiny_model_script().build_tokenizer("llama").save_pretrained(dest)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     return tiny_model_script().make_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=0)
@@ -49,7 +31,7 @@ def llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sources(llama, tmp_path_factory) -> dict[str, Path]:
-    return {"llama": llama, "qwen2": _qwen2(tmp_path_factory.mktemp("qwen2"))}
+    return {"llama": llama, "qwen2": tiny_qwen2(tmp_path_factory.mktemp("qwen2"), vocab_size=301)}
 
 
 @pytest.fixture(scope="module")
