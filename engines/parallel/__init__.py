@@ -2,7 +2,8 @@
 
 ``layout`` says which part of the model a rank holds (pure arithmetic, checked at start-up),
 ``shard`` cuts a checkpoint tensor to that part, ``comm`` holds the process groups and collectives the
-model's forward uses, ``protocol`` is the per-step message rank 0 sends the others, ``group`` starts
-and watches the follower ranks from rank 0, ``follower`` is their main loop, and ``partition`` writes
-and reads ahead-of-time partitioned checkpoints (one file per rank).
+model's forward uses (``shm``: their shared-memory path on one CPU machine), ``protocol`` is the
+per-step message rank 0 sends the others, ``group`` starts and watches the follower ranks from rank 0,
+``follower`` is their main loop, and ``partition`` writes and reads ahead-of-time partitioned
+checkpoints (one file per rank).
 """
