@@ -48,6 +48,7 @@ COMMAND_MODULES = (
     "serving.container.cli",
     "serving.deploy.cli",
     "serving.deploy.invoke_cli",
+    "serving.eval_cli",
     "serving.partition_cli",
 )
 """Modules adding one subcommand each: ``add_parser(subparsers)`` sets ``run`` (args -> exit code)."""
