@@ -50,6 +50,7 @@ COMMAND_MODULES = (
     "serving.deploy.invoke_cli",
     "serving.eval_cli",
     "serving.partition_cli",
+    "serving.quantize_cli",
 )
 """Modules adding one subcommand each: ``add_parser(subparsers)`` sets ``run`` (args -> exit code)."""
 

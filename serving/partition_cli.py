@@ -43,6 +43,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto", help="stored dtype: the server's option.dtype"
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="store the decoder projections quantized (option.quantize)",
+    )
+    parser.add_argument("--group-size", type=_positive_int, default=128, help="int4: input columns per scale")
     parser.add_argument("--output", required=True, help="folder to write (must be absent or empty)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --output")
     parser.add_argument("--download-dir", default=os.environ.get("SERVING_DOWNLOAD_DIR"), help="cache root")
@@ -147,7 +153,13 @@ def _write(source: Path, output: Path, args: argparse.Namespace) -> tuple[Any, f
     started = time.perf_counter()
     try:
         manifest = write_partition(
-            source, output, args.tensor_parallel_degree, args.pipeline_parallel_degree, args.dtype
+            source,
+            output,
+            args.tensor_parallel_degree,
+            args.pipeline_parallel_degree,
+            args.dtype,
+            quantize=args.quantize,
+            group_size=args.group_size,
         )
     except (NotImplementedError, EngineLoadError) as exc:
         raise PartitionError(str(exc)) from None
@@ -157,6 +169,12 @@ def _write(source: Path, output: Path, args: argparse.Namespace) -> tuple[Any, f
     return manifest, time.perf_counter() - started
 
 
+def _quantized(manifest: Any) -> str:
+    if not manifest.quantize:
+        return ""
+    return f", {manifest.quantize}" + (f" in groups of {manifest.group_size}" if manifest.group_size else "")
+
+
 def summary(manifest: Any, output: Path, seconds: float) -> str:
     """The manifest as a table, the totals and the command that serves the result."""
     tp, pp = manifest.tensor_parallel_degree, manifest.pipeline_parallel_degree
@@ -164,7 +182,7 @@ def summary(manifest: Any, output: Path, seconds: float) -> str:
     name_width = max(len(entry.file) for entry in manifest.files)
     lines = [
         f"Partitioned {manifest.source} for tensor_parallel_degree={tp}, pipeline_parallel_degree={pp} "
-        f"({manifest.dtype}) into {output} in {seconds:.1f} s",
+        f"({manifest.dtype}{_quantized(manifest)}) into {output} in {seconds:.1f} s",
         f"  {'rank':>4}  {'file':<{name_width}}  {'bytes':>15}  sha256",
     ]
     lines += [

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from engines.base import EngineLoadError
 from engines.kernels.ops import TorchOps
 from engines.llama.model import LlamaModel
 from engines.llama.spec import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES, LlamaSpec
@@ -51,10 +52,17 @@ def load_llama(
     spec = LlamaSpec.from_hf(hf_config)
     plan = ShardPlan.build(spec, layout or ParallelLayout())
     model = LlamaModel(spec, dtype, device, max_model_len, ops, plan, comm)
-    from engines.parallel.partition import is_partitioned, load_partition
+    from engines.parallel.partition import Manifest, is_partitioned, load_partition
 
     if is_partitioned(directory):
         load_partition(model, directory)
+        stored = Manifest.read(directory).quantize
+        if stored and quantize and quantize != stored:
+            raise EngineLoadError(
+                f"{directory} holds {stored} weights; option.quantize={quantize} cannot re-quantize them. "
+                f"Fix: drop option.quantize (or set it to {stored}), or quantize the original checkpoint."
+            )
+        quantize = None if stored else quantize
     else:
         load_weights(model, directory)
     if quantize:

@@ -59,6 +59,9 @@ class Manifest:
     """Hash of the source's config and safetensors headers: which checkpoint this was cut from."""
     files: list[RankFile] = field(default_factory=list)
     format: int = FORMAT_VERSION
+    quantize: str | None = None
+    """int8 / int4: the decoder projections are stored quantized (engines.quant.storage)."""
+    group_size: int | None = None
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
@@ -144,9 +147,14 @@ def load_partition(model: Any, directory: Path) -> None:
             f"{path} is {'missing' if size < 0 else f'{size} bytes'}, the manifest says {entry.bytes} bytes: "
             "the partition is incomplete or corrupt. Fix: copy or partition it again."
         )
-    params = dict(model.named_parameters())
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         names = set(handle.keys())
+        if manifest.quantize:
+            from engines.quant.storage import restore_projections
+
+            names -= restore_projections(model, handle, manifest.quantize)
+        params = dict(model.named_parameters())
+        params = {name: p for name, p in params.items() if not _in_quantized(model, name)}
         if names != set(params):
             missing, extra = sorted(set(params) - names), sorted(names - set(params))
             raise EngineLoadError(
@@ -159,6 +167,14 @@ def load_partition(model: Any, directory: Path) -> None:
                     f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
                 )
             param.data.copy_(tensor)
+
+
+def _in_quantized(model: Any, name: str) -> bool:
+    """A parameter of a projection restored quantized (its bias came with it)."""
+    from engines.quant.linear import QuantizedLinear
+
+    module_name = name.rpartition(".")[0]
+    return bool(module_name) and isinstance(model.get_submodule(module_name), QuantizedLinear)
 
 
 def source_hash(source: Path) -> str:
@@ -186,6 +202,8 @@ def write_partition(
     tensor_parallel: int,
     pipeline_parallel: int = 1,
     dtype: str = "auto",
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> Manifest:
     """Cut ``source`` (config.json + safetensors) into one file per rank under ``output``, one rank at a
     time (peak memory: one rank's part). ``dtype``: fp32/fp16/bf16, auto = the checkpoint's."""
@@ -209,12 +227,19 @@ def write_partition(
         str(torch_dtype).removeprefix("torch."),
         str(source),
         source_hash(source),
+        quantize=quantize,
+        group_size=group_size if quantize == "int4" else None,
     )
     started = time.perf_counter()
     for rank in range(world):
         layout = ParallelLayout(tensor_parallel, pipeline_parallel, rank)
         model, _ = load_llama(str(source), torch_dtype, "cpu", max_model_len=1, pack=False, layout=layout)
-        tensors = {name: param.detach().contiguous() for name, param in model.named_parameters()}
+        if quantize:
+            from engines.quant.storage import quantized_state
+
+            tensors = quantized_state(model, quantize, group_size)
+        else:
+            tensors = {name: param.detach().contiguous() for name, param in model.named_parameters()}
         path = output / rank_file_name(rank, world)
         save_file(tensors, str(path))  # no metadata: safetensors writes it in random order (unstable hashes)
         manifest.files.append(RankFile(rank, path.name, path.stat().st_size, file_sha256(path)))
