@@ -128,3 +128,32 @@ def test_an_unknown_method_fails_start_up():
 
     with pytest.raises(ConfigError, match="option.quantize"):
         load_config(None, {"OPTION_QUANTIZE": "awq"})
+
+
+def test_int4_in_groups_of_32_is_exactly_the_default_models_q4_1_grid():
+    """The bundled SmolLM2 ships as Q4_1 GGUF (blocks of 32: q, scale d, minimum m) and is dequantised at
+    conversion; quantizing it again to int4 in groups of 32 gives back those blocks bit for bit, so
+    option.quantize=int4 with quantize_group_size=32 serves the GGUF's own 4-bit weights."""
+    import numpy as np
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    from engines.hf.default_model import ensure_default_model, find_default_gguf
+
+    tensor = next(
+        t for t in GGUFReader(str(find_default_gguf())).tensors if t.name == "blk.3.ffn_down.weight"
+    )
+    assert tensor.tensor_type.name == "Q4_1"
+    blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, 20)  # d f16, m f16, 16 bytes of q
+    scale = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    minimum = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    packed = torch.from_numpy(blocks[..., 4:20].copy())
+    q = torch.cat([packed & 0xF, packed >> 4], dim=-1).reshape(blocks.shape[0], -1)
+    name = "model.layers.3.mlp.down_proj.weight"
+    for file in Path(ensure_default_model()).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            if name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                requantized = quantize_int4(handle.get_tensor(name), 32)
+    assert torch.equal(requantized.q, q)
+    assert torch.equal(requantized.scale, scale)
+    assert torch.equal(requantized.minimum, minimum)
