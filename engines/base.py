@@ -72,6 +72,10 @@ class EngineConfig:
     master_addr: str | None = None
     """Where the ranks meet (torchrun's MASTER_ADDR); None: this machine, a free port."""
     master_port: int | None = None
+    save_mp_checkpoint_path: str | None = None
+    """Partition the model for the degrees into this folder at start-up and serve from it."""
+    device_map: str | None = None
+    """HF engines on GPUs: accelerate's placement (auto, balanced, sequential, a JSON map)."""
     quantize: str | None = None
     """Weight-only quantization of the native engine's projections: int8 or int4 (engines.quant)."""
     quantize_group_size: int = 128

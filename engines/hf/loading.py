@@ -277,7 +277,7 @@ def device_map_kwargs(config: EngineConfig, gpu_free_bytes: Sequence[int]) -> di
     (JSON or a device) passes through. `gpu_free_bytes`: free bytes of each visible GPU; each used GPU
     may hold gpu_memory_utilization of its free memory in weights (the rest is for activations and cache).
     """
-    requested = (config.extra.get("device_map") or "").strip()
+    requested = (config.device_map or "").strip()
     strategy = requested.lower() if requested.lower() in DEVICE_MAP_STRATEGIES else None
     degree = config.tensor_parallel_degree
     if requested and strategy is None:
@@ -339,7 +339,7 @@ def _parse_device_map(text: str) -> Any:
 def _free_gpu_memory(config: EngineConfig) -> list[int]:
     """Free bytes per visible GPU, queried only when a device_map may use them (it opens a CUDA
     context on every GPU)."""
-    spreads = config.tensor_parallel_degree != 1 or config.extra.get("device_map")
+    spreads = config.tensor_parallel_degree != 1 or config.device_map
     if not spreads or torch.device(config.device).type != "cuda":
         return []
     return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]

@@ -202,7 +202,7 @@ def save_partition(config: EngineConfig) -> EngineConfig:
     then serve from the partition (a start that finds a matching one reuses it)."""
     from engines.parallel.partition import Manifest, is_partitioned, source_hash, write_partition
 
-    target = config.extra.get("save_mp_checkpoint_path")
+    target = config.save_mp_checkpoint_path
     if not target or is_partitioned(config.model_path):
         return config
     degrees = (config.tensor_parallel_degree, config.pipeline_parallel_degree)

@@ -19,8 +19,8 @@ GIB = 2**30
 FOUR_GPUS = [80 * GIB, 80 * GIB, 40 * GIB, 80 * GIB]
 
 
-def config(device: str = "cuda", degree: int = 1, **extra: str) -> EngineConfig:
-    return EngineConfig("/unused", device=device, tensor_parallel_degree=degree, extra=extra)
+def config(device: str = "cuda", degree: int = 1, device_map: str | None = None) -> EngineConfig:
+    return EngineConfig("/unused", device=device, tensor_parallel_degree=degree, device_map=device_map)
 
 
 @pytest.mark.parametrize("degree", [2, 3])

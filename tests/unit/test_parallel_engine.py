@@ -137,3 +137,13 @@ def test_collectives_in_a_group_of_one_equal_the_plain_model(tmp_path, device):
         assert comm.reduce_seconds > 0  # the all-reduces ran
     finally:
         dist.destroy_process_group()
+
+
+def test_max_degree_on_a_cpu_is_one_rank(tmp_path):
+    path = str(tiny_model_script().make_tiny_model("llama", tmp_path, seed=0))
+    engine = engine_for(path, 0, 1)  # option.tensor_parallel_degree=max: every visible GPU, none here
+    try:
+        assert engine.group is None
+        assert engine.model.plan.layout.world_size == 1
+    finally:
+        engine.close()

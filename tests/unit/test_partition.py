@@ -218,7 +218,6 @@ def test_a_bf16_partition_is_not_served_as_fp32(partitions):
 
 def test_save_mp_checkpoint_path_partitions_again_for_another_model(sources, partitions, tmp_path):
     import shutil
-    from dataclasses import replace
 
     from engines.base import EngineConfig
     from engines.rolling.factory import save_partition
@@ -227,12 +226,12 @@ def test_save_mp_checkpoint_path_partitions_again_for_another_model(sources, par
     shutil.copytree(partitions["qwen2", 2, 1, "fp32"], target)  # someone else's partition
     config = EngineConfig(
         model_path=str(sources["llama"]), dtype="fp32", tensor_parallel_degree=2,
-        extra={"save_mp_checkpoint_path": str(target)},
+        save_mp_checkpoint_path=str(target),
     )  # fmt: skip
     served = save_partition(config)
     assert served.model_path == str(target)
     assert Manifest.read(target).source == str(sources["llama"])
     written = {f.name: f.stat().st_mtime_ns for f in target.glob("rank-*")}
-    reused = save_partition(replace(config, extra={"save_mp_checkpoint_path": str(target)}))
+    reused = save_partition(config)
     assert reused.model_path == str(target)
     assert {f.name: f.stat().st_mtime_ns for f in target.glob("rank-*")} == written  # kept, not rewritten
