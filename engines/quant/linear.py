@@ -41,7 +41,8 @@ class QuantizedLinear(nn.Module):
         self.dtype = dtype
         self.reference: Int8Weight | Int4Weight | None = None
         on_cpu = weight.q.device.type == "cpu"
-        if not on_cpu:
+        grouped_int8 = isinstance(weight, Int8Weight) and weight.group is not None
+        if not on_cpu or grouped_int8:
             log.warning("No %s kernel on %s yet: dequantising per call (slow)", self.method, weight.q.device)
             self.reference = weight
         elif isinstance(weight, Int8Weight):

@@ -1,6 +1,7 @@
 """Quantized weight formats and their plain-torch reference: what every kernel is tested against.
 
-int8: symmetric, one scale per output channel: w ~= q * scale, q in [-127, 127].
+int8: symmetric, one scale per output channel (or per ``group`` input columns of it, as GGUF's Q8_0
+blocks): w ~= q * scale, q in [-127, 127].
 int4: asymmetric, one scale and minimum per ``group`` input columns of each output channel:
 w ~= q * scale + minimum, q in [0, 15].
 """
@@ -20,10 +21,15 @@ class Int8Weight:
     q: torch.Tensor
     """[n, k] int8."""
     scale: torch.Tensor
-    """[n] float32."""
+    """[n] float32 (one per output channel), or [n, k / group] with ``group`` set (GGUF's Q8_0)."""
+    group: int | None = None
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale[:, None]
+        if self.group is None:
+            return self.q.float() * self.scale[:, None]
+        n, k = self.q.shape
+        grouped = self.q.float().reshape(n, k // self.group, self.group) * self.scale[..., None]
+        return grouped.reshape(n, k)
 
 
 @dataclass
