@@ -150,9 +150,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: the {side} cannot load: {exc}", file=sys.stderr)
         return 2
     base, candidate = engines["baseline"], engines["candidate"]
-    quality = compare_on_corpus(base.model, candidate.model, base.tokenizer, corpus)
-    quality["accuracy_base"] = choice_accuracy(base.model, base.tokenizer, items)
-    quality["accuracy_candidate"] = choice_accuracy(candidate.model, candidate.tokenizer, items)
+    from engines.quant.linear import decode_numerics
+
+    with decode_numerics():  # quantized projections score as they decode, not as they prefill
+        quality = compare_on_corpus(base.model, candidate.model, base.tokenizer, corpus)
+        quality["accuracy_base"] = choice_accuracy(base.model, base.tokenizer, items)
+        quality["accuracy_candidate"] = choice_accuracy(candidate.model, candidate.tokenizer, items)
     quality["accuracy_drop"] = quality["accuracy_base"] - quality["accuracy_candidate"]
     report: dict[str, Any] = {
         "baseline": {"model_dir": base_dir, "options": {"dtype": args.dtype}},

@@ -32,7 +32,7 @@ log = logging.getLogger("engines.kernels")
 
 PREBUILT_ENV = "LMI_KERNEL_PREBUILT"
 MANIFEST = "manifest.json"
-KERNELS = ("paged_attention", "fused_ops")
+KERNELS = ("paged_attention", "fused_ops", "quant_gemm")
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,14 @@ class Level:
 LEVELS = (
     Level(
         "avx512-bf16",
-        ("-march=x86-64-v4", "-mavx512bf16"),
-        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_bf16"}),
+        ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"),
+        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_bf16", "avx512_vnni"}),
     ),
     Level("x86-64-v3", ("-march=x86-64-v3",), frozenset({"avx2", "fma", "bmi2", "f16c", "movbe"})),
 )
-"""Best first. The bf16 level runs the attention kernel's vdpbf16ps fast path (Sapphire Rapids, Zen 4
-and later); x86-64-v3 (AVX2) runs on every x86 instance type SageMaker offers."""
+"""Best first. The bf16 level runs the attention kernel's vdpbf16ps fast path and the quantized
+matmul's vpdpbusd one (Sapphire Rapids, Zen 4 and later: all have VNNI); x86-64-v3 (AVX2) runs on
+every x86 instance type SageMaker offers."""
 
 
 def source_digest(name: str) -> str:

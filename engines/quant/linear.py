@@ -1,24 +1,71 @@
 """A projection that computes with int8 or int4 weights and never keeps a dequantised copy.
 
-On CPU the matmuls are ATen's weight-only kernels (``_weight_int8pack_mm``, and
-``_weight_int4pack_mm_for_cpu`` over weights packed by ``_convert_weight_to_int4pack_for_cpu``), which
-dequantise inside the kernel, tile by tile. Elsewhere (no such kernel) the forward dequantises per call
-through the reference (engines.quant.methods) and logs that once.
+Kernels, chosen once per projection (``LMI_QUANT_KERNEL`` = auto, native, aten or reference):
+- native (CPU, widths in blocks of 32; engines/kernels/csrc/quant_gemm.cpp): up to SMALL_BATCH rows
+  quantize the activations to int8 per block of 32 and use integer dot products (AVX-512 VNNI where
+  built), as llama.cpp does; larger batches dequantize weight tiles in cache and use at::mm, with the
+  activations as they are. Every weight format runs here, including GGUF's grouped int8 (Q8_0).
+- aten: ATen's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), where the
+  native kernel cannot be built; per-channel int8 and int4 only.
+- reference: dequantise per call (engines.quant.methods / engines.quant.kernels), for devices with no
+  kernel yet and for tests. ``expected`` is what the chosen kernel must equal up to float rounding.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from engines.quant import kernels
 from engines.quant.methods import Int4Weight, Int8Weight, reference_linear
 
 log = logging.getLogger("engines.quant")
 
 
 INT4_ROWS = 16
+SMALL_BATCH = 4
+"""Rows up to which the native kernel quantizes activations (decode at low concurrency: bound by reading
+the weights); above, dequantised tiles and at::mm (compute-bound: float matmuls are faster there)."""
+
+
+@contextmanager
+def decode_numerics() -> Iterator[None]:
+    """Within: every batch size takes the small-batch path (quantized activations), so a quality
+    measurement that scores whole windows in one forward (lmi eval) sees the numerics of decoding."""
+    global SMALL_BATCH
+    saved, SMALL_BATCH = SMALL_BATCH, 1 << 62
+    try:
+        yield
+    finally:
+        SMALL_BATCH = saved
+
+
+KERNEL_ENV = "LMI_QUANT_KERNEL"
+KERNELS = ("auto", "native", "aten", "reference")
+
+
+def choose_kernel(weight: Int8Weight | Int4Weight) -> str:
+    """native, aten or reference for ``weight`` under ``LMI_QUANT_KERNEL`` (auto: the best that runs)."""
+    wanted = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if wanted not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={wanted!r} is not one of {', '.join(KERNELS)}")
+    grouped_int8 = isinstance(weight, Int8Weight) and weight.group is not None
+    if wanted == "reference" or weight.q.device.type != "cpu":
+        return "reference"
+    if wanted in ("auto", "native") and kernels.supports(weight):
+        try:
+            kernels.native_module()
+            return "native"
+        except Exception as exc:  # noqa: BLE001 - KernelBuildError or a loader error: fall back
+            if wanted == "native":
+                raise
+            log.warning("Native quantized kernel unavailable (%s); using ATen's", exc)
+    return "reference" if grouped_int8 else "aten"
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -40,11 +87,23 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.dtype = dtype
         self.reference: Int8Weight | Int4Weight | None = None
-        on_cpu = weight.q.device.type == "cpu"
-        grouped_int8 = isinstance(weight, Int8Weight) and weight.group is not None
-        if not on_cpu or grouped_int8:
-            log.warning("No %s kernel on %s yet: dequantising per call (slow)", self.method, weight.q.device)
+        self.kernel = choose_kernel(weight)
+        if self.kernel == "reference":
+            if weight.q.device.type != "cpu":
+                device = weight.q.device
+                log.warning("No %s kernel on %s yet: dequantising per call (slow)", self.method, device)
             self.reference = weight
+        elif self.kernel == "native":
+            self.group = weight.group or self.in_features
+            if isinstance(weight, Int8Weight):
+                q, scale, _ = kernels.pack_int8(weight)
+                self.register_buffer("q", q)
+                self.register_buffer("scale", scale)
+            else:
+                packed, scale, minimum = kernels.pack_int4(weight)
+                self.register_buffer("packed", packed)
+                self.register_buffer("scale", scale)
+                self.register_buffer("minimum", minimum)
         elif isinstance(weight, Int8Weight):
             self.register_buffer("q", weight.q.contiguous())
             self.register_buffer("scale", weight.scale.to(dtype))
@@ -56,11 +115,32 @@ class QuantizedLinear(nn.Module):
             zero = low + 8 * scale  # the kernel reads w = (q - 8) * scale + zero: zero is the value at q = 8
             stacked = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # [k / group, rows, 2]
             self.register_buffer("scale_zero", stacked.to(dtype))
+        self.expected_weight = weight
+
+    def expected(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain-torch result the chosen kernel must equal up to float rounding (tests)."""
+        rows = x.reshape(-1, self.in_features)
+        if self.kernel == "native" and rows.shape[0] <= SMALL_BATCH:
+            out = kernels.reference_mm(rows.to(self.dtype), self.expected_weight, self.bias)
+        else:
+            out = reference_linear(rows.to(self.dtype), self.expected_weight, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reference is not None:
             return reference_linear(x, self.reference, self.bias)
         x = x.to(self.dtype)
+        if self.kernel == "native":
+            rows = x.reshape(-1, self.in_features).contiguous()
+            tiled = rows.shape[0] > SMALL_BATCH
+            module = kernels.native_module()
+            if self.method == "int8":
+                out = module.int8_mm(rows, self.q, self.scale, self.group, self.bias, False, tiled)
+            else:
+                out = module.int4_mm(
+                    rows, self.packed, self.scale, self.minimum, self.group, self.bias, False, tiled
+                )
+            return out.reshape(*x.shape[:-1], self.out_features)
         if self.method == "int8":
             out = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         else:

@@ -54,6 +54,15 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
 
 
+def quantize_int8_blocks(weight: torch.Tensor, group: int) -> Int8Weight:
+    """Symmetric int8 with one scale per ``group`` input columns (GGUF's Q8_0 for group 32)."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    scale = (w.abs().amax(dim=-1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q.reshape(n, k), scale, group)
+
+
 def quantize_int4(weight: torch.Tensor, group: int) -> Int4Weight:
     n, k = weight.shape
     if k % group:

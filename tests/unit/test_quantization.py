@@ -12,8 +12,16 @@ from safetensors.torch import load_file, save_file
 from support import tiny_model_script
 
 from engines.base import EngineConfig, EngineLoadError
-from engines.quant.linear import QuantizedLinear
-from engines.quant.methods import group_size_for, quantize_int4, quantize_int8, reference_linear
+from engines.quant.kernels import native_module, pack_int4, pack_int8
+from engines.quant.linear import SMALL_BATCH, QuantizedLinear
+from engines.quant.methods import (
+    Int8Weight,
+    group_size_for,
+    quantize_int4,
+    quantize_int8,
+    quantize_int8_blocks,
+    reference_linear,
+)
 from engines.rolling.factory import create_rolling_engine
 from engines.types import GenerationRequest, SamplingParams
 
@@ -41,26 +49,62 @@ def test_group_size_falls_back_to_one_that_divides():
         group_size_for(100, 128)
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize(
+    ("kernel", "method"),
+    [("native", "int8"), ("native", "int4"), ("native", "int8-grouped"), ("aten", "int8"), ("aten", "int4")],
+)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 3, 5, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_equals_the_reference(method, n, k, rows, dtype):
+def test_kernel_equals_the_reference(monkeypatch, kernel, method, n, k, rows, dtype):
+    """``expected`` is plain torch: the dequantised weights times the activations, which the native
+    kernel first quantizes per block of 32 for batches up to SMALL_BATCH rows (engines.quant.kernels)."""
+    monkeypatch.setenv("LMI_QUANT_KERNEL", kernel)
     generator = torch.Generator().manual_seed(n * k + rows)
     w = torch.randn(n, k, generator=generator) * 0.05
     bias = torch.randn(n, generator=generator)
-    weight = quantize_int8(w) if method == "int8" else quantize_int4(w, group_size_for(k, 128))
+    weight = {
+        "int8": lambda: quantize_int8(w),
+        "int4": lambda: quantize_int4(w, group_size_for(k, 128)),
+        "int8-grouped": lambda: Int8Weight(
+            torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8),
+            torch.rand(n, k // 32, generator=generator) * 0.01,
+            32,
+        ),
+    }[method]()
     layer = QuantizedLinear(weight, bias, dtype)
+    assert layer.kernel == kernel
     x = torch.randn(rows, k, generator=generator).to(dtype)
     got = layer(x)
-    want = reference_linear(x, weight, bias)
+    want = layer.expected(x)
     assert got.dtype == dtype
     tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
     torch.testing.assert_close(got.float(), want.float(), **tolerance)
+    if kernel == "native" and rows <= SMALL_BATCH:  # the quantized activations are in the result
+        floats = reference_linear(x, weight, bias).float()
+        assert not torch.allclose(got.float(), floats, atol=1e-6, rtol=0)
+        assert (got.float() - floats).abs().max() < 0.02 * floats.abs().max() + 0.05
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_portable_path_equals_the_vector_path(method):
+    """The fallback for CPUs without AVX-512 VNNI computes the same sums (compiled here side by side)."""
+    module = native_module()
+    generator = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 160, generator=generator)
+    x = torch.randn(3, 160, generator=generator)
+    if method == "int8":
+        q, scale, group = pack_int8(quantize_int8(w))
+        run = lambda portable: module.int8_mm(x, q, scale, group, None, portable, False)  # noqa: E731
+    else:
+        packed, scale, minimum = pack_int4(quantize_int4(w, 32))
+        run = lambda portable: module.int4_mm(x, packed, scale, minimum, 32, None, portable, False)  # noqa: E731
+    torch.testing.assert_close(run(True), run(False), atol=1e-4, rtol=1e-5)
 
 
 def dequantized_copy(source: Path, dest: Path, method: str) -> Path:
-    """The checkpoint with every decoder projection replaced by its quantize -> dequantize value."""
+    """The checkpoint with every decoder projection and the LM head replaced by its quantize ->
+    dequantize value."""
     shutil.copytree(source, dest)
     for file in dest.glob("*.safetensors"):
         tensors = load_file(file)
@@ -72,6 +116,9 @@ def dequantized_copy(source: Path, dest: Path, method: str) -> Path:
                     else quantize_int4(tensor, group_size_for(tensor.shape[1], 128))
                 )
                 tensors[name] = weight.dequantize().to(tensor.dtype)
+            if name == "lm_head.weight":  # a quantized model's head: int8 in blocks of 32
+                tensors[name] = quantize_int8_blocks(tensor, 32).dequantize().to(tensor.dtype)
+        assert "lm_head.weight" in tensors, "an untied model: its head can differ from the embedding"
         save_file(tensors, file, metadata={"format": "pt"})
     return dest
 
@@ -97,12 +144,25 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_engine_tokens_equal_the_dequantised_reference(tiny, tmp_path, method):
+def test_engine_tokens_equal_the_dequantised_reference(tiny, tmp_path, monkeypatch, method):
+    """ATen's kernels multiply the activations as they are: the model with dequantised weights is the
+    reference. (The native kernel's small batches quantize activations: see the next test.)"""
+    monkeypatch.setenv("LMI_QUANT_KERNEL", "aten")
     reference = greedy(dequantized_copy(tiny, tmp_path / "dequantized", method))
     quantized = greedy(tiny, quantize=method)
     assert quantized == reference
     if method == "int4":
         assert quantized != greedy(tiny)  # 4 bits do change this model's tokens (8 bits do not)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_native_kernel_tokens_equal_its_torch_reference(tiny, monkeypatch, method):
+    """The engine on the native kernel against the same engine whose projections compute ``expected``
+    in plain torch (quantized activations for small batches, dequantised tiles for large ones)."""
+    monkeypatch.setenv("LMI_QUANT_KERNEL", "native")
+    native = greedy(tiny, quantize=method)
+    monkeypatch.setattr(QuantizedLinear, "forward", QuantizedLinear.expected)
+    assert native == greedy(tiny, quantize=method)
 
 
 def test_the_projections_are_stored_quantized(tiny):
@@ -115,6 +175,8 @@ def test_the_projections_are_stored_quantized(tiny):
     assert not [
         name for name, _ in layer.named_parameters() if name.endswith("weight") and "norm" not in name
     ]
+    assert isinstance(model.lm_head, QuantizedLinear)  # the head too: int8 in blocks of 32
+    assert (model.lm_head.method, model.lm_head.expected_weight.group) == ("int8", 32)
 
 
 def test_fp8_on_cpu_is_refused_clearly(tiny):

@@ -1,0 +1,432 @@
+// Weight-only int4 / int8 matmuls for CPU: y = x @ W.T (+ bias), W held quantized and never expanded.
+//
+// The activations are quantized per block of 32 to int8 (symmetric: one float scale per block), as
+// llama.cpp does, so the inner loop is an integer dot product: AVX-512 VNNI's vpdpbusd multiplies 64
+// unsigned weight bytes by 64 signed activation bytes per instruction. The reference every path is
+// tested against is engines/quant/kernels.py:reference_mm, which performs the same quantization in
+// torch and sums in float64.
+//
+// Weights (built by engines/quant/kernels.py:pack_int4 / pack_int8):
+//   int4: packed [n, k/2] uint8. In each chunk of 64 columns byte j holds column j (low nibble) and
+//         column j+32 (high nibble); a trailing chunk of 32 holds j and j+16. scale and minimum are
+//         float32 [n, k/group] (float16 would round AWQ's and Q4_K's products): w = q * scale + minimum.
+//   int8: q [n, k] uint8 storing w + 128 (vpdpbusd wants unsigned weights); scale float32 [n, k/group]:
+//         w = (stored - 128) * scale. group = k is one scale per output channel.
+// With `tiled` (larger batches) the activations stay as they are: weight tiles are dequantized in cache
+// and multiplied by at::mm; the reference is then engines/quant/methods.py:reference_linear.
+// Per block b of 32 columns with activation scale dx_b and integer sum sx_b of its quantized activations:
+//   y = sum_b scale_g(b) * dx_b * dot_b(q, xq) + sum_b offset_g(b) * dx_b * sx_b
+// where offset is the minimum (int4) or -128 * scale (int8).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LMI_VNNI 1
+#else
+#define LMI_VNNI 0
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRowsTile = 4;  // activation rows sharing one pass over a weight row
+
+struct QuantizedRows {
+  std::vector<int8_t> q;       // [m, k]
+  std::vector<float> scale;    // [m, k/32]
+  std::vector<float> lanes;    // [m, k/4]: each block's scale repeated over its 8 int32 lanes
+  std::vector<float> sums;     // [m, k/32]: scale * sum of the block's quantized values
+};
+
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t m, int64_t k) {
+  const int64_t blocks = k / kBlock;
+  QuantizedRows out{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), std::vector<float>(m * k / 4),
+                    std::vector<float>(m * blocks)};
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const T* src = x + r * k + b * kBlock;
+      float values[kBlock];
+      float amax = 0.f;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        values[i] = static_cast<float>(src[i]);
+        amax = std::max(amax, std::fabs(values[i]));
+      }
+      const float d = amax / 127.f;
+      const float inverse = d > 0.f ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      int8_t* dst = out.q.data() + r * k + b * kBlock;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(values[i] * inverse));
+        dst[i] = static_cast<int8_t>(std::max(-127, std::min(127, q)));
+        sum += dst[i];
+      }
+      out.scale[r * blocks + b] = d;
+      out.sums[r * blocks + b] = d * static_cast<float>(sum);
+      std::fill_n(out.lanes.data() + r * (k / 4) + b * 8, 8, d);
+    }
+  }
+  return out;
+}
+
+// One weight row's scales and offsets (the minimum, or -128 * scale for int8).
+struct RowScales {
+  std::vector<float> scale, offset;  // [groups]
+};
+
+inline float dot_floats(const float* a, const float* b, int64_t count) {
+  int64_t i = 0;
+  float total = 0.f;
+#if LMI_VNNI
+  __m512 sum = _mm512_setzero_ps();
+  for (; i + 16 <= count; i += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), sum);
+  if (i < count) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (count - i)) - 1);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), sum);
+    i = count;
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; i < count; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// Weight access per format: the 32 unsigned bytes of block b of row n and the row's scales.
+struct Int4Rows {
+  const uint8_t* packed;
+  const float* scale;
+  const float* minimum;
+  int64_t k, groups, group;
+  void load_scales(int64_t n, RowScales& row) const {
+    row.scale.assign(scale + n * groups, scale + (n + 1) * groups);
+    row.offset.assign(minimum + n * groups, minimum + (n + 1) * groups);
+  }
+  inline const float* scale_row(int64_t n) const { return scale + n * groups; }
+  inline float offset_dot(int64_t n, const float* group_sums) const {
+    return dot_floats(minimum + n * groups, group_sums, groups);
+  }
+  inline void unpack(int64_t n, int64_t b, uint8_t* dst) const {  // the 32 values of block b
+    const uint8_t* row = packed + n * (k / 2);
+    const int64_t chunk = b / 2, full = k / 64;
+    if (chunk < full) {
+      const uint8_t* bytes = row + chunk * 32;
+      for (int i = 0; i < 32; ++i) dst[i] = (b % 2 == 0) ? (bytes[i] & 0xF) : (bytes[i] >> 4);
+    } else {  // the trailing 32-column chunk
+      const uint8_t* bytes = row + full * 32;
+      for (int i = 0; i < 16; ++i) {
+        dst[i] = bytes[i] & 0xF;
+        dst[i + 16] = bytes[i] >> 4;
+      }
+    }
+  }
+  // the row's 64 values of chunk c, in column order, for vpdpbusd
+  inline const uint8_t* row_bytes(int64_t n) const { return packed + n * (k / 2); }
+};
+
+struct Int8Rows {
+  const uint8_t* q;
+  const float* scale;
+  int64_t k, groups, group;
+  void load_scales(int64_t n, RowScales& row) const {
+    row.scale.assign(scale + n * groups, scale + (n + 1) * groups);
+    row.offset.resize(groups);
+    for (int64_t g = 0; g < groups; ++g) row.offset[g] = -128.f * row.scale[g];
+  }
+  inline const float* scale_row(int64_t n) const { return scale + n * groups; }
+  inline float offset_dot(int64_t n, const float* group_sums) const {
+    return -128.f * dot_floats(scale + n * groups, group_sums, groups);
+  }
+  inline void unpack(int64_t n, int64_t b, uint8_t* dst) const { std::memcpy(dst, q + n * k + b * kBlock, kBlock); }
+};
+
+template <typename W>
+void dot_rows_portable(const W& w, const RowScales& rs, const QuantizedRows& x, int64_t n, int64_t r0, int64_t rows,
+                       float* acc) {
+  const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
+  uint8_t values[kBlock];
+  for (int64_t b = 0; b < blocks; ++b) {
+    w.unpack(n, b, values);
+    const float ws = rs.scale[b / per_group];
+    for (int64_t i = 0; i < rows; ++i) {
+      const int8_t* xq = x.q.data() + (r0 + i) * k + b * kBlock;
+      int32_t dot = 0;
+      for (int64_t j = 0; j < kBlock; ++j) dot += static_cast<int32_t>(values[j]) * xq[j];
+      acc[i] += ws * x.scale[(r0 + i) * blocks + b] * static_cast<float>(dot);
+    }
+  }
+}
+
+#if LMI_VNNI
+inline __m512 pair_scales(float s0, float s1) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(s0)), _mm256_set1_ps(s1), 1);
+}
+
+inline float reduce8(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_hadd_ps(half, half);
+  half = _mm_hadd_ps(half, half);
+  return _mm_cvtss_f32(half);
+}
+
+// 64 weight bytes of chunk c of row n, in column order
+inline __m512i chunk64(const Int4Rows& w, int64_t n, int64_t c) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row_bytes(n) + c * 32));
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(raw, low_mask);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+inline __m512i chunk64(const Int8Rows& w, int64_t n, int64_t c) { return _mm512_loadu_si512(w.q + n * w.k + c * 64); }
+
+// Each chunk of 64 columns is two blocks of 32; the weight scale of each lane comes from one of:
+// one scale per row (per-channel int8), one per chunk or more (groups of 64, 128), or one per block
+// (groups of 32: 16 blocks' scales are loaded every 8 chunks and permuted into place).
+template <typename W>
+inline __m512 chunk_scales(const W& w, const float* row, int64_t c, __m512& loaded) {
+  if (w.groups == 1) return _mm512_set1_ps(row[0]);
+  if (w.group != kBlock) return _mm512_set1_ps(row[c / (w.group / 64)]);
+  if (c % 8 == 0) {
+    const int64_t left = w.groups - 2 * c;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    loaded = _mm512_maskz_loadu_ps(mask, row + 2 * c);
+  }
+  const int32_t lo = static_cast<int32_t>((2 * c) % 16);
+  const __m512i pick = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(lo)), _mm256_set1_epi32(lo + 1), 1);
+  return _mm512_permutexvar_ps(pick, loaded);
+}
+
+// NT weight rows x MT activation rows: each weight chunk is loaded once per MT rows and each activation
+// chunk once per NT rows.
+template <int NT, int MT, typename W>
+void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows& x, int64_t r0, float* acc) {
+  const int64_t k = w.k, full = k / 64;
+  __m512 sums[NT][MT];
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < MT; ++i) sums[j][i] = _mm512_setzero_ps();
+  const float* rows[NT];
+  __m512 loaded[NT];
+  for (int j = 0; j < NT; ++j) {
+    rows[j] = w.scale_row(n0 + j);
+    loaded[j] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < full; ++c) {
+    __m512i xv[MT];
+    __m512 dx[MT];
+    for (int i = 0; i < MT; ++i) {
+      xv[i] = _mm512_loadu_si512(x.q.data() + (r0 + i) * k + c * 64);
+      dx[i] = _mm512_loadu_ps(x.lanes.data() + (r0 + i) * (k / 4) + c * 16);
+    }
+    for (int j = 0; j < NT; ++j) {
+      const __m512i q = chunk64(w, n0 + j, c);
+      const __m512 ws = chunk_scales(w, rows[j], c, loaded[j]);
+      for (int i = 0; i < MT; ++i) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[i]);
+        sums[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, dx[i]), sums[j][i]);
+      }
+    }
+  }
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < MT; ++i) acc[j * kRowsTile + i] += _mm512_reduce_add_ps(sums[j][i]);
+  if (k % 64) {  // the trailing block of 32
+    const int64_t b = k / kBlock - 1;
+    for (int j = 0; j < NT; ++j) {
+      uint8_t values[kBlock];
+      w.unpack(n0 + j, b, values);
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values));
+      const float ws = rows[j][b * kBlock / w.group];
+      for (int i = 0; i < MT; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (r0 + i) * k + b * kBlock));
+        const float dot = reduce8(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv)));
+        acc[j * kRowsTile + i] += ws * x.scale[(r0 + i) * (k / kBlock) + b] * dot;
+      }
+    }
+  }
+}
+
+template <int NT, typename W>
+void dot_tile_vnni_rows(const W& w, int64_t n0, const QuantizedRows& x, int64_t r0, int64_t rows, float* acc) {
+  switch (rows) {
+    case 1: return dot_tile_vnni<NT, 1>(w, n0, x, r0, acc);
+    case 2: return dot_tile_vnni<NT, 2>(w, n0, x, r0, acc);
+    case 3: return dot_tile_vnni<NT, 3>(w, n0, x, r0, acc);
+    default: return dot_tile_vnni<NT, 4>(w, n0, x, r0, acc);
+  }
+}
+#endif
+
+constexpr int64_t kWeightTile = 4;  // weight rows per tile (NT)
+
+template <typename W, typename T>
+void matmul(const W& w, const QuantizedRows& x, int64_t m, int64_t n_total, const T* bias, T* out, bool portable) {
+  const int64_t blocks = w.k / kBlock, per_group = w.group / kBlock;
+  std::vector<float> group_sums(m * w.groups, 0.f);  // per activation row: its block sums per weight group
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < blocks; ++b) group_sums[r * w.groups + b / per_group] += x.sums[r * blocks + b];
+  const int64_t tiles = (n_total + kWeightTile - 1) / kWeightTile;
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, 1024 / std::max<int64_t>(m, 1)));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    float acc[kWeightTile * kRowsTile];
+    RowScales rs[kWeightTile];  // the portable path's
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n0 = tile * kWeightTile, nt = std::min(kWeightTile, n_total - n0);
+      if (portable)
+        for (int64_t j = 0; j < nt; ++j) w.load_scales(n0 + j, rs[j]);
+      for (int64_t r0 = 0; r0 < m; r0 += kRowsTile) {
+        const int64_t rows = std::min(kRowsTile, m - r0);
+        for (int64_t j = 0; j < nt; ++j)
+          for (int64_t i = 0; i < rows; ++i)
+            acc[j * kRowsTile + i] = w.offset_dot(n0 + j, group_sums.data() + (r0 + i) * w.groups);
+#if LMI_VNNI
+        if (!portable) {
+          if (nt == kWeightTile)
+            dot_tile_vnni_rows<kWeightTile>(w, n0, x, r0, rows, acc);
+          else
+            for (int64_t j = 0; j < nt; ++j) dot_tile_vnni_rows<1>(w, n0 + j, x, r0, rows, acc + j * kRowsTile);
+        } else
+#endif
+          for (int64_t j = 0; j < nt; ++j) dot_rows_portable(w, rs[j], x, n0 + j, r0, rows, acc + j * kRowsTile);
+        for (int64_t j = 0; j < nt; ++j) {
+          const float b = bias ? static_cast<float>(bias[n0 + j]) : 0.f;
+          for (int64_t i = 0; i < rows; ++i) out[(r0 + i) * n_total + n0 + j] = static_cast<T>(acc[j * kRowsTile + i] + b);
+        }
+      }
+    }
+  });
+}
+
+// Larger batches: dequantize kTileRows weight rows at a time into x's dtype (a tile that stays in cache,
+// never the whole matrix) and multiply with at::mm, which is compute-bound there and beats integer dots.
+constexpr int64_t kTileRows = 128;
+
+#if LMI_VNNI
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+inline void store16(at::BFloat16* dst, __m512 v) {  // round to nearest even, as static_cast<BFloat16> does
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+#endif
+
+template <typename W, typename T>
+void dequantize_rows(const W& w, int64_t n0, int64_t rows, T* dst) {
+  const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
+  RowScales rs;
+  uint8_t values[kBlock];
+  for (int64_t j = 0; j < rows; ++j) {
+    w.load_scales(n0 + j, rs);
+    for (int64_t b = 0; b < blocks; ++b) {
+      w.unpack(n0 + j, b, values);
+      const float scale = rs.scale[b / per_group], offset = rs.offset[b / per_group];
+      T* out = dst + j * k + b * kBlock;
+#if LMI_VNNI
+      const __m512 vs = _mm512_set1_ps(scale), vo = _mm512_set1_ps(offset);
+      for (int64_t i = 0; i < kBlock; i += 16) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values + i));
+        const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), vs, vo);
+        store16(out + i, v);
+      }
+#else
+      for (int64_t i = 0; i < kBlock; ++i) out[i] = static_cast<T>(static_cast<float>(values[i]) * scale + offset);
+#endif
+    }
+  }
+}
+
+template <typename W>
+torch::Tensor tiled_mm(const W& w, const torch::Tensor& x, int64_t n, const c10::optional<torch::Tensor>& bias) {
+  const int64_t m = x.size(0), k = w.k;
+  auto out = torch::empty({m, n}, x.options());
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the pool's threads lack it
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference);
+    auto tile = torch::empty({kTileRows, k}, x.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, n - n0);
+      if (x.scalar_type() == at::kFloat)
+        dequantize_rows(w, n0, rows, tile.data_ptr<float>());
+      else
+        dequantize_rows(w, n0, rows, tile.data_ptr<at::BFloat16>());
+      auto part = at::mm(x, tile.narrow(0, 0, rows).t());
+      if (bias) part.add_(bias->narrow(0, n0, rows));
+      out.narrow(1, n0, rows).copy_(part);
+    }
+  });
+  return out;
+}
+
+void check_input(const torch::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [m, ", k, "]");
+  TORCH_CHECK(k % kBlock == 0, "the input width must be a multiple of 32, got ", k);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+}
+
+template <typename W>
+torch::Tensor run(const W& w, const torch::Tensor& x, int64_t n, const c10::optional<torch::Tensor>& bias,
+                  bool portable) {
+  const int64_t m = x.size(0), k = w.k;
+  auto out = torch::empty({m, n}, x.options());
+  if (m == 0) return out;
+  if (x.scalar_type() == at::kFloat) {
+    const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), m, k);
+    matmul(w, xq, m, n, bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), portable);
+  } else {
+    const QuantizedRows xq = quantize_rows(x.data_ptr<at::BFloat16>(), m, k);
+    matmul(w, xq, m, n, bias ? bias->data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(), portable);
+  }
+  return out;
+}
+
+void check_bias(const c10::optional<torch::Tensor>& bias, const torch::Tensor& x, int64_t n) {
+  if (!bias) return;
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == n,
+              "bias must be a contiguous [", n, "] tensor of x's dtype");
+}
+
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
+                      const torch::Tensor& minimum, int64_t group, const c10::optional<torch::Tensor>& bias,
+                      bool portable, bool tiled) {
+  const int64_t n = packed.size(0), k = packed.size(1) * 2;
+  check_input(x, k);
+  check_bias(bias, x, n);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
+  TORCH_CHECK(group % kBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing ", k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  minimum.is_contiguous() && scale.numel() == n * (k / group) && minimum.numel() == scale.numel(),
+              "scale and minimum must be contiguous float32 [n, k/group]");
+  const Int4Rows w{packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(), k, k / group, group};
+  return tiled ? tiled_mm(w, x, n, bias) : run(w, x, n, bias, portable);
+}
+
+torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t group,
+                      const c10::optional<torch::Tensor>& bias, bool portable, bool tiled) {
+  const int64_t n = q.size(0), k = q.size(1);
+  check_input(x, k);
+  check_bias(bias, x, n);
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 (w + 128)");
+  TORCH_CHECK(group % kBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing ", k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n * (k / group),
+              "scale must be contiguous float32 [n, k/group]");
+  const Int8Rows w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), k, k / group, group};
+  return tiled ? tiled_mm(w, x, n, bias) : run(w, x, n, bias, portable);
+}
+
+bool has_vnni() { return LMI_VNNI; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "x @ W.T (+ bias) with W int4 (see the file's header)");
+  m.def("int8_mm", &int8_mm, "x @ W.T (+ bias) with W int8 (see the file's header)");
+  m.def("has_vnni", &has_vnni, "whether this build has the AVX-512 VNNI path");
+}

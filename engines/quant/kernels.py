@@ -1,0 +1,79 @@
+"""The native CPU int4 / int8 matmul (engines/kernels/csrc/quant_gemm.cpp): its weight layouts and the
+plain-torch reference it is tested against.
+
+The kernel quantizes the activations per block of 32 columns to int8 (symmetric, scale = max|x| / 127,
+round half to even) and multiplies them with the integer weights, as llama.cpp does on CPUs: one
+AVX-512 VNNI instruction does 64 multiply-adds, so a batch-1 decode is bound by reading the weights.
+``reference_mm`` performs the same activation quantization in torch and sums exactly (float64), so the
+kernel differs from it only by float32 rounding.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from engines.quant.methods import Int4Weight, Int8Weight
+
+BLOCK = 32
+
+
+def native_module() -> ModuleType:
+    """The compiled kernel (raises engines.kernels.build.KernelBuildError when it cannot be built)."""
+    from engines.kernels.build import load_kernel
+
+    return load_kernel("quant_gemm")
+
+
+def supports(weight: Int8Weight | Int4Weight) -> bool:
+    """Whether the native kernel takes this weight: widths in whole blocks of 32."""
+    k = weight.q.shape[1]
+    group = getattr(weight, "group", None) or k
+    return k % BLOCK == 0 and group % BLOCK == 0
+
+
+def pack_int4(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed [n, k/2] uint8, scale, minimum as float32 [n, k/group]): in each 64-column chunk byte j
+    holds column j (low nibble) and j + 32 (high); a trailing 32-column chunk holds j and j + 16."""
+    q = weight.q.to(torch.uint8)
+    n, k = q.shape
+    full = k // 64 * 64
+    chunks = q[:, :full].reshape(n, -1, 2, 32)
+    parts = [(chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, -1)]
+    if k > full:
+        tail = q[:, full:]
+        parts.append(tail[:, :16] | (tail[:, 16:] << 4))
+    packed = torch.cat(parts, dim=1).contiguous()
+    return packed, weight.scale.float().contiguous(), weight.minimum.float().contiguous()
+
+
+def pack_int8(weight: Int8Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(q + 128 as uint8 [n, k], scale float32 [n, k/group], group): per-channel scales are group = k."""
+    n, k = weight.q.shape
+    stored = (weight.q.to(torch.int16) + 128).to(torch.uint8).contiguous()
+    group = weight.group or k
+    return stored, weight.scale.float().reshape(n, k // group).contiguous(), group
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq [m, k] integers as float64, scale [m, k/32] float32): the kernel's activation quantization."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    scale = blocks.abs().amax(dim=-1) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    xq = torch.round(blocks * inverse[..., None]).clamp(-127, 127)
+    return xq.reshape(m, k).double(), scale
+
+
+def reference_mm(x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the kernel computes, in torch: quantized activations times the weights, summed exactly,
+    plus bias, in x's dtype."""
+    xq, x_scale = quantize_activations(x)
+    k = x.shape[1]
+    w = weight.dequantize().double()  # [n, k]
+    per_block = xq.reshape(xq.shape[0], 1, k // BLOCK, BLOCK) * w.reshape(1, w.shape[0], k // BLOCK, BLOCK)
+    out = (per_block.sum(-1) * x_scale.double()[:, None, :]).sum(-1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)
