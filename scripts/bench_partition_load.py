@@ -2,14 +2,24 @@
 ahead-of-time partition (``lmi partition``), on a random 1.1 B-parameter Llama-architecture model.
 
 Writes the checkpoint (bf16, one safetensors file written tensor by tensor: memory stays at one tensor),
-partitions it for tp=2 (timed), then times ``create_rolling_engine`` until it returns (rank 0 here, rank 1
-a follower process) and ``load_llama`` of rank 0 alone (the weights without the group or packing), from
-each folder in turn. ``warm``: the files are in the page cache (read just before); ``cold``: their pages
-were evicted with posix_fadvise(DONTNEED) first (no root needed; checked with fincore where installed),
-so the files come from the disk. Each figure is the median of --repeats runs, the two sources alternating,
-after one untimed engine start (the first in a process also pays one-time imports).
+partitions it for tp=2 (timed), then times, from each folder in turn:
 
-    python scripts/bench_partition_load.py                      # ~3 min on 2 cores, 4.3 GiB of disk
+- the engine start, what a user waits for: ``create_rolling_engine`` until it returns (rank 0 in this
+  process; rank 1 a follower process it starts, which imports, loads, joins the group and sizes its KV
+  cache), after one untimed start (the first in a process pays one-time imports, and builds the native
+  kernels when they are not cached);
+- each rank's weights phase: ``load_llama`` of that rank as a served rank runs it (packed for oneDNN),
+  in a fresh process (imports untimed, so memory is first touched as in a rank) with the torch threads a
+  rank of the group gets here (half the cores). ``pack()`` is reported apart: the reorder costs both
+  sources the same, but a partition's projection weights reach it straight from the file's pages, so
+  for a partition it also holds their reading. Rank 0 unpacked (``pack=False``) is the read alone.
+
+``warm``: the files are in the page cache (read just before each figure); ``cold``: their pages were
+evicted with posix_fadvise(DONTNEED) just before each figure (no root needed; checked with fincore where
+installed), so the files come from the disk (on a VM, possibly from the host's cache). Each figure is
+the median of --repeats runs [and their range], the two sources alternating.
+
+    python scripts/bench_partition_load.py                      # ~6 min on 2 cores, 4.3 GiB of disk
     python scripts/bench_partition_load.py --layers 2 --repeats 1   # a quick smoke run
 """
 
@@ -27,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,7 +135,7 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def engine_seconds(folder: Path) -> float:
+def engine_seconds(folder: Path) -> dict[str, float]:
     config = EngineConfig(
         model_path=str(folder), tensor_parallel_degree=2, dtype="bf16", max_rolling_batch_size=1,
         max_model_len=256,
@@ -133,21 +144,50 @@ def engine_seconds(folder: Path) -> float:
     engine = create_rolling_engine(config)
     seconds = time.perf_counter() - started
     engine.close()
-    return seconds
+    return {"engine start, TP=2 (2 processes)": seconds}
 
 
-def rank0_seconds(folder: Path) -> float:
+def rank_seconds(folder: Path, rank: int, pack: bool = True) -> dict[str, float]:
+    """One rank's load_llama, and its pack() share, in a fresh process."""
+    threads = max(1, torch.get_num_threads() // 2)
+    command = [sys.executable, __file__, "--time-rank", str(folder), str(rank), "--threads", str(threads)]
+    out = subprocess.run(
+        command + ([] if pack else ["--no-pack"]), capture_output=True, text=True, check=True
+    )
+    load, packing = json.loads(out.stdout.splitlines()[-1])
+    if not pack:
+        return {f"rank {rank} weights unpacked (pack=False)": load}
+    return {f"rank {rank} weights (load_llama)": load, f"rank {rank} of which pack()": packing}
+
+
+def time_rank(folder: Path, rank: int, threads: int, pack: bool) -> None:
+    """Child of rank_seconds: print [load_llama seconds, pack() seconds] of one rank."""
+    from transformers import AutoConfig
+
+    from engines.llama.model import LlamaModel
+
+    torch.set_num_threads(threads)
+    AutoConfig.from_pretrained(folder)  # one-time imports, untimed
+    packing, pack_model = [0.0], LlamaModel.pack
+
+    def timed_pack(model: LlamaModel) -> bool:
+        started = time.perf_counter()
+        try:
+            return pack_model(model)
+        finally:
+            packing[0] += time.perf_counter() - started
+
+    LlamaModel.pack = timed_pack
     started = time.perf_counter()
-    model, _ = load_llama(str(folder), torch.bfloat16, "cpu", 256, pack=False, layout=ParallelLayout(2, 1, 0))
-    seconds = time.perf_counter() - started
-    del model
-    return seconds
+    load_llama(str(folder), torch.bfloat16, "cpu", 256, pack=pack, layout=ParallelLayout(2, 1, rank))
+    print(json.dumps([time.perf_counter() - started, packing[0]]))
 
 
 def measure(
-    what: Callable[[Path], float], folders: dict[str, Path], cache: str, repeats: int
-) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in folders}
+    what: Callable[[Path], dict[str, float]], folders: dict[str, Path], cache: str, repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """figure -> source -> seconds of each run."""
+    times: dict[str, dict[str, list[float]]] = {}
     for _ in range(repeats):
         for name, folder in folders.items():
             if cache == "cold":
@@ -155,9 +195,26 @@ def measure(
             else:
                 warm(folder)
                 state = "warm"
-            times[name].append(what(folder))
-            print(f"  {what.__name__} {name} ({cache}, {state}): {times[name][-1]:.2f} s", flush=True)
+            for figure, seconds in what(folder).items():
+                times.setdefault(figure, {}).setdefault(name, []).append(seconds)
+                print(f"  {figure}, {name} ({cache}, {state}): {seconds:.2f} s", flush=True)
     return times
+
+
+def run(folders: dict[str, Path], caches: list[str], repeats: int) -> list[tuple]:
+    """(figure, cache, source -> seconds of each run) rows, after one untimed engine start."""
+    warm_up = engine_seconds(folders["partition"])  # the first start in a process also pays imports
+    print(f"untimed warm-up engine start: {sum(warm_up.values()):.2f} s", flush=True)
+    rows = []
+    ranks = [
+        partial(rank_seconds, rank=0),
+        partial(rank_seconds, rank=1),
+        partial(rank_seconds, rank=0, pack=False),
+    ]
+    for cache in caches:
+        for what in (engine_seconds, *ranks):
+            rows += [(figure, cache, runs) for figure, runs in measure(what, folders, cache, repeats).items()]
+    return rows
 
 
 def main() -> None:
@@ -173,7 +230,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--time-rank", nargs=2, metavar=("FOLDER", "RANK"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--no-pack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.time_rank:
+        time_rank(Path(args.time_rank[0]), int(args.time_rank[1]), args.threads, not args.no_pack)
+        return
     root = Path(args.workdir or tempfile.mkdtemp(prefix="lmi-bench-partition-"))
     source, partition = root / "original", root / "partition-tp2"
     try:
@@ -187,32 +250,23 @@ def main() -> None:
         cut = time.perf_counter() - started
         sizes = ", ".join(f"{f.bytes / 2**30:.2f}" for f in manifest.files)
         print(f"lmi partition tp=2: {cut:.1f} s ({sizes} GiB per rank file)", flush=True)
-        folders = {"original (runtime sharding)": source, "partition": partition}
-        warm_up = engine_seconds(partition)  # the first start in a process also pays one-time imports
-        print(f"untimed warm-up engine start: {warm_up:.2f} s", flush=True)
-        rows = []
-        for cache in args.caches:
-            for what in (engine_seconds, rank0_seconds):
-                times = measure(what, folders, cache, args.repeats)
-                rows.append((what, cache, {name: statistics.median(t) for name, t in times.items()}))
-        print_table(rows, params, cut, args.repeats)
+        folders = {"original": source, "partition": partition}
+        print_table(run(folders, args.caches, args.repeats), params, cut, args.repeats)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def print_table(rows: list, params: int, cut: float, repeats: int) -> None:
-    labels = {
-        engine_seconds: "create_rolling_engine, TP=2 (2 processes)",
-        rank0_seconds: "load_llama rank 0 of 2 (weights only)",
-    }
-    print(f"\n{params / 1e9:.2f} B-param Llama, bf16, CPU, median of {repeats}, partitioned in {cut:.1f} s")
-    print(f"| {'what':<42} | cache | original s | partition s | original / partition |")
-    print(f"|{'-' * 44}|-------|------------|-------------|----------------------|")
-    for what, cache, medians in rows:
-        original, part = medians.values()
-        ratio = original / part
-        print(f"| {labels[what]:<42} | {cache:<5} | {original:>10.2f} | {part:>11.2f} | {ratio:>20.2f} |")
+def print_table(rows: list[tuple], params: int, cut: float, repeats: int) -> None:
+    print(f"\n{params / 1e9:.2f} B-param Llama, bf16, CPU, median [min-max] of {repeats} runs, s; "
+          f"partitioned in {cut:.1f} s")  # fmt: skip
+    print(f"| {'what':<34} | cache | {'original':<17} | {'partition':<17} | original / partition |")
+    print(f"|{'-' * 36}|-------|{'-' * 19}|{'-' * 19}|----------------------|")
+    for figure, cache, runs in rows:
+        original, part = runs["original"], runs["partition"]
+        cells = [f"{statistics.median(t):.2f} [{min(t):.2f}-{max(t):.2f}]" for t in (original, part)]
+        ratio = statistics.median(original) / max(statistics.median(part), 1e-9)
+        print(f"| {figure:<34} | {cache:<5} | {cells[0]:<17} | {cells[1]:<17} | {ratio:>20.2f} |")
 
 
 if __name__ == "__main__":

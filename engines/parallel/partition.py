@@ -2,7 +2,9 @@
 
 Sharding at start-up makes every rank walk the whole checkpoint (slicing what it needs, converting
 dtypes, fusing q/k/v and gate/up); a partition stores each rank's part already fused, in the serving
-dtype and contiguous, so a rank reads its one file straight into its parameters. The manifest
+dtype, contiguous and in the order the rank loads it (the tensors it copies, then the projection weights
+in packing order). A rank maps its one file, has the kernel read it ahead from the start, and oneDNN
+packs the projection weights straight from the file's pages. The manifest
 (``lmi-partition.json``) records the source, the degrees, the dtype and each file's size and SHA-256,
 so a folder partitioned for other degrees, or a truncated file, is refused at start-up with the fix.
 """
@@ -12,7 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import mmap
+import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +45,11 @@ COPIED_FILES = (
     "serving.properties",
 )
 """Everything beside the weights that serving the partition needs (those the source has)."""
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+"""The safetensors names of the dtypes a partition stores unquantized weights in -> torch's."""
+READ_AHEAD_CHUNK = 128 << 10
+"""Bytes per read-ahead advice: Linux's default read-ahead window, under any device's limit on one
+advice (the larger of that window and its largest request); advising a resident GiB takes 20 ms."""
 
 
 @dataclass
@@ -129,17 +140,54 @@ def partition_dtype(manifest: Manifest, requested: Any, explicit: bool) -> Any:
     )
 
 
-def load_partition(model: Any, directory: Path) -> None:
-    """Fill ``model`` (one rank's LlamaModel) from its rank file; only that file is read."""
-    from safetensors import safe_open
+def load_partition(model: Any, directory: Path, pack: bool = False) -> None:
+    """Fill ``model`` (one rank's LlamaModel) from its rank file; only that file is read.
 
+    The file is mapped copy-on-write and a thread has the kernel read it ahead from its start, so the
+    disk works while this rank computes. Each tensor is copied from the mapping straight into its
+    parameter. With ``pack`` on a CPU where oneDNN packing works, the projection weights are not copied
+    at all: they alias the mapped pages until ``model.pack()`` reorders them into its blocked copies, so
+    their bytes move once (runtime sharding copies them into the parameters first). Whatever pack leaves
+    is then copied too: once this returns, no parameter refers to the file, which may be replaced or
+    deleted while serving."""
     manifest = Manifest.read(directory)
     layout = model.plan.layout
     check_layout(manifest, layout, directory)
     partition_dtype(manifest, model.dtype, explicit=True)
-    entry = next((f for f in manifest.files if f.rank == layout.rank), None)
+    path = _rank_path(manifest, layout.rank, directory)
+    with path.open("rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        _read_ahead(os.dup(file.fileno()), len(mapped))
+    tensors = _header(mapped, path)
+    names = set(tensors)
+    if manifest.quantize:
+        from safetensors import safe_open
+
+        from engines.quant.storage import restore_projections
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names -= restore_projections(model, handle, manifest.quantize)
+    params = {name: p for name, p in model.named_parameters() if not _in_quantized(model, name)}
+    if names != set(params):
+        missing, extra = sorted(set(params) - names), sorted(names - set(params))
+        raise EngineLoadError(
+            f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    aliased = _fill(params, mapped, tensors, _packed_weights(model) if pack else {}, path)
+    if pack:
+        model.pack()
+    for linear in aliased:
+        if linear.weight is not None:  # pack declined this one: own a copy rather than the file's pages
+            linear.weight.data = linear.weight.data.clone()
+    # No close(): the mapping goes with its last view (torch.frombuffer holds a reference), on return at
+    # the latest; closing it under a live view would unmap that view's memory.
+
+
+def _rank_path(manifest: Manifest, rank: int, directory: Path) -> Path:
+    """This rank's file, after checking that it has the size the manifest recorded."""
+    entry = next((f for f in manifest.files if f.rank == rank), None)
     if entry is None:
-        raise EngineLoadError(f"{directory / MANIFEST} lists no file for rank {layout.rank}")
+        raise EngineLoadError(f"{directory / MANIFEST} lists no file for rank {rank}")
     path = directory / entry.file
     size = path.stat().st_size if path.is_file() else -1
     if size != entry.bytes:
@@ -147,26 +195,92 @@ def load_partition(model: Any, directory: Path) -> None:
             f"{path} is {'missing' if size < 0 else f'{size} bytes'}, the manifest says {entry.bytes} bytes: "
             "the partition is incomplete or corrupt. Fix: copy or partition it again."
         )
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        names = set(handle.keys())
-        if manifest.quantize:
-            from engines.quant.storage import restore_projections
+    return path
 
-            names -= restore_projections(model, handle, manifest.quantize)
-        params = dict(model.named_parameters())
-        params = {name: p for name, p in params.items() if not _in_quantized(model, name)}
-        if names != set(params):
-            missing, extra = sorted(set(params) - names), sorted(names - set(params))
+
+def _read_ahead(fd: int, size: int) -> None:
+    """Have the kernel read the file into the page cache from its start while this rank works, from a
+    thread that then closes ``fd``: one WILLNEED advice reads at most the device's read-ahead window
+    (128 KiB to a few MiB), so it is given chunk by chunk."""
+
+    def advise() -> None:
+        try:
+            for offset in range(0, size, READ_AHEAD_CHUNK):
+                os.posix_fadvise(fd, offset, READ_AHEAD_CHUNK, os.POSIX_FADV_WILLNEED)
+        except OSError as exc:  # advice only: the load reads what it needs anyway
+            log.debug("Read-ahead of a rank file stopped: %s", exc)
+        finally:
+            os.close(fd)
+
+    if hasattr(os, "posix_fadvise"):
+        threading.Thread(target=advise, name="partition-read-ahead", daemon=True).start()
+    else:
+        os.close(fd)
+
+
+def _header(mapped: mmap.mmap, path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+    """A safetensors file's tensors: name -> (dtype, shape, first byte, end byte) in the file."""
+    try:
+        size = int.from_bytes(mapped[:8], "little")
+        header = json.loads(mapped[8 : 8 + size])
+        header.pop("__metadata__", None)
+        tensors = {}
+        for name, info in header.items():
+            start, stop = (8 + size + offset for offset in info["data_offsets"])
+            tensors[name] = (info["dtype"], info["shape"], start, stop)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise EngineLoadError(f"{path} has no valid safetensors header: {exc}") from exc
+    for name, (_, _, _, stop) in tensors.items():
+        if stop > len(mapped):
+            raise EngineLoadError(f"{path}: {name} ends beyond the end of the file")
+    return tensors
+
+
+def _packed_weights(model: Any) -> dict[str, Any]:
+    """Parameter name -> its Linear, for the weights ``model.pack()`` will replace by packed copies
+    (none off the CPU or without oneDNN's packing ops)."""
+    from engines.llama.linear import Linear, mkldnn_packing_available
+
+    if model.device.type != "cpu" or not mkldnn_packing_available():
+        return {}
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)}
+
+
+def _fill(
+    params: dict[str, Any], mapped: mmap.mmap, tensors: dict, packed: dict[str, Any], path: Path
+) -> list[Any]:
+    """Copy each stored tensor into its parameter, or let the ``packed`` ones alias the mapping when
+    they need no conversion; returns the Linear layers whose weight aliases it."""
+    aliased = []
+    for name, param in params.items():
+        stored = _tensor(mapped, *tensors[name], f"{path}: {name}")
+        if stored.shape != param.shape:
             raise EngineLoadError(
-                f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+                f"{path}: {name} has shape {tuple(stored.shape)}, expected {tuple(param.shape)}"
             )
-        for name, param in params.items():
-            tensor = handle.get_tensor(name)
-            if tensor.shape != param.shape:
-                raise EngineLoadError(
-                    f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-                )
-            param.data.copy_(tensor)
+        if name in packed and stored.dtype == param.dtype:
+            param.data = stored
+            aliased.append(packed[name])
+        else:
+            param.data.copy_(stored)  # converts dtype (an fp32 partition served in bf16) and moves
+    return aliased
+
+
+def _tensor(mapped: mmap.mmap, dtype: str, shape: list[int], start: int, stop: int, where: str) -> Any:
+    """The stored tensor as a view of the mapped file (no copy)."""
+    import torch
+
+    if dtype not in SAFETENSORS_DTYPES:
+        raise EngineLoadError(
+            f"{where} is {dtype}; a partition's weights are {', '.join(SAFETENSORS_DTYPES)}"
+        )
+    torch_dtype = getattr(torch, SAFETENSORS_DTYPES[dtype])
+    count = math.prod(shape)
+    if count * torch_dtype.itemsize != stop - start:
+        raise EngineLoadError(f"{where} has shape {shape} but spans {stop - start} bytes")
+    if count == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(mapped, dtype=torch_dtype, count=count, offset=start).view(shape)
 
 
 def _in_quantized(model: Any, name: str) -> bool:
@@ -194,6 +308,41 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def load_order(model: Any) -> list[str]:
+    """Parameter names in the order a rank's load reads them: the tensors it copies (embedding, norms,
+    biases) first, then the projection weights in the order ``model.pack()`` reorders them."""
+    from engines.llama.linear import Linear
+
+    names = [name for name, _ in model.named_parameters()]
+    weights = [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)]
+    weights = [name for name in weights if name in names]  # a tied LM head's is the embedding
+    return [name for name in names if name not in weights] + weights
+
+
+def save_in_order(tensors: dict[str, Any], path: Path) -> None:
+    """A safetensors file with ``tensors`` laid out in their dict order (safetensors' own writer sorts
+    them by name: layers 0, 1, 10, 11, ...), so reading it ahead from its start brings each tensor about
+    when the load needs it. All of one dtype: each lies aligned to its element size."""
+    import torch
+
+    names = {getattr(torch, name): key for key, name in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with path.open("wb") as file:
+        file.write(len(encoded).to_bytes(8, "little") + encoded)
+        for tensor in tensors.values():
+            file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def write_partition(
@@ -234,14 +383,18 @@ def write_partition(
     for rank in range(world):
         layout = ParallelLayout(tensor_parallel, pipeline_parallel, rank)
         model, _ = load_llama(str(source), torch_dtype, "cpu", max_model_len=1, pack=False, layout=layout)
+        path = output / rank_file_name(rank, world)
+        partial = path.with_name(path.name + ".partial")
         if quantize:
             from engines.quant.storage import quantized_state
 
             tensors = quantized_state(model, quantize, group_size)
+            save_file(tensors, str(partial))  # no metadata: written in random order (unstable hashes)
         else:
-            tensors = {name: param.detach().contiguous() for name, param in model.named_parameters()}
-        path = output / rank_file_name(rank, world)
-        save_file(tensors, str(path))  # no metadata: safetensors writes it in random order (unstable hashes)
+            params = dict(model.named_parameters())
+            tensors = {name: params[name].detach().contiguous() for name in load_order(model)}
+            save_in_order(tensors, partial)
+        os.replace(partial, path)  # a new file: never rewrite one in place that a server may be mapping
         manifest.files.append(RankFile(rank, path.name, path.stat().st_size, file_sha256(path)))
         del model, tensors
     for name in COPIED_FILES:

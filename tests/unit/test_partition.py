@@ -8,6 +8,7 @@ tied embeddings, 1 KV head: replicated, 3 layers over 2 stages).
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,97 @@ def test_each_rank_loads_bit_equal_to_runtime_sharding(sources, partitions, mode
         for name, param in expected.items():
             assert got[name].dtype == param.dtype, name
             assert torch.equal(got[name], param), f"rank {rank}: {name}"
+
+
+def _served_state(model) -> dict[str, torch.Tensor]:
+    """Every parameter, and each projection's weight as served: its oneDNN-packed copy where packed."""
+    from engines.llama.linear import Linear
+
+    state = {name: param.detach() for name, param in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.packed is not None:
+            state[f"{name}.weight"] = module.packed.to_dense()
+    return state
+
+
+def _maps(path: Path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_rank_packs_equal_to_runtime_sharding_and_keeps_no_mapping(sources, partitions, model, dtype):
+    folder = partitions[model, 2, 1, "bf16" if dtype == torch.bfloat16 else "fp32"]
+    for rank in range(2):
+        layout = ParallelLayout(2, 1, rank)
+        runtime, _ = load_llama(str(sources[model]), dtype, max_model_len=64, layout=layout)
+        stored, _ = load_llama(str(folder), dtype, max_model_len=64, layout=layout)
+        expected, got = _served_state(runtime), _served_state(stored)
+        assert list(got) == list(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(got[name], tensor), f"rank {rank}: {name}"
+        if Path("/proc/self/maps").is_file():
+            assert not _maps(folder / rank_file_name(rank, 2))  # nothing aliases the file once loaded
+
+
+def test_weights_packing_declines_are_copied_off_the_file(sources, partitions, monkeypatch):
+    from engines.llama.linear import Linear
+
+    monkeypatch.setattr(Linear, "pack", lambda self, keep_weight=False: False)
+    folder, layout = partitions["llama", 2, 1, "fp32"], ParallelLayout(2, 1, 1)
+    stored, _ = load_llama(str(folder), max_model_len=64, layout=layout)
+    runtime, _ = load_llama(str(sources["llama"]), max_model_len=64, layout=layout)
+    if Path("/proc/self/maps").is_file():
+        assert not _maps(folder / rank_file_name(1, 2))
+    for name, param in runtime.named_parameters():
+        assert torch.equal(dict(stored.named_parameters())[name], param), name
+
+
+def test_a_served_rank_survives_its_file_being_rewritten_in_place(partitions, tmp_path):
+    folder = shutil.copytree(partitions["llama", 2, 1, "bf16"], tmp_path / "copy")
+    layout = ParallelLayout(2, 1, 0)
+    model, _ = load_llama(str(folder), torch.bfloat16, max_model_len=64, layout=layout)
+    before = {name: tensor.clone() for name, tensor in _served_state(model).items()}
+    rank_file = folder / rank_file_name(0, 2)
+    size = rank_file.stat().st_size
+    with rank_file.open("r+b") as handle:  # truncated and rewritten, the same inode (not a rename)
+        handle.truncate(0)
+        handle.write(b"\xff" * size)
+    after = _served_state(model)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
+def test_rank_files_are_plain_safetensors_in_load_order(partitions):
+    from safetensors import safe_open
+
+    from engines.parallel.partition import load_order
+
+    folder = partitions["qwen2", 2, 2, "fp32"]  # tied embeddings, biases, two stages
+    for rank in range(4):
+        model, _ = load_llama(str(folder), max_model_len=64, pack=False, layout=ParallelLayout(2, 2, rank))
+        path = folder / rank_file_name(rank, 4)
+        with safe_open(str(path), framework="pt") as handle:  # safetensors' own reader takes it
+            stored = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        params = dict(model.named_parameters())
+        assert stored.keys() == params.keys()
+        assert all(torch.equal(stored[name], param) for name, param in params.items())
+        data = path.read_bytes()
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        by_offset = sorted(header, key=lambda name: header[name]["data_offsets"][0])
+        assert by_offset == load_order(model)
+        projections = [
+            name.endswith(("qkv.weight", "o_proj.weight", "up.weight", "down.weight")) for name in by_offset
+        ]
+        assert projections == sorted(projections)  # the copied tensors, then the packed ones
+
+
+def test_partitioning_again_replaces_rank_files_rather_than_rewriting_them(llama, tmp_path):
+    write_partition(llama, tmp_path / "out", 2, 1, "fp32")
+    inodes = {p.name: p.stat().st_ino for p in (tmp_path / "out").glob("rank-*")}
+    write_partition(llama, tmp_path / "out", 2, 1, "fp32")
+    assert {p.name: p.stat().st_ino for p in (tmp_path / "out").glob("rank-*")}.keys() == inodes.keys()
+    assert all(p.stat().st_ino != inodes[p.name] for p in (tmp_path / "out").glob("rank-*"))
+    assert not list((tmp_path / "out").glob("*.partial"))
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(1, 1), (4, 1), (2, 2)])
