@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import mmap
 import os
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,13 @@ from typing import Any
 
 from engines.base import EngineLoadError
 from engines.parallel.layout import ParallelLayout
+from engines.parallel.rank_file import (
+    file_sha256,
+    read_ahead,
+    read_header,
+    save_in_order,
+    view_tensor,
+)
 
 log = logging.getLogger("engines.parallel")
 
@@ -45,11 +50,6 @@ COPIED_FILES = (
     "serving.properties",
 )
 """Everything beside the weights that serving the partition needs (those the source has)."""
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-"""The safetensors names of the dtypes a partition stores unquantized weights in -> torch's."""
-READ_AHEAD_CHUNK = 128 << 10
-"""Bytes per read-ahead advice: Linux's default read-ahead window, under any device's limit on one
-advice (the larger of that window and its largest request); advising a resident GiB takes 20 ms."""
 
 
 @dataclass
@@ -157,8 +157,8 @@ def load_partition(model: Any, directory: Path, pack: bool = False) -> None:
     path = _rank_path(manifest, layout.rank, directory)
     with path.open("rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-        _read_ahead(os.dup(file.fileno()), len(mapped))
-    tensors = _header(mapped, path)
+        read_ahead(os.dup(file.fileno()), len(mapped))
+    tensors = read_header(mapped, path)
     names = set(tensors)
     if manifest.quantize:
         from safetensors import safe_open
@@ -198,44 +198,6 @@ def _rank_path(manifest: Manifest, rank: int, directory: Path) -> Path:
     return path
 
 
-def _read_ahead(fd: int, size: int) -> None:
-    """Have the kernel read the file into the page cache from its start while this rank works, from a
-    thread that then closes ``fd``: one WILLNEED advice reads at most the device's read-ahead window
-    (128 KiB to a few MiB), so it is given chunk by chunk."""
-
-    def advise() -> None:
-        try:
-            for offset in range(0, size, READ_AHEAD_CHUNK):
-                os.posix_fadvise(fd, offset, READ_AHEAD_CHUNK, os.POSIX_FADV_WILLNEED)
-        except OSError as exc:  # advice only: the load reads what it needs anyway
-            log.debug("Read-ahead of a rank file stopped: %s", exc)
-        finally:
-            os.close(fd)
-
-    if hasattr(os, "posix_fadvise"):
-        threading.Thread(target=advise, name="partition-read-ahead", daemon=True).start()
-    else:
-        os.close(fd)
-
-
-def _header(mapped: mmap.mmap, path: Path) -> dict[str, tuple[str, list[int], int, int]]:
-    """A safetensors file's tensors: name -> (dtype, shape, first byte, end byte) in the file."""
-    try:
-        size = int.from_bytes(mapped[:8], "little")
-        header = json.loads(mapped[8 : 8 + size])
-        header.pop("__metadata__", None)
-        tensors = {}
-        for name, info in header.items():
-            start, stop = (8 + size + offset for offset in info["data_offsets"])
-            tensors[name] = (info["dtype"], info["shape"], start, stop)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise EngineLoadError(f"{path} has no valid safetensors header: {exc}") from exc
-    for name, (_, _, _, stop) in tensors.items():
-        if stop > len(mapped):
-            raise EngineLoadError(f"{path}: {name} ends beyond the end of the file")
-    return tensors
-
-
 def _packed_weights(model: Any) -> dict[str, Any]:
     """Parameter name -> its Linear, for the weights ``model.pack()`` will replace by packed copies
     (none off the CPU or without oneDNN's packing ops)."""
@@ -253,7 +215,7 @@ def _fill(
     they need no conversion; returns the Linear layers whose weight aliases it."""
     aliased = []
     for name, param in params.items():
-        stored = _tensor(mapped, *tensors[name], f"{path}: {name}")
+        stored = view_tensor(mapped, *tensors[name], f"{path}: {name}")
         if stored.shape != param.shape:
             raise EngineLoadError(
                 f"{path}: {name} has shape {tuple(stored.shape)}, expected {tuple(param.shape)}"
@@ -264,23 +226,6 @@ def _fill(
         else:
             param.data.copy_(stored)  # converts dtype (an fp32 partition served in bf16) and moves
     return aliased
-
-
-def _tensor(mapped: mmap.mmap, dtype: str, shape: list[int], start: int, stop: int, where: str) -> Any:
-    """The stored tensor as a view of the mapped file (no copy)."""
-    import torch
-
-    if dtype not in SAFETENSORS_DTYPES:
-        raise EngineLoadError(
-            f"{where} is {dtype}; a partition's weights are {', '.join(SAFETENSORS_DTYPES)}"
-        )
-    torch_dtype = getattr(torch, SAFETENSORS_DTYPES[dtype])
-    count = math.prod(shape)
-    if count * torch_dtype.itemsize != stop - start:
-        raise EngineLoadError(f"{where} has shape {shape} but spans {stop - start} bytes")
-    if count == 0:
-        return torch.empty(shape, dtype=torch_dtype)
-    return torch.frombuffer(mapped, dtype=torch_dtype, count=count, offset=start).view(shape)
 
 
 def _in_quantized(model: Any, name: str) -> bool:
@@ -302,14 +247,6 @@ def source_hash(source: Path) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_order(model: Any) -> list[str]:
     """Parameter names in the order a rank's load reads them: the tensors it copies (embedding, norms,
     biases) first, then the projection weights in the order ``model.pack()`` reorders them."""
@@ -319,30 +256,6 @@ def load_order(model: Any) -> list[str]:
     weights = [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)]
     weights = [name for name in weights if name in names]  # a tied LM head's is the embedding
     return [name for name in names if name not in weights] + weights
-
-
-def save_in_order(tensors: dict[str, Any], path: Path) -> None:
-    """A safetensors file with ``tensors`` laid out in their dict order (safetensors' own writer sorts
-    them by name: layers 0, 1, 10, 11, ...), so reading it ahead from its start brings each tensor about
-    when the load needs it. All of one dtype: each lies aligned to its element size."""
-    import torch
-
-    names = {getattr(torch, name): key for key, name in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": names[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with path.open("wb") as file:
-        file.write(len(encoded).to_bytes(8, "little") + encoded)
-        for tensor in tensors.values():
-            file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def write_partition(
@@ -365,6 +278,14 @@ def write_partition(
     source, output = Path(source), Path(output)
     if is_partitioned(source):
         raise EngineLoadError(f"{source} is already a partition; partition the original checkpoint")
+    from engines.quant.prequantized import checkpoint_format
+
+    if checkpoint_format(source) is not None or quantize == "gguf":
+        raise EngineLoadError(
+            f"{source} holds stored quantized projections (AWQ/GPTQ, or quantize=gguf); a partition cannot "
+            "carry them yet. Fix: serve the folder with option.tensor_parallel_degree (each rank reads only "
+            "its slices), or partition the float checkpoint with --quantize int8|int4."
+        )
     torch_dtype = resolve_dtype(
         dtype, AutoConfig.from_pretrained(source), "cpu", False
     )  # auto: the checkpoint's

@@ -28,7 +28,7 @@ log = logging.getLogger("engines.quant")
 
 
 INT4_ROWS = 16
-SMALL_BATCH = 4
+SMALL_BATCH = 8
 """Rows up to which the native kernel quantizes activations (decode at low concurrency: bound by reading
 the weights); above, dequantised tiles and at::mm (compute-bound: float matmuls are faster there)."""
 

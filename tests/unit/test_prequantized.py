@@ -426,3 +426,12 @@ def test_the_default_model_serves_its_own_q4_1_blocks():
     source.close()
     prompts = {"a": list(range(300, 312)), "b": [504, 3937, 282]}  # kept short: int4 decode is slow on CPU
     assert greedy(path, prompts, 6, quantize="gguf") == greedy(path, prompts, 6)
+
+
+def test_a_packed_checkpoint_is_not_partitioned_without_its_projections(tiny, tmp_path):
+    from engines.parallel.partition import write_partition
+
+    folder, _ = write_packed(tiny, tmp_path, "awq")
+    with pytest.raises(EngineLoadError, match="tensor_parallel_degree"):
+        write_partition(folder, tmp_path / "part", tensor_parallel=2)
+    assert not (tmp_path / "part").exists()
