@@ -7,6 +7,8 @@ Kernels, chosen once per projection (``LMI_QUANT_KERNEL`` = auto, native, aten o
   activations as they are. Every weight format runs here, including GGUF's grouped int8 (Q8_0).
 - aten: ATen's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), where the
   native kernel cannot be built; per-channel int8 and int4 only.
+- triton (CUDA; CPU tensors only under TRITON_INTERPRET=1, for tests; engines/quant/triton_quant.py):
+  the native kernel's layouts, scales applied in registers, x's dtype with float32 accumulation.
 - reference: dequantise per call (engines.quant.methods / engines.quant.kernels), for devices with no
   kernel yet and for tests. ``expected`` is what the chosen kernel must equal up to float rounding.
 """
@@ -46,7 +48,7 @@ def decode_numerics() -> Iterator[None]:
 
 
 KERNEL_ENV = "LMI_QUANT_KERNEL"
-KERNELS = ("auto", "native", "aten", "reference")
+KERNELS = ("auto", "native", "aten", "triton", "reference")
 
 
 def choose_kernel(weight: Int8Weight | Int4Weight) -> str:
@@ -55,7 +57,20 @@ def choose_kernel(weight: Int8Weight | Int4Weight) -> str:
     if wanted not in KERNELS:
         raise ValueError(f"{KERNEL_ENV}={wanted!r} is not one of {', '.join(KERNELS)}")
     grouped_int8 = isinstance(weight, Int8Weight) and weight.group is not None
-    if wanted == "reference" or weight.q.device.type != "cpu":
+    if wanted == "reference":
+        return "reference"
+    if wanted == "triton" or (wanted == "auto" and weight.q.device.type == "cuda"):
+        from engines.kernels.triton_ops import triton_available
+
+        fits = kernels.supports(weight)
+        reason = triton_available(weight.q.device) or (None if fits else "a width not in blocks of 32")
+        if reason is None:
+            return "triton"
+        if wanted == "triton":
+            raise ValueError(f"{KERNEL_ENV}=triton cannot run here: {reason}")
+        log.warning("No Triton quantized kernel (%s): dequantising per call (slow)", reason)
+        return "reference"
+    if weight.q.device.type != "cpu":
         return "reference"
     if wanted in ("auto", "native") and kernels.supports(weight):
         try:
@@ -93,7 +108,7 @@ class QuantizedLinear(nn.Module):
                 device = weight.q.device
                 log.warning("No %s kernel on %s yet: dequantising per call (slow)", self.method, device)
             self.reference = weight
-        elif self.kernel == "native":
+        elif self.kernel in ("native", "triton"):  # the same layouts
             self.group = weight.group or self.in_features
             if isinstance(weight, Int8Weight):
                 q, scale, _ = kernels.pack_int8(weight)
@@ -130,6 +145,8 @@ class QuantizedLinear(nn.Module):
         if self.reference is not None:
             return reference_linear(x, self.reference, self.bias)
         x = x.to(self.dtype)
+        if self.kernel == "triton":
+            return self._triton(x)
         if self.kernel == "native":
             rows = x.reshape(-1, self.in_features).contiguous()
             tiled = rows.shape[0] > SMALL_BATCH
@@ -148,6 +165,16 @@ class QuantizedLinear(nn.Module):
             if out.shape[-1] != self.out_features:
                 out = out[..., : self.out_features]
         return out if self.bias is None else out + self.bias
+
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        from engines.quant import triton_quant
+
+        rows = x.reshape(-1, self.in_features).contiguous()
+        if self.method == "int8":
+            out = triton_quant.int8_mm(rows, self.q, self.scale, self.group, self.bias)
+        else:
+            out = triton_quant.int4_mm(rows, self.packed, self.scale, self.minimum, self.group, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def pack(self, keep_weight: bool = False) -> bool:
         """Already in the kernel's layout (the model packs every projection after loading)."""
