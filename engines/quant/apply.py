@@ -18,8 +18,10 @@ from engines.base import EngineLoadError
 from engines.quant.linear import QuantizedLinear
 from engines.quant.methods import (
     METHODS,
+    Fp8Weight,
     Int8Weight,
     group_size_for,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
     quantize_int8_blocks,
@@ -39,8 +41,12 @@ def check_method(method: str, device: torch.device) -> None:
             "option.quantize=fp8 needs a GPU with fp8 matmuls (Hopper or Ada); this model runs on the CPU. "
             "Fix: use option.quantize=int8 or int4 on CPUs."
         )
-    if method == "fp8":
-        raise EngineLoadError("option.quantize=fp8 is not implemented yet; use int8 or int4")
+    if method == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise EngineLoadError(
+            f"option.quantize=fp8 needs fp8 tensor cores (compute capability 8.9 or later: Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}. "
+            "Fix: use option.quantize=int8 or int4."
+        )
 
 
 def quantize_model(model: Any, method: str, group_size: int = 128) -> dict[str, int]:
@@ -55,6 +61,8 @@ def quantize_model(model: Any, method: str, group_size: int = 128) -> dict[str, 
             before += weight.numel() * weight.element_size()
             if method == "int8":
                 quantized = quantize_int8(weight)
+            elif method == "fp8":
+                quantized = fp8_weight(weight)
             else:
                 try:
                     group = group_size_for(weight.shape[1], group_size)
@@ -75,6 +83,16 @@ def quantize_model(model: Any, method: str, group_size: int = 128) -> dict[str, 
         "Quantized the decoder projections to %s: %.1f MiB -> %.1f MiB", method, before / 2**20, after / 2**20
     )
     return {"before": before, "after": after}
+
+
+def fp8_weight(weight: torch.Tensor) -> Fp8Weight:
+    """The projection in fp8; EngineLoadError for a width not in multiples of 16 (fp8 matmuls need it)."""
+    if weight.shape[0] % 16 or weight.shape[1] % 16:
+        raise EngineLoadError(
+            f"option.quantize=fp8 needs widths in multiples of 16; a projection is {tuple(weight.shape)}. "
+            "Fix: use option.quantize=int8."
+        )
+    return quantize_fp8(weight)
 
 
 def has_quantized_projections(model: Any) -> bool:

@@ -9,6 +9,8 @@ Kernels, chosen once per projection (``LMI_QUANT_KERNEL`` = auto, native, aten o
   native kernel cannot be built; per-channel int8 and int4 only.
 - triton (CUDA; CPU tensors only under TRITON_INTERPRET=1, for tests; engines/quant/triton_quant.py):
   the native kernel's layouts, scales applied in registers, x's dtype with float32 accumulation.
+- scaled_mm (fp8, every device torch implements it for): activations scaled per row to float8 e4m3 and
+  ``torch._scaled_mm`` with the weights' per-channel scales (Hopper/Ada tensor cores on GPUs).
 - reference: dequantise per call (engines.quant.methods / engines.quant.kernels), for devices with no
   kernel yet and for tests. ``expected`` is what the chosen kernel must equal up to float rounding.
 """
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from engines.quant import kernels
-from engines.quant.methods import Int4Weight, Int8Weight, reference_linear
+from engines.quant.methods import Fp8Weight, Int4Weight, Int8Weight, quantize_fp8_rows, reference_linear
 
 log = logging.getLogger("engines.quant")
 
@@ -51,7 +53,7 @@ KERNEL_ENV = "LMI_QUANT_KERNEL"
 KERNELS = ("auto", "native", "aten", "triton", "reference")
 
 
-def choose_kernel(weight: Int8Weight | Int4Weight) -> str:
+def choose_kernel(weight: Int8Weight | Int4Weight | Fp8Weight) -> str:
     """native, aten or reference for ``weight`` under ``LMI_QUANT_KERNEL`` (auto: the best that runs)."""
     wanted = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if wanted not in KERNELS:
@@ -59,6 +61,8 @@ def choose_kernel(weight: Int8Weight | Int4Weight) -> str:
     grouped_int8 = isinstance(weight, Int8Weight) and weight.group is not None
     if wanted == "reference":
         return "reference"
+    if isinstance(weight, Fp8Weight):
+        return "scaled_mm"
     if wanted == "triton" or (wanted == "auto" and weight.q.device.type == "cuda"):
         from engines.kernels.triton_ops import triton_available
 
@@ -94,20 +98,24 @@ class QuantizedLinear(nn.Module):
     """y = x @ W.T + bias with W held quantized; built from a loaded ``engines.llama.linear.Linear``."""
 
     def __init__(
-        self, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype
+        self, weight: Int8Weight | Int4Weight | Fp8Weight, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> None:
         super().__init__()
-        self.method = "int8" if isinstance(weight, Int8Weight) else "int4"
+        methods = {Int8Weight: "int8", Int4Weight: "int4", Fp8Weight: "fp8"}
+        self.method = methods[type(weight)]
         self.in_features, self.out_features = weight.q.shape[1], weight.q.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.dtype = dtype
-        self.reference: Int8Weight | Int4Weight | None = None
+        self.reference: Int8Weight | Int4Weight | Fp8Weight | None = None
         self.kernel = choose_kernel(weight)
         if self.kernel == "reference":
             if weight.q.device.type != "cpu":
                 device = weight.q.device
                 log.warning("No %s kernel on %s yet: dequantising per call (slow)", self.method, device)
             self.reference = weight
+        elif self.kernel == "scaled_mm":
+            self.register_buffer("q", weight.q.contiguous())
+            self.register_buffer("scale", weight.scale.float().reshape(1, -1).contiguous())
         elif self.kernel in ("native", "triton"):  # the same layouts
             self.group = weight.group or self.in_features
             if isinstance(weight, Int8Weight):
@@ -135,7 +143,12 @@ class QuantizedLinear(nn.Module):
     def expected(self, x: torch.Tensor) -> torch.Tensor:
         """The plain-torch result the chosen kernel must equal up to float rounding (tests)."""
         rows = x.reshape(-1, self.in_features)
-        if self.kernel == "native" and rows.shape[0] <= SMALL_BATCH:
+        if self.kernel == "scaled_mm":
+            xq, x_scale = quantize_fp8_rows(rows.to(self.dtype))
+            exact = (xq.double() * x_scale.double()) @ self.expected_weight.dequantize().double().T
+            out = exact.to(torch.bfloat16)
+            out = (out if self.bias is None else out.to(self.bias.dtype) + self.bias).to(self.dtype)
+        elif self.kernel == "native" and rows.shape[0] <= SMALL_BATCH:
             out = kernels.reference_mm(rows.to(self.dtype), self.expected_weight, self.bias)
         else:
             out = reference_linear(rows.to(self.dtype), self.expected_weight, self.bias)
@@ -147,6 +160,8 @@ class QuantizedLinear(nn.Module):
         x = x.to(self.dtype)
         if self.kernel == "triton":
             return self._triton(x)
+        if self.kernel == "scaled_mm":
+            return self._scaled_mm(x)
         if self.kernel == "native":
             rows = x.reshape(-1, self.in_features).contiguous()
             tiled = rows.shape[0] > SMALL_BATCH
@@ -165,6 +180,14 @@ class QuantizedLinear(nn.Module):
             if out.shape[-1] != self.out_features:
                 out = out[..., : self.out_features]
         return out if self.bias is None else out + self.bias
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """Row-wise scaled fp8 matmul; its output is bfloat16 (what row-wise scaling produces on GPUs)."""
+        rows = x.reshape(-1, self.in_features)
+        xq, x_scale = quantize_fp8_rows(rows)
+        out = torch._scaled_mm(xq, self.q.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=torch.bfloat16)
+        out = out if self.bias is None else out.to(self.bias.dtype) + self.bias
+        return out.to(self.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
         from engines.quant import triton_quant

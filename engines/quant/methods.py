@@ -4,6 +4,7 @@ int8: symmetric, one scale per output channel (or per ``group`` input columns of
 blocks): w ~= q * scale, q in [-127, 127].
 int4: asymmetric, one scale and minimum per ``group`` input columns of each output channel:
 w ~= q * scale + minimum, q in [0, 15].
+fp8: float8 e4m3 with one scale per output channel: w ~= q * scale, |q| <= 448.
 """
 
 from __future__ import annotations
@@ -48,6 +49,34 @@ class Int4Weight:
         return (grouped * self.scale[..., None] + self.minimum[..., None]).reshape(n, k)
 
 
+FP8_MAX = 448.0
+"""The largest finite float8 e4m3 value."""
+
+
+@dataclass
+class Fp8Weight:
+    q: torch.Tensor
+    """[n, k] float8_e4m3fn."""
+    scale: torch.Tensor
+    """[n] float32."""
+    group = None
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+
+def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    return Fp8Weight((w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as float8 e4m3, scale [m, 1] float32): activations scaled per row (token) for fp8 matmuls."""
+    scale = (x.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     w = weight.float()
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
@@ -86,7 +115,7 @@ def group_size_for(width: int, wanted: int) -> int:
 
 
 def reference_linear(
-    x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None
+    x: torch.Tensor, weight: Int8Weight | Int4Weight | Fp8Weight, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x [m, k] @ dequantize(weight).T (+ bias) in float32, cast back to x's dtype."""
     out = x.float() @ weight.dequantize().T

@@ -15,10 +15,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from test_quantization import greedy, tiny  # noqa: E402, F401 - the shared tiny model and greedy decode
+
 from engines.quant import triton_quant  # noqa: E402, F401 - decorated now, under the interpreter
 from engines.quant.linear import QuantizedLinear, choose_kernel  # noqa: E402
 from engines.quant.methods import quantize_int4, quantize_int8, quantize_int8_blocks  # noqa: E402
-from test_quantization import greedy, tiny  # noqa: E402, F401 - the shared tiny model and greedy decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -17,6 +17,7 @@ from engines.quant.linear import SMALL_BATCH, QuantizedLinear
 from engines.quant.methods import (
     Int8Weight,
     group_size_for,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
     quantize_int8_blocks,
@@ -179,6 +180,34 @@ def test_the_projections_are_stored_quantized(tiny):
     assert (model.lm_head.method, model.lm_head.expected_weight.group) == ("int8", 32)
 
 
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (32, 96), (16, 256)])
+@pytest.mark.parametrize("rows", [1, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_scaled_mm_equals_its_reference(monkeypatch, n, k, rows, dtype):
+    """Row-scaled fp8 activations times per-channel-scaled fp8 weights (torch._scaled_mm, which runs on
+    CPUs too) against the same quantization multiplied exactly; both round to bfloat16 at one point."""
+    monkeypatch.delenv("LMI_QUANT_KERNEL", raising=False)
+    generator = torch.Generator().manual_seed(n + k + rows)
+    weight = quantize_fp8(torch.randn(n, k, generator=generator))
+    bias = torch.randn(n, generator=generator) if rows != 5 else None
+    layer = QuantizedLinear(weight, bias, dtype)
+    assert layer.kernel == "scaled_mm"
+    x = torch.randn(2, rows, k, generator=generator).to(dtype)
+    got, want = layer(x), layer.expected(x)
+    assert got.dtype == dtype
+    assert got.shape == (2, rows, n)
+    assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
+
+
+def test_fp8_keeps_three_mantissa_bits():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    quantized = quantize_fp8(w)
+    error = (quantized.dequantize() - w).abs()
+    bound = w.abs() * 2**-4 + quantized.scale[:, None] * 2**-9  # half a step, or e4m3's smallest subnormal
+    assert quantized.q.dtype == torch.float8_e4m3fn
+    assert bool((error <= bound).all())
+
+
 def test_fp8_on_cpu_is_refused_clearly(tiny):
     with pytest.raises(EngineLoadError, match="option.quantize=fp8 needs a GPU with fp8 matmuls"):
         create_rolling_engine(EngineConfig(model_path=str(tiny), quantize="fp8"))
@@ -219,3 +248,16 @@ def test_int4_in_groups_of_32_is_exactly_the_default_models_q4_1_grid():
     assert torch.equal(requantized.q, q)
     assert torch.equal(requantized.scale, scale)
     assert torch.equal(requantized.minimum, minimum)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_fp8_scaled_mm_on_cuda(rows):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmuls need compute capability 8.9")
+    generator = torch.Generator().manual_seed(rows)
+    weight = quantize_fp8(torch.randn(4096, 4096, generator=generator).cuda())
+    layer = QuantizedLinear(weight, None, torch.bfloat16)
+    x = torch.randn(rows, 4096, generator=generator).cuda().bfloat16()
+    got, want = layer(x), layer.expected(x)
+    assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
