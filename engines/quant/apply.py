@@ -1,9 +1,9 @@
 """Quantize a loaded native model's decoder projections in place (``option.quantize``).
 
 q/k/v, o, gate/up and down of every layer become QuantizedLinear; the embedding and the norms keep the
-model's dtype. The LM head of a quantized model becomes int8 in blocks of 32 (``quantize_head``), whatever
-the method: it is the largest single matrix read per decoded token (SmolLM2's is 40 % of the model),
-and 8 bits in blocks of 32 are GGUF's Q8_0, in which the default model ships its tied embedding.
+model's dtype. The LM head of a 4-bit model becomes int8 in blocks of 32 (``quantize_head``): it is the
+largest single matrix read per decoded token (SmolLM2's is 40 % of the model), and 8 bits in blocks of
+32 are GGUF's Q8_0, in which the default model ships its tied embedding. 8-bit models keep theirs.
 Runs after loading and sharding (each rank quantizes its own slice) and before oneDNN packing.
 """
 
@@ -95,9 +95,20 @@ def fp8_weight(weight: torch.Tensor) -> Fp8Weight:
     return quantize_fp8(weight)
 
 
+EIGHT_BIT = {"int8", "fp8"}
+"""Methods whose models keep the LM head in the model's dtype: through the native kernel the head's
+activations would be quantized to 8 bits, and on the default model that flips enough near-tie logits
+to take int8's top-1 agreement with bf16 from 95.2 % to 94.4 % (lmi eval), under the 95 % bar."""
+
+
+def projection_methods(model: Any) -> set[str]:
+    """The methods of the model's quantized decoder projections (empty when none is)."""
+    found = (getattr(layer, name) for layer in model.layers for name in PROJECTIONS)
+    return {module.method for module in found if isinstance(module, QuantizedLinear)}
+
+
 def has_quantized_projections(model: Any) -> bool:
-    layers = model.layers
-    return any(isinstance(getattr(layer, name), QuantizedLinear) for layer in layers for name in PROJECTIONS)
+    return bool(projection_methods(model))
 
 
 def quantize_head(model: Any) -> None:
@@ -106,6 +117,8 @@ def quantize_head(model: Any) -> None:
     head = model.lm_head
     if head is None or isinstance(head, QuantizedLinear) or head.weight is None:
         return
+    if projection_methods(model) <= EIGHT_BIT:
+        return  # see EIGHT_BIT
     weight = head.weight.detach()
     if weight.shape[1] % 32:
         return

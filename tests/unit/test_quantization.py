@@ -117,7 +117,7 @@ def dequantized_copy(source: Path, dest: Path, method: str) -> Path:
                     else quantize_int4(tensor, group_size_for(tensor.shape[1], 128))
                 )
                 tensors[name] = weight.dequantize().to(tensor.dtype)
-            if name == "lm_head.weight":  # a quantized model's head: int8 in blocks of 32
+            if name == "lm_head.weight" and method == "int4":  # a 4-bit model's head: int8 in blocks of 32
                 tensors[name] = quantize_int8_blocks(tensor, 32).dequantize().to(tensor.dtype)
         assert "lm_head.weight" in tensors, "an untied model: its head can differ from the embedding"
         save_file(tensors, file, metadata={"format": "pt"})
@@ -178,6 +178,9 @@ def test_the_projections_are_stored_quantized(tiny):
     ]
     assert isinstance(model.lm_head, QuantizedLinear)  # the head too: int8 in blocks of 32
     assert (model.lm_head.method, model.lm_head.expected_weight.group) == ("int8", 32)
+    eight_bit, _ = load_llama(str(tiny), torch.float32, quantize="int8")
+    assert isinstance(eight_bit.layers[0].qkv, QuantizedLinear)
+    assert not isinstance(eight_bit.lm_head, QuantizedLinear)  # 8-bit models keep the model's head
 
 
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (32, 96), (16, 256)])
