@@ -160,6 +160,7 @@ def _write(source: Path, output: Path, args: argparse.Namespace) -> tuple[Any, f
             args.dtype,
             quantize=args.quantize,
             group_size=args.group_size,
+            calibration=getattr(args, "calibration", None),
         )
     except (NotImplementedError, EngineLoadError) as exc:
         raise PartitionError(str(exc)) from None

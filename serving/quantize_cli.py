@@ -1,6 +1,8 @@
-"""``lmi quantize --model-dir SRC --method int8|int4 [--group-size 128] --output DIR``: a quantized
-checkpoint (the decoder projections in the portable form of engines.quant.storage, with a manifest
-naming the method, group size and source hash) that ``lmi serve`` loads without quantizing again.
+"""``lmi quantize --model-dir SRC --method int8|int4 [--group-size 128] [--calibration FILE]
+--output DIR``: a quantized checkpoint (the decoder projections in the portable form of
+engines.quant.storage, with a manifest naming the method, group size and source hash) that ``lmi serve``
+loads without quantizing again. ``--calibration`` scales the projections activation-aware first
+(engines.quant.awq_scaling).
 
 It is a one-rank partition (serving.partition_cli does the work): ``lmi partition --quantize`` writes
 quantized partitions for several ranks the same way.
@@ -25,6 +27,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--group-size", type=_positive_int, default=128, help="int4: input columns per scale")
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto", help="dtype of what stays unquantized"
+    )
+    parser.add_argument(
+        "--calibration",
+        help="a UTF-8 text file (a few thousand tokens of text like the model's traffic): scale the "
+        "projections activation-aware (AWQ-style) before quantizing",
     )
     parser.add_argument("--output", required=True, help="folder to write (must be absent or empty)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --output")

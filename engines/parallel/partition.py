@@ -73,6 +73,8 @@ class Manifest:
     quantize: str | None = None
     """int8 / int4: the decoder projections are stored quantized (engines.quant.storage)."""
     group_size: int | None = None
+    calibration_sha256: str | None = None
+    """The calibration text's hash when activation-aware scaling was applied (engines.quant.awq_scaling)."""
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
@@ -266,9 +268,11 @@ def write_partition(
     dtype: str = "auto",
     quantize: str | None = None,
     group_size: int = 128,
+    calibration: str | Path | None = None,
 ) -> Manifest:
     """Cut ``source`` (config.json + safetensors) into one file per rank under ``output``, one rank at a
-    time (peak memory: one rank's part). ``dtype``: fp32/fp16/bf16, auto = the checkpoint's."""
+    time (peak memory: one rank's part). ``dtype``: fp32/fp16/bf16, auto = the checkpoint's.
+    ``calibration``: a text file for activation-aware scaling before quantizing (one rank only)."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
@@ -286,6 +290,7 @@ def write_partition(
             "carry them yet. Fix: serve the folder with option.tensor_parallel_degree (each rank reads only "
             "its slices), or partition the float checkpoint with --quantize int8|int4."
         )
+    windows = _calibration(source, calibration, quantize, tensor_parallel * pipeline_parallel)
     torch_dtype = resolve_dtype(
         dtype, AutoConfig.from_pretrained(source), "cpu", False
     )  # auto: the checkpoint's
@@ -299,13 +304,19 @@ def write_partition(
         source_hash(source),
         quantize=quantize,
         group_size=group_size if quantize == "int4" else None,
+        calibration_sha256=file_sha256(Path(calibration)) if calibration else None,
     )
     started = time.perf_counter()
     for rank in range(world):
         layout = ParallelLayout(tensor_parallel, pipeline_parallel, rank)
-        model, _ = load_llama(str(source), torch_dtype, "cpu", max_model_len=1, pack=False, layout=layout)
+        length = max(map(len, windows), default=1)  # calibration runs the model on its windows
+        model, _ = load_llama(str(source), torch_dtype, "cpu", length, pack=False, layout=layout)
         path = output / rank_file_name(rank, world)
         partial = path.with_name(path.name + ".partial")
+        if windows:
+            from engines.quant.awq_scaling import scale_for_quantization
+
+            scale_for_quantization(model, windows, quantize, group_size)
         if quantize:
             from engines.quant.storage import quantized_state
 
@@ -330,3 +341,23 @@ def write_partition(
         time.perf_counter() - started,
     )
     return manifest
+
+
+def _calibration(source: Path, calibration: str | Path | None, quantize: str | None, world: int) -> list:
+    """The calibration text's token windows (empty without one), or EngineLoadError saying what is wrong."""
+    if calibration is None:
+        return []
+    if not quantize or world != 1:
+        raise EngineLoadError(
+            "A calibration text scales a model for quantization on one rank: use it with lmi quantize "
+            "(or --quantize with degrees 1), then partition the quantized checkpoint's source as usual."
+        )
+    from transformers import AutoTokenizer
+
+    from engines.quant.awq_scaling import calibration_windows
+
+    try:
+        text = Path(calibration).read_text(encoding="utf-8")
+        return calibration_windows(AutoTokenizer.from_pretrained(source), text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EngineLoadError(f"Calibration text {calibration}: {exc}") from exc
