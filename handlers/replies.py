@@ -11,6 +11,18 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Usage:
+    """What a generation request cost, on its last reply: for metrics and the access log."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    arrived: float = 0.0
+    """time.monotonic() when the broker queued it (one clock for every process of the host)."""
+    first_token_at: float = 0.0
+    """time.monotonic() of its first generated token; 0.0 when none was generated."""
+
+
+@dataclass
 class Reply:
     """A complete answer: status, headers and body."""
 
@@ -19,6 +31,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     message: str = "OK"
+    usage: Usage | None = None
 
 
 @dataclass
@@ -38,6 +51,7 @@ class StreamChunk:
 class StreamEnd:
     request_id: str
     error: str = ""
+    usage: Usage | None = None
 
 
 AnyReply = Reply | StreamStart | StreamChunk | StreamEnd

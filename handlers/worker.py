@@ -18,8 +18,10 @@ import zmq
 from handlers.batch_io import request_input
 from handlers.builtin.generation import GenerationHandler
 from handlers.djl_api import Output
+from handlers.metrics import GenerationMetrics
 from handlers.replies import AnyReply, Reply, StreamChunk, StreamEnd, StreamStart
 from handlers.service import HandlerService
+from serving import logs
 from serving import messages as msg
 
 log = logging.getLogger("handlers.worker")
@@ -51,6 +53,17 @@ def to_frames(reply: AnyReply) -> list[bytes]:
     return [msg.END, rid, reply.error.encode()]
 
 
+def usage_frames(reply: AnyReply, worker: str) -> list[bytes] | None:
+    """Sent just before a request's last frame: which worker served it and, for generation, its
+    token counts, for the front's access log (clients never see it)."""
+    if not isinstance(reply, (Reply, StreamEnd)):
+        return None
+    usage: dict[str, object] = {"worker": worker}
+    if reply.usage is not None:
+        usage["tokens_in"], usage["tokens_out"] = reply.usage.prompt_tokens, reply.usage.generated_tokens
+    return [msg.USAGE, reply.request_id.encode(), json.dumps(usage).encode()]
+
+
 def finalize(output: Output) -> None:
     """Run the handler's finalize callback after the response left; its failure is only logged."""
     try:
@@ -60,9 +73,10 @@ def finalize(output: Output) -> None:
 
 
 class Worker:
-    def __init__(self, sock: zmq.Socket, service: HandlerService) -> None:
+    def __init__(self, sock: zmq.Socket, service: HandlerService, identity: str = "") -> None:
         self.sock = sock
         self.service = service
+        self.identity = identity
         self.cancelled: set[str] = set()
 
     def serve_forever(self) -> None:
@@ -87,6 +101,9 @@ class Worker:
         self.sock.send_multipart([msg.DONE, b""])
 
     def send(self, reply: AnyReply) -> None:
+        usage = usage_frames(reply, self.identity)
+        if usage is not None:
+            self.sock.send_multipart(usage)
         self.sock.send_multipart(to_frames(reply))
 
     def _poll_cancel(self) -> None:
@@ -118,9 +135,17 @@ class GenerationWorker:
 
     STATS_INTERVAL_S = 30.0
 
-    def __init__(self, sock: zmq.Socket, handler: GenerationHandler) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        handler: GenerationHandler,
+        identity: str = "",
+        metrics: GenerationMetrics | None = None,
+    ) -> None:
         self.sock = sock
         self.handler = handler
+        self.identity = identity
+        self.metrics = metrics
         self._stats_at = time.monotonic()
         self._stats_steps = 0
 
@@ -130,7 +155,12 @@ class GenerationWorker:
                 self._receive()
             if self.handler.has_work():
                 self._send(self.handler.step())
-            if time.monotonic() - self._stats_at >= self.STATS_INTERVAL_S:
+                if self.metrics is not None:
+                    self.metrics.on_step(self.handler.last_step_size)
+            now = time.monotonic()
+            if self.metrics is not None and self.metrics.due(now):
+                self.metrics.sample(self.handler.engine.stats(), len(self.handler.scheduler.waiting), now)
+            if now - self._stats_at >= self.STATS_INTERVAL_S:
                 self._log_stats()
 
     def _log_stats(self) -> None:
@@ -162,6 +192,11 @@ class GenerationWorker:
 
     def _send(self, replies: list[AnyReply]) -> None:
         for reply in replies:
+            usage = usage_frames(reply, self.identity)
+            if usage is not None:
+                self.sock.send_multipart(usage)
+                if self.metrics is not None and reply.usage is not None:
+                    self.metrics.on_finished(reply.usage, time.monotonic())
             self.sock.send_multipart(to_frames(reply))
 
 
@@ -173,10 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with open(args.spec, encoding="utf-8") as fh:
         spec = json.load(fh)
-    logging.basicConfig(
-        level=spec.get("log_level", "INFO"),
-        format=f"%(asctime)s %(levelname)s [{args.identity}] %(name)s: %(message)s",
-    )
+    log_format = spec.get("log_format", "text")
+    logs.configure(log_format, spec.get("log_level", "INFO"), args.identity)
+    if log_format == "json":
+        route_transformers_logs()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, args.identity.encode())
     sock.setsockopt(zmq.LINGER, 2000)
@@ -199,8 +234,19 @@ def main(argv: list[str] | None = None) -> None:
     capacity = generation.engine.capacity if generation is not None else 0
     sock.send_multipart([msg.READY, json.dumps({"rolling_capacity": capacity}).encode()])
     if generation is not None:
-        GenerationWorker(sock, generation).serve_forever()
-    Worker(sock, service).serve_forever()
+        metrics = GenerationMetrics(spec["model_name"]) if spec.get("metrics") else None
+        GenerationWorker(sock, generation, args.identity, metrics).serve_forever()
+    Worker(sock, service, args.identity).serve_forever()
+
+
+def route_transformers_logs() -> None:
+    """transformers prints through a handler of its own; send its records to ours (JSON lines)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from serving import messages as msg
 from serving.config import ServingConfig
 from serving.errors import PredictTimeout, QueueFull, ServingError, ShuttingDown, WorkerDied
 from serving.management import ModelManager
+from serving.metrics import BrokerMetrics, mark_process_dead
 from serving.model_group import ModelGroup, Waiter
 from serving.registry import ModelRegistry
 from serving.workers import BUSY, DEAD, READY, STARTING, WorkerSlot, stop_all
@@ -30,6 +31,11 @@ log = logging.getLogger("serving.broker")
 WORKER_CHECK_INTERVAL_S = 0.01
 """How often worker processes are polled for an exit: often enough to notice a death within ~50 ms,
 rarely enough that a stream of thousands of token frames per second costs no syscalls per frame."""
+METRICS_SAMPLE_INTERVAL_S = 0.5
+"""How often the queue-depth gauges are set (serving.metrics)."""
+SHUTDOWN_ANSWER_S = 20.0
+"""How long a drain (SIGTERM) lets held requests finish before the broker answers them 503: short of the
+HTTP front's graceful timeout (serving.http_main.DRAIN_TIMEOUT_S), after which it closes them unanswered."""
 
 
 @dataclass
@@ -52,11 +58,13 @@ class Broker:
         self.front_address, self.back_address = front_address, back_address
         self.registry = registry
         self.manager = ModelManager(self, registry)
-        self._workers_checked = float("-inf")
+        self.metrics = BrokerMetrics() if config.metrics else None
+        self._workers_checked = self._metrics_sampled = float("-inf")
         self.workers: dict[bytes, tuple[ModelGroup, WorkerSlot]] = {}
         """Every started worker process by its zmq identity, retiring ones included."""
         self.inflight: dict[str, Inflight] = {}
         self.draining = False
+        self._draining_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.context = zmq.Context.instance()
@@ -92,6 +100,7 @@ class Broker:
 
     def forget_worker(self, slot: WorkerSlot) -> None:
         self.workers.pop(slot.identity, None)
+        mark_process_dead(slot.pid)
 
     def stop(self, worker_timeout_s: float = 5.0) -> None:
         self._stop.set()
@@ -118,9 +127,14 @@ class Broker:
                     self._workers_checked = now
                     self._check_workers(now)
                 self._expire(now)
+                self._answer_at_drain_end(now)
                 for group in self.registry.groups():
                     if len(group.queue):
                         self._dispatch(group, now)
+                if self.metrics is not None and now - self._metrics_sampled >= METRICS_SAMPLE_INTERVAL_S:
+                    self._metrics_sampled = now
+                    for group in self.registry.groups():
+                        self.metrics.queue_depth.labels(group.name).set(len(group.queue))
             except Exception:  # the broker must outlive any single bad message
                 log.exception("Broker loop error")
 
@@ -194,7 +208,7 @@ class Broker:
             )
             self._reply_error(front, request.request_id, error)
         else:
-            request.deadline = now + cfg.predict_timeout_s
+            request.deadline, request.arrived = now + cfg.predict_timeout_s, now
             group.queue.add(Pending(front, request), now, key=request.request_id)
             self._dispatch(group, now)
 
@@ -223,6 +237,8 @@ class Broker:
             slot.rolling_capacity = int(json.loads(frames[2] or b"{}").get("rolling_capacity", 0))
             elapsed = time.monotonic() - slot.started_at
             log.info("%sModel worker %d ready in %.1f s", group.log_prefix, slot.index, elapsed)
+            if self.metrics is not None:
+                self.metrics.load_time.labels(group.name).set(elapsed)
             if group.all_loaded():
                 group.ever_ready = True
                 self.manager.on_loaded(group)
@@ -250,17 +266,23 @@ class Broker:
             slot = min(rolling, key=lambda s: len(s.batch))  # least loaded replica
             if len(slot.batch) >= slot.rolling_capacity:
                 break
-            self._send(slot, queue.take(limit=1), now, READY)
+            self._send(group, slot, queue.take(limit=1), now, READY)
         any_busy = any(s.state == BUSY for s in group.slots)
         for slot in group.slots:
             if slot.state != READY or slot.rolling_capacity or not queue.ready(now, any_busy):
                 continue
-            self._send(slot, queue.take(), now, BUSY)
+            self._send(group, slot, queue.take(), now, BUSY)
             any_busy = True
 
-    def _send(self, slot: WorkerSlot, batch: list[Pending], now: float, state: str) -> None:
+    def _send(
+        self, group: ModelGroup, slot: WorkerSlot, batch: list[Pending], now: float, state: str
+    ) -> None:
         if not slot.batch:
             slot.batch_started = now
+        if self.metrics is not None:
+            wait = self.metrics.queue_wait.labels(group.name)
+            for pending in batch:
+                wait.observe(now - (pending.request.arrived or now))
         slot.state = state
         slot.batch.update(dict.fromkeys(p.request.request_id for p in batch))
         for pending in batch:
@@ -329,12 +351,15 @@ class Broker:
     def _restart(self, group: ModelGroup, slot: WorkerSlot) -> None:
         """Count a crash or hang; restart until retry_threshold is exceeded, then FAILED."""
         group.crashes += 1
+        mark_process_dead(slot.pid)
         threshold = group.config.retry_threshold
         if group.crashes > threshold:
             self._fail(
                 group, f"model workers crashed or hung {group.crashes} times (retry_threshold={threshold})"
             )
         if group.failed_reason is None and not self._stop.is_set():
+            if self.metrics is not None:
+                self.metrics.restarts.labels(group.name).inc()
             self.start_worker(group, slot)
 
     def _check_overdue(self, group: ModelGroup, slot: WorkerSlot, now: float) -> None:
@@ -360,6 +385,20 @@ class Broker:
             )
             slot.kill()
             self._restart(group, slot)
+
+    def _answer_at_drain_end(self, now: float) -> None:
+        """SHUTDOWN_ANSWER_S into a drain, answer everything still held (queued, or on a worker) with a
+        503, so no client is left with a connection the HTTP front closes without an answer."""
+        if not self.draining:
+            return
+        self._draining_since = self._draining_since or now
+        if now - self._draining_since < SHUTDOWN_ANSWER_S:
+            return
+        if self.inflight or any(len(group.queue) for group in self.registry.groups()):
+            error = ShuttingDown(f"The server shut down {SHUTDOWN_ANSWER_S:g} s after SIGTERM, before this "
+                                 "request finished. Retry it.")  # fmt: skip
+            for group in self.registry.groups():
+                self.abandon(group, error)
 
     def _expire(self, now: float) -> None:
         for group in self.registry.groups():

@@ -26,6 +26,7 @@ ERR = b"err"  # broker → front: request id, ServingError body as JSON
 READY = b"ready"  # worker → broker: model loaded
 LOAD_FAILED = b"loadfail"  # worker → broker: model failed to load, with the reason
 DONE = b"done"  # worker → broker: the current batch is finished, worker is idle
+USAGE = b"usage"  # worker → broker → front, just before a terminal frame: request id, JSON (access log)
 
 TERMINAL = (RESP, END, ERR)
 
@@ -47,6 +48,8 @@ class InferRequest:
     answered 504: set by the broker, so a worker that queues the request does not wait longer."""
     model: str | None = None
     """The model it names (path or ``model_name``); None: the default model (serving.registry)."""
+    arrived: float | None = None
+    """time.monotonic() when the broker queued it: the start of queue wait and time to first token."""
 
 
 @dataclass

@@ -15,10 +15,14 @@ import tempfile
 import threading
 import time
 
+from serving.auth import open_paths
 from serving.broker import Broker
 from serving.config import ServingConfig
 from serving.http_main import DRAIN_TIMEOUT_S
+from serving.logs import configure as configure_logs
+from serving.metrics import MULTIPROC_ENV, enable_multiprocess
 from serving.registry import ModelRegistry
+from serving.security import exposure_warnings
 from serving.workers import die_with_parent, write_worker_spec
 
 log = logging.getLogger("serving.server")
@@ -43,6 +47,10 @@ class Server:
         self.config = config
         self.runtime_dir = tempfile.mkdtemp(prefix="lmi-")
         os.chmod(self.runtime_dir, 0o700)
+        if config.log_format != "text":  # text: keep the CLI's set-up
+            configure_logs(config.log_format, logging.getLogger().level, "server")
+        if config.metrics:  # before any process imports prometheus_client (serving.metrics)
+            enable_multiprocess(self.runtime_dir)
         spec_path = write_runtime_files(config, self.runtime_dir)
         self.registry = ModelRegistry(config, self.runtime_dir, os.environ)
         if config.serves_startup_model:
@@ -86,12 +94,18 @@ class Server:
 
     def _log_addresses(self) -> None:
         cfg = self.config
+        scheme = "https" if cfg.tls_cert else "http"
         if cfg.serves_startup_model:
-            log.info("Serving %r on http://%s", cfg.model_name, cfg.inference_address)
+            log.info("Serving %r on %s://%s", cfg.model_name, scheme, cfg.inference_address)
         else:
-            log.info("Serving a multi-model endpoint (no model yet) on http://%s", cfg.inference_address)
+            address = cfg.inference_address
+            log.info("Serving a multi-model endpoint (no model yet) on %s://%s", scheme, address)
         if cfg.enable_management_api:
-            log.info("Management API on http://%s", cfg.management_address)
+            log.info("Management API on %s://%s", scheme, cfg.management_address)
+        for warning in exposure_warnings(cfg):
+            log.warning("%s", warning)
+        if cfg.api_key:
+            log.info("Every route but %s requires the API key", ", ".join(sorted(open_paths(cfg))))
         if cfg.dynamic_models:
             source = "memory_budget_mb" if cfg.memory_budget_mb else "memory available at start-up"
             log.info("Models may reserve %d MB (%s)", self.registry.ledger.budget_mb, source)
@@ -112,4 +126,6 @@ class Server:
         started = time.monotonic()
         self.broker.stop(worker_timeout_s=5)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if os.environ.get(MULTIPROC_ENV, "").startswith(self.runtime_dir):
+            del os.environ[MULTIPROC_ENV]
         log.info("Shut down in %.1f s", time.monotonic() - started)

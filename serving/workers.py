@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("serving.workers")
 
+SECRET_ENV = frozenset({"SERVING_API_KEY"})
+"""Variables the model worker processes (and any user model.py) do not inherit."""
+
 STARTING, READY, BUSY, DEAD = "starting", "ready", "busy", "dead"
 PR_SET_PDEATHSIG = 1
 
@@ -75,7 +78,7 @@ class WorkerSlot:
             "--identity",
             self.identity.decode(),
         ]
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}  # model code never sees the key
         # OpenMP threads that spin without bound starve the HTTP front and broker on small machines;
         # a short spin (~0.1 ms) then sleep keeps back-to-back kernels fast (see the README).
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -135,6 +138,8 @@ def write_worker_spec(config: ServingConfig, path: str) -> None:
         "properties": config.handler_properties(),
         "options": config.settings,
         "log_level": logging.getLevelName(logging.getLogger().level),
+        "log_format": config.log_format,
+        "metrics": config.metrics,
     }
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(spec, fh)

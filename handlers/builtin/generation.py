@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 from engines.base import GenerationEngine
@@ -21,7 +22,7 @@ from handlers.batch_io import request_input
 from handlers.builtin import formats
 from handlers.builtin.custom_formatters import CustomFormatterError, CustomFormatters
 from handlers.builtin.formats import GENERATION_ERROR_CODE, ParsedRequest, RequestError, ResponseWriter
-from handlers.replies import AnyReply, Reply, StreamChunk, StreamEnd, StreamStart
+from handlers.replies import AnyReply, Reply, StreamChunk, StreamEnd, StreamStart, Usage
 from serving import dialects
 from serving import messages as msg
 from serving.dialects import Api
@@ -54,6 +55,14 @@ class Job:
     started: bool = False
     running: set[str] = field(default_factory=set)
     """Engine request ids of this job that have not finished yet."""
+    arrived: float = 0.0
+    first_token_at: float = 0.0
+    """time.monotonic() of arrival at the broker and of the first generated token (0.0: none yet)."""
+
+    def usage(self) -> Usage:
+        prompt = sum(w.ctx.prompt_tokens for w in self.writers)
+        generated = sum(len(c.tokens) for w in self.writers for c in w.choices)
+        return Usage(prompt, generated, self.arrived, self.first_token_at)
 
 
 def error_reply(request_id: str, api: Api, code: int, message: str, error_type: str = "") -> Reply:
@@ -87,6 +96,8 @@ class GenerationHandler:
         self.jobs: dict[str, Job] = {}
         self.owner: dict[str, tuple[str, int]] = {}
         """Engine request id → (HTTP request id, prompt index)."""
+        self.last_step_size = 0
+        """Token events the last step produced (the batch-size metric)."""
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -113,7 +124,7 @@ class GenerationHandler:
         # The writer decides the framing: option.output_formatter=jsonlines/sse streams on /invocations
         # even without "stream": true, as in LMI.
         streams = prepared[0][0].stream or writers[0].content_type() != "application/json"
-        job = Job(api, writers, streams, listed)
+        job = Job(api, writers, streams, listed, arrived=request.arrived or time.monotonic())
         for index, (_, _, generation) in enumerate(prepared):
             if listed:
                 generation = dataclasses.replace(generation, request_id=f"{request.request_id}#{index}")
@@ -227,6 +238,7 @@ class GenerationHandler:
         except Exception as exc:  # a failed forward: end every sequence in-band, keep serving
             log.exception("Engine step failed")
             events = self._abort_all(f"engine step failed: {exc}")
+        self.last_step_size = len(events)
         for event in events:
             try:
                 replies.extend(self._on_event(event))
@@ -269,6 +281,8 @@ class GenerationHandler:
         if event.finish_reason in ("error", "cancelled"):
             return self._end_with_error(request_id, job, event.error or event.finish_reason)
         writer = job.writers[index]
+        if not job.first_token_at and event.token_id >= 0:
+            job.first_token_at = time.monotonic()
         data = writer.on_event(event)
         replies: list[AnyReply] = []
         if job.stream:
@@ -295,17 +309,20 @@ class GenerationHandler:
             return [error_reply(request_id, job.api, exc.status_code, str(exc))]
         del self.jobs[request_id]
         if job.stream:
-            return ([StreamChunk(request_id, tails[0])] if tails[0] else []) + [StreamEnd(request_id)]
+            end = StreamEnd(request_id, usage=job.usage())
+            return ([StreamChunk(request_id, tails[0])] if tails[0] else []) + [end]
         headers = {"Content-Type": job.writers[0].content_type()}
         if not job.listed:
-            return [Reply(request_id, 200, headers, tails[0])]
+            return [Reply(request_id, 200, headers, tails[0], usage=job.usage())]
         # each prompt's JSON body (submit checked), in prompt order
         body = b"[" + b",".join(tail or b"null" for tail in tails) + b"]"
-        return [Reply(request_id, 200, headers, body)]
+        return [Reply(request_id, 200, headers, body, usage=job.usage())]
 
     def _end_with_error(self, request_id: str, job: Job, message: str) -> list[AnyReply]:
         self._drop(request_id)
         if not job.started:
-            return [error_reply(request_id, job.api, GENERATION_ERROR_CODE, message)]
+            reply = error_reply(request_id, job.api, GENERATION_ERROR_CODE, message)
+            reply.usage = job.usage()
+            return [reply]
         data = job.writers[0].error(message, GENERATION_ERROR_CODE)
-        return [StreamChunk(request_id, data), StreamEnd(request_id)]
+        return [StreamChunk(request_id, data), StreamEnd(request_id, usage=job.usage())]
