@@ -13,6 +13,7 @@ from typing import Any
 from serving.errors import ConfigError
 from serving.options import COMPAT_KEYS, KNOWN_KEYS, OPTIONS, parse_settings
 from serving.properties import Properties, load_properties
+from serving.security import SECRET_KEYS, check_tls, read_api_key
 
 log = logging.getLogger("serving.config")
 
@@ -38,6 +39,18 @@ SERVER_FIELDS = {
     "enable_management_api": "enable_management_api",
     "management_address": "management_address",
     "memory_budget_mb": "memory_budget_mb",
+    "log_format": "log_format",
+    "access_log": "access_log",
+    "log_requests": "log_requests",
+    "metrics": "metrics",
+    "metrics_require_key": "metrics_require_key",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
+    "keepalive_timeout_s": "keepalive_timeout",
+    "request_body_timeout_s": "request_body_timeout",
+    "limit_request_line": "limit_request_line",
+    "limit_request_fields": "limit_request_fields",
+    "limit_request_field_size": "limit_request_field_size",
 }
 """ServingConfig field → the declared key (serving/options.py) it comes from."""
 
@@ -74,6 +87,20 @@ class ServingConfig:
     enable_management_api: bool = _default("enable_management_api")
     management_address: str = _default("management_address")
     memory_budget_mb: int | None = None
+    log_format: str = _default("log_format")
+    access_log: bool = _default("access_log")
+    log_requests: bool = _default("log_requests")
+    metrics: bool = _default("metrics")
+    api_key: str | None = field(default=None, repr=False)
+    """From api_key or api_key_file (serving/security.py); kept out of reprs, logs and worker specs."""
+    metrics_require_key: bool = _default("metrics_require_key")
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    keepalive_timeout_s: int = _default("keepalive_timeout_s")
+    request_body_timeout_s: float = _default("request_body_timeout_s")
+    limit_request_line: int = _default("limit_request_line")
+    limit_request_fields: int = _default("limit_request_fields")
+    limit_request_field_size: int = _default("limit_request_field_size")
     options: dict[str, str] = field(default_factory=dict)
     """option.* keys without the prefix, handed to the handler on initialisation."""
     model_properties: dict[str, str] = field(default_factory=dict)
@@ -204,8 +231,13 @@ def load_config(
     if environ.get("WORLD_SIZE", "").isdigit():
         settings["world_size"] = int(environ["WORLD_SIZE"])
     _validate(settings)
+    api_key = read_api_key(props, environ)
+    check_tls(settings["tls_cert"], settings["tls_key"])
+    settings = {k: v for k, v in settings.items() if k not in SECRET_KEYS}
     options = {k[len("option.") :]: v for k, v in props.values.items() if k.startswith("option.")}
-    model_props = {k: v for k, v in props.values.items() if not k.startswith("option.")}
+    model_props = {
+        k: v for k, v in props.values.items() if not k.startswith("option.") and k not in SECRET_KEYS
+    }
     name = settings["model_name"] or (os.path.basename(os.path.abspath(model_dir)) if model_dir else "model")
     settings["model_name"] = re.sub(r"\W", "_", name)  # what /ping, /v1/models and every answer say
     return ServingConfig(
@@ -216,5 +248,6 @@ def load_config(
         options=options,
         model_properties=model_props,
         settings=settings,
+        api_key=api_key,
         **{field_name: settings[OPTIONS[key].name] for field_name, key in SERVER_FIELDS.items()},
     )

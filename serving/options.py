@@ -115,11 +115,18 @@ def _port_range(text: str) -> tuple[int, int]:
 
 
 def _address(text: str) -> str:
-    """``http://host:port`` or ``host:port`` (as DJL's management_address) → ``host:port``."""
-    match = re.fullmatch(r"(?:http://)?(\[[0-9a-fA-F:.]+\]|[\w.-]+):(\d{1,5})/?", text)
+    """``http(s)://host:port`` or ``host:port`` (as DJL's management_address) → ``host:port``."""
+    match = re.fullmatch(r"(?:https?://)?(\[[0-9a-fA-F:.]+\]|[\w.-]+):(\d{1,5})/?", text)
     if not match or not 0 < int(match[2]) < 65536:
         raise ValueError
     return f"{match[1]}:{match[2]}"
+
+
+def _int_range(text: str, low: int, high: int) -> int:
+    value = int(text)
+    if not low <= value <= high:
+        raise ValueError
+    return value
 
 
 def _degree(text: str) -> int:
@@ -145,6 +152,7 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16
 KERNEL_CHOICES = ("auto", "native", "triton", "torch")
 OUTPUT_FORMATTER_CHOICES = ("json", "jsonlines", "sse", "json_chat", "jsonlines_chat")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
+LOG_FORMAT_CHOICES = ("text", "json")
 
 _SERVER = [
     OptionSpec("engine", str, "Python",
@@ -187,6 +195,18 @@ _SERVER = [
     OptionSpec("log_level", str, "info",
                doc="Log level (`SERVING_LOG_LEVEL`).",
                choices=LOG_LEVEL_CHOICES),
+    OptionSpec("log_format", str, "text",
+               doc="`json`: every process logs one JSON object per line (`SERVING_LOG_FORMAT`).",
+               choices=LOG_FORMAT_CHOICES),
+    OptionSpec("access_log", bool, True,
+               doc="One log line per HTTP request (successful `/ping` and `/metrics` excepted): route, "
+                   "status, latency, tokens, worker (`SERVING_ACCESS_LOG`)."),
+    OptionSpec("log_requests", bool, False,
+               doc="Add request and response bodies (prompts, outputs; first 8 KiB) to the access log "
+                   "(`SERVING_LOG_REQUESTS`)."),
+    OptionSpec("metrics", bool, True,
+               doc="Prometheus metrics at `GET /metrics`; `false` collects nothing and the route answers "
+                   "404 (`SERVING_METRICS`)."),
     OptionSpec("sagemaker_multi_model", bool, False,
                doc="Set from `SAGEMAKER_MULTI_MODEL`: serve SageMaker's multi-model API (`/models`) on the "
                    "inference port; no model loads at start-up unless a folder or `option.model_id` is "
@@ -197,7 +217,7 @@ _SERVER = [
     OptionSpec("management_address", str, "127.0.0.1:8081",
                doc="Where the management API listens (`http://host:port` or `host:port`); the inference "
                    "listener itself when equal to it.",
-               parse=_address, expected="host:port or http://host:port (no TLS)",
+               parse=_address, expected="host:port or http(s)://host:port",
                shown_default="`http://127.0.0.1:8081`"),
     OptionSpec("memory_budget_mb", int, None,
                doc="Memory the models loaded through `/models` may reserve together (start-up model "
@@ -207,6 +227,37 @@ _SERVER = [
                doc="Memory one worker of this model needs, reserved against `memory_budget_mb` before it "
                    "loads.",
                shown_default="1.2 × the model folder's size"),
+    OptionSpec("api_key", str, None,
+               doc="Every route but `/ping`, `/openapi.json` and `/metrics` requires `Authorization: Bearer "
+                   "<key>` or `X-Api-Key: <key>` → else 401 (`SERVING_API_KEY`; see [Security](#security))."),
+    OptionSpec("api_key_file", str, None,
+               doc="A file holding `api_key`, instead of it (`SERVING_API_KEY_FILE`)."),
+    OptionSpec("metrics_require_key", bool, False,
+               doc="Put `/metrics` behind `api_key` too (`SERVING_METRICS_REQUIRE_KEY`)."),
+    OptionSpec("tls_cert", str, None,
+               doc="PEM certificate (chain): the inference and management listeners serve HTTPS only "
+                   "(`SERVING_TLS_CERT`, with `tls_key`)."),
+    OptionSpec("tls_key", str, None,
+               doc="The certificate's unencrypted PEM private key (`SERVING_TLS_KEY`)."),
+    OptionSpec("keepalive_timeout", int, 2,
+               doc="How long a connection may wait for its next request and take to send a TLS handshake, "
+                   "request line and headers; then it is closed (`SERVING_KEEPALIVE_TIMEOUT`).",
+               unit="seconds"),
+    OptionSpec("request_body_timeout", float, 60.0,
+               doc="How long a request body may take to arrive after its headers → 408 and the connection "
+                   "closed (`SERVING_REQUEST_BODY_TIMEOUT`).",
+               unit="seconds"),
+    OptionSpec("limit_request_line", int, 4094,
+               doc="Longest request line (method, URL with query, version) → 414 "
+                   "(`SERVING_LIMIT_REQUEST_LINE`).",
+               unit="bytes", parse=lambda text: _int_range(text, 1, 8190),
+               expected="an integer from 1 to 8190"),
+    OptionSpec("limit_request_fields", int, 100,
+               doc="Most header fields in one request → 431 (`SERVING_LIMIT_REQUEST_FIELDS`).",
+               parse=lambda text: _int_range(text, 1, 32768), expected="an integer from 1 to 32768"),
+    OptionSpec("limit_request_field_size", int, 8190,
+               doc="Longest header field (name and value) → 431 (`SERVING_LIMIT_REQUEST_FIELD_SIZE`).",
+               unit="bytes"),
 ]  # fmt: skip
 
 _MODEL = [
@@ -321,7 +372,8 @@ _MODEL = [
                    "`gguf`: serve the GGUF file's own quantized blocks (Q4_0/Q4_1/Q4_K as int4, Q8_0 as "
                    "int8, in groups of 32) with no re-quantisation: the default model, or a folder with "
                    "its .gguf beside config.json. AWQ/GPTQ checkpoints load as stored without it. "
-                   "`fp8` is refused on CPUs.",
+                   "`fp8`: float8 e4m3 weights, per-channel scales, activations scaled per token, through "
+                   "torch._scaled_mm on GPUs of compute capability 8.9+ (Ada, Hopper); refused on CPUs.",
                choices=("int8", "int4", "fp8", "gguf")),
     OptionSpec("option.quantize_group_size", int, 128,
                doc="int4: input columns per scale; where it does not divide a width, 64 or 32 is used."),
