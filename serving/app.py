@@ -11,16 +11,22 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from serving import messages as msg
+from serving.access import RequestRecord
+from serving.access import install as install_observability
+from serving.auth import api_key_hook
 from serving.client import BrokerClient
 from serving.config import ServingConfig
 from serving.dialects import ROUTE_APIS, Api, api_for_path, error_reply
 from serving.errors import BadRequest, NotFound, ServingError
+from serving.openapi import build_document
 
 log = logging.getLogger("serving.app")
 
 PING_STATUS = {"Healthy": 200, "FAILED": 500}
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection"}
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+CREDENTIAL_HEADERS = {"authorization", "x-api-key"}
+"""Not handed to handlers as properties: the API key stays in the HTTP front."""
 NO_CACHE = {"Cache-Control": "no-cache; no-store, must-revalidate, private", "Pragma": "no-cache"}
 
 
@@ -42,8 +48,8 @@ def error_response(code: int, message: str, error_type: str = "", headers: dict 
 
 
 def request_properties(request_id: str) -> dict[str, str]:
-    """Headers become properties (as DJL); SageMaker custom attributes are exploded into them."""
-    props = dict(request.headers.items())
+    """Headers (but credentials) become properties (as DJL); SageMaker custom attributes are exploded."""
+    props = {k: v for k, v in request.headers.items() if k.lower() not in CREDENTIAL_HEADERS}
     for pair in request.headers.get(CUSTOM_ATTRIBUTES, "").split(";"):
         key, sep, value = pair.partition("=")
         if sep and key.strip():
@@ -112,8 +118,15 @@ def guess_mimetype(body: bytes | Iterator[bytes]) -> str:
 
 
 def relay(client: BrokerClient, infer: msg.InferRequest) -> Response:
+    record: RequestRecord | None = g.get("record")
+    if record is not None:
+        record.model = infer.model or ""
     events = client.events(infer)
     kind, payload = next(events)
+    while kind == msg.USAGE:  # the worker's report for the access log, sent before a whole answer
+        if record is not None:
+            record.on_usage(payload)
+        kind, payload = next(events)
     if kind == msg.ERR:  # refused or failed by the broker (queue full, timeout, worker died)
         error = json.loads(payload)
         log.warning("%s %s -> %d %s", request.method, request.path, error["code"], error["message"])
@@ -123,19 +136,29 @@ def relay(client: BrokerClient, infer: msg.InferRequest) -> Response:
         return head_response(head, head.body)
     content_type = next((v for k, v in head.properties.items() if k.lower() == "content-type"), "")
     sse = content_type.startswith("text/event-stream")
-    return head_response(head, stream_body(client, infer, events, sse))
+    return head_response(head, stream_body(client, infer, events, sse, record))
 
 
 def stream_body(
-    client: BrokerClient, infer: msg.InferRequest, events: Iterator[tuple[bytes, bytes]], sse: bool
+    client: BrokerClient,
+    infer: msg.InferRequest,
+    events: Iterator[tuple[bytes, bytes]],
+    sse: bool,
+    record: RequestRecord | None = None,
 ) -> Iterator[bytes]:
     """Relay a started stream; a failure after the head (a dead worker) is its last event, in the
     route's dialect and the stream's framing, since the HTTP status has already been sent."""
     request_id, finished = infer.request_id, False
+    keep_output = record is not None and record.keep_bodies
     try:
         for kind, payload in events:
             if kind == msg.CHUNK:
+                if keep_output:
+                    record.on_output(payload)
                 yield payload
+            elif kind == msg.USAGE:
+                if record is not None:
+                    record.on_usage(payload)
             elif kind == msg.ERR or (kind == msg.END and payload):
                 finished = True
                 log.error("Stream %s failed after the response started: %s", request_id, payload[:500])
@@ -159,6 +182,8 @@ def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
 
     app = Flask("lmi-serving")
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_size
+    install_observability(app, config)  # access log, request metrics, GET /metrics
+    app.before_request(api_key_hook(config, error_response))  # after it: 401s are logged and counted
 
     @app.get("/ping")
     def ping() -> Response:
@@ -169,6 +194,13 @@ def create_app(config: ServingConfig, client: BrokerClient) -> Flask:
         counted = [models[name] for name in health.get("startup", models) if name in models]
         worst = next((s["status"] for s in counted if s["status"] != "Healthy"), "Healthy")
         return json_response(models, PING_STATUS.get(worst, 503))
+
+    document = build_document(config)
+
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        """This server's OpenAPI 3.1 description (serving/openapi.py)."""
+        return json_response(document, 200)
 
     @app.post("/invocations")
     def invocations() -> Response:

@@ -27,6 +27,15 @@ MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 PENALTY_LIMIT = 2.0
 LOGIT_BIAS_LIMIT = 100.0
+SMALLEST_FACTOR = 1e-6
+"""The smallest positive temperature, top_p and repetition_penalty: the engines divide float32 logits by
+temperature and repetition_penalty (and compare float32 sums with top_p), and far below this the result
+overflows or rounds to nothing, so every probability becomes NaN and the whole batch's step fails."""
+TINY_HINTS = {
+    "temperature": "For greedy decoding use temperature 0 or do_sample=false.",
+    "top_p": "Use a larger top_p, or top_k=1 for greedy decoding.",
+    "repetition_penalty": "Use 1.0 for no repetition penalty.",
+}
 
 
 @dataclass
@@ -70,6 +79,12 @@ def read_knobs(
         data, "repetition_penalty", where, 1.0, gt=0.0, hint="Use 1.0 for no repetition penalty."
     )
     seed = get_int(data, "seed", where, None, minimum=0, maximum=SEED_LIMIT - 1)
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", penalty)):
+        if value is not None and 0 < value < SMALLEST_FACTOR:
+            raise RequestError(
+                f"`{qualified(where, name)}`={value!r} is too small: the smallest accepted is "
+                f"{SMALLEST_FACTOR:g} (below it the model's float32 arithmetic overflows). {TINY_HINTS[name]}"
+            )
     return Knobs(temperature, max(top_k, 0), top_p, penalty, seed, **_read_extras(data, where))
 
 
