@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 from support import tiny_model_script
+from test_quantization import greedy
 
 from engines.base import EngineConfig, EngineLoadError
 from engines.parallel.layout import ParallelLayout, ShardPlan
@@ -30,7 +31,6 @@ from engines.quant.methods import Int4Weight, quantize_int8_blocks
 from engines.quant.parts import for_kernels, fuse
 from engines.quant.prequantized import PARTS, open_source, rank_part
 from engines.rolling.factory import create_rolling_engine
-from engines.types import GenerationRequest, SamplingParams
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 """AutoAWQ's order_map: nibble i of a packed word holds output column 8c + AWQ_ORDER[i]."""
@@ -246,25 +246,6 @@ def write_packed(tiny: Path, root: Path, method: str, group: int = 32, v1: bool 
     config["quantization_config"] = quantization
     (packed / "config.json").write_text(json.dumps(config))
     return packed, reference
-
-
-PROMPTS = {"a": list(range(3, 40)), "b": [5, 6, 7], "c": list(range(50, 70))}
-
-
-def greedy(
-    path: Path, prompts: dict[str, list[int]] = PROMPTS, tokens: int = 16, **fields
-) -> dict[str, list[int]]:
-    engine = create_rolling_engine(
-        EngineConfig(model_path=str(path), dtype="fp32", kernels="torch", max_model_len=96, **fields)
-    )
-    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    out: dict[str, list[int]] = {}
-    admit = [GenerationRequest(rid, ids, params) for rid, ids in prompts.items()]
-    while admit or engine.running:
-        for event in engine.step(admit, []):
-            out.setdefault(event.request_id, []).append(event.token_id)
-        admit = []
-    return out
 
 
 @pytest.mark.parametrize(("method", "v1"), [("awq", False), ("gptq", True), ("gptq", False)])

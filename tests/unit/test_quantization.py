@@ -124,12 +124,17 @@ def dequantized_copy(source: Path, dest: Path, method: str) -> Path:
     return dest
 
 
-def greedy(path: Path, **fields) -> dict[str, list[int]]:
+PROMPTS = {"a": list(range(3, 40)), "b": [5, 6, 7], "c": list(range(50, 70))}
+
+
+def greedy(
+    path: Path, prompts: dict[str, list[int]] = PROMPTS, tokens: int = 16, **fields
+) -> dict[str, list[int]]:
+    """Greedy tokens of the native engine (fp32, torch ops) on ``prompts`` joining one batch."""
     engine = create_rolling_engine(
         EngineConfig(model_path=str(path), dtype="fp32", kernels="torch", max_model_len=96, **fields)
     )
-    prompts = {"a": list(range(3, 40)), "b": [5, 6, 7], "c": list(range(50, 70))}
-    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     out: dict[str, list[int]] = {}
     admit = [GenerationRequest(rid, ids, params) for rid, ids in prompts.items()]
     while admit or engine.running:
