@@ -136,7 +136,7 @@ def install(app: Flask, config: ServingConfig) -> None:
     @app.get("/metrics")
     def metrics() -> Response:
         """Every process's metrics in Prometheus' text format."""
-        if not config.metrics or not folder:
+        if not config.metrics or not os.path.isdir(folder):  # none: a front started outside lmi serve
             body = {"code": 404, "type": "MetricsDisabled", "message": METRICS_OFF, "error": METRICS_OFF}
             return Response(json.dumps(body), status=404, mimetype="application/json")
         data, content_type = exposition(folder)

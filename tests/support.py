@@ -51,7 +51,7 @@ class ServerProcess:
         last: requests.Response | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
                 last = self.ping()
                 if last.status_code == expect:
@@ -60,7 +60,7 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(
-            f"server not ready ({last and last.status_code}) in {timeout_s}s:\n{self.output()}"
+            f"server not ready ({last and last.status_code}) in {timeout_s}s:\n{self.tail()}"
         )
 
     def post(self, path: str = "/invocations", json_body: object = None, **kwargs) -> requests.Response:
@@ -68,7 +68,12 @@ class ServerProcess:
         return requests.post(self.url + path, json=json_body, **kwargs)
 
     def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-6000:]
+        """Everything the server printed (access lines included: assertions search all of it)."""
+        return Path(self.log.name).read_text(errors="replace")
+
+    def tail(self) -> str:
+        """The end of the output, for failure messages."""
+        return self.output()[-6000:]
 
     def stop(self, timeout_s: float = 40) -> int:
         if self.proc.poll() is None:

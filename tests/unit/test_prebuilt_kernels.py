@@ -26,10 +26,11 @@ def prebuilt_dir(tmp_path_factory):
 
 def test_best_level_is_the_first_the_cpu_can_run():
     v3 = {"avx2", "fma", "bmi2", "f16c", "movbe"}
-    bf16 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_bf16"}
+    bf16 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_bf16", "avx512_vnni"}
     both = ["avx512-bf16", "x86-64-v3"]
     assert best_level(v3 | bf16, both) == "avx512-bf16"
     assert best_level(v3 | bf16 - {"avx512_bf16"}, both) == "x86-64-v3"
+    assert best_level(v3 | bf16 - {"avx512_vnni"}, both) == "x86-64-v3"  # the quantized matmul's vpdpbusd
     assert best_level(v3 | bf16, ["x86-64-v3"]) == "x86-64-v3"  # only what was built
     assert best_level({"sse2"}, both) is None
 
