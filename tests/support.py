@@ -59,9 +59,7 @@ class ServerProcess:
             except requests.ConnectionError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(
-            f"server not ready ({last and last.status_code}) in {timeout_s}s:\n{self.tail()}"
-        )
+        raise TimeoutError(f"server not ready ({last and last.status_code}) in {timeout_s}s:\n{self.tail()}")
 
     def post(self, path: str = "/invocations", json_body: object = None, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 120)
