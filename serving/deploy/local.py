@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,7 +205,10 @@ def follow(running: list[Running]) -> int:
             thread.join()
     except KeyboardInterrupt:
         pass
-    codes = [run.stop(each.container, STOP_TIMEOUT_S) for each in running]
+    # Stopped together: one at a time, each container's grace period would add up past what a
+    # supervisor waiting on Ctrl-C allows.
+    with ThreadPoolExecutor(max_workers=max(1, len(running))) as pool:
+        codes = list(pool.map(lambda each: run.stop(each.container, STOP_TIMEOUT_S), running))
     return next((code for code in codes if code), 0)
 
 
