@@ -78,8 +78,9 @@ class EngineConfig:
     """HF engines on GPUs: accelerate's placement (auto, balanced, sequential, a JSON map)."""
     quantize: str | None = None
     """Weight-only quantization of the native engine's projections: int8 or int4 (engines.quant)."""
-    quantize_group_size: int = 128
-    """int4: input columns per scale (a smaller one that divides is used where it does not)."""
+    quantize_group_size: int | None = None
+    """int4: input columns per scale (a smaller one that divides is used where it does not); None: 128,
+    or a 4-bit GGUF source's grid of 32 (engines.quant.apply.int4_group_size)."""
     worker_index: int = 0
     """This model worker's index among minWorkers: a parallel group on GPUs takes the index-th run of
     per-node GPUs, so several groups on one machine get disjoint devices."""

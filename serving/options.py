@@ -375,8 +375,11 @@ _MODEL = [
                    "`fp8`: float8 e4m3 weights, per-channel scales, activations scaled per token, through "
                    "torch._scaled_mm on GPUs of compute capability 8.9+ (Ada, Hopper); refused on CPUs.",
                choices=("int8", "int4", "fp8", "gguf")),
-    OptionSpec("option.quantize_group_size", int, 128,
-               doc="int4: input columns per scale; where it does not divide a width, 64 or 32 is used."),
+    OptionSpec("option.quantize_group_size", int, None,
+               doc="int4: input columns per scale; where it does not divide a width, 64 or 32 is used. "
+                   "Unset on weights converted from a 4-bit GGUF (the default model): 32, the file's own "
+                   "grid, which coarser groups would lose.",
+               shown_default="128 (32 for a 4-bit GGUF source)"),
     OptionSpec("option.max_model_len", int, None,
                doc="Tokens per sequence (prompt + generated); sizes the KV cache.",
                shown_default="min(model, 2048)"),

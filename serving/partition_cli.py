@@ -48,7 +48,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("int8", "int4"),
         help="store the decoder projections quantized (option.quantize)",
     )
-    parser.add_argument("--group-size", type=_positive_int, default=128, help="int4: input columns per scale")
+    parser.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        help="int4: input columns per scale (default: 128, or 32 for weights converted from a 4-bit GGUF)",
+    )
     parser.add_argument("--output", required=True, help="folder to write (must be absent or empty)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --output")
     parser.add_argument("--download-dir", default=os.environ.get("SERVING_DOWNLOAD_DIR"), help="cache root")

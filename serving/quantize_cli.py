@@ -24,7 +24,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model-dir", required=True, help="a local folder, s3://bucket/prefix/ or a Hub id")
     parser.add_argument("--method", choices=("int8", "int4"), required=True)
-    parser.add_argument("--group-size", type=_positive_int, default=128, help="int4: input columns per scale")
+    parser.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        help="int4: input columns per scale (default: 128, or 32 for weights converted from a 4-bit GGUF)",
+    )
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto", help="dtype of what stays unquantized"
     )

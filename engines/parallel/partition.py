@@ -267,11 +267,12 @@ def write_partition(
     pipeline_parallel: int = 1,
     dtype: str = "auto",
     quantize: str | None = None,
-    group_size: int = 128,
+    group_size: int | None = None,
     calibration: str | Path | None = None,
 ) -> Manifest:
     """Cut ``source`` (config.json + safetensors) into one file per rank under ``output``, one rank at a
     time (peak memory: one rank's part). ``dtype``: fp32/fp16/bf16, auto = the checkpoint's.
+    ``group_size``: int4's, None for the default (engines.quant.apply.int4_group_size).
     ``calibration``: a text file for activation-aware scaling before quantizing (one rank only)."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
@@ -291,6 +292,10 @@ def write_partition(
             "its slices), or partition the float checkpoint with --quantize int8|int4."
         )
     windows = _calibration(source, calibration, quantize, tensor_parallel * pipeline_parallel)
+    if quantize == "int4":
+        from engines.quant.apply import int4_group_size
+
+        group_size = int4_group_size(source, group_size)
     torch_dtype = resolve_dtype(
         dtype, AutoConfig.from_pretrained(source), "cpu", False
     )  # auto: the checkpoint's

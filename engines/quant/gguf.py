@@ -45,6 +45,27 @@ def write_record(folder: Path, gguf: Path) -> None:
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
+FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def four_bit_grid(folder: Path) -> int | None:
+    """32 when ``folder`` was converted from a GGUF (its RECORD) whose decoder projections are stored
+    in 4-bit blocks, which are groups of 32 (Q4_K: sub-blocks of 32); else None."""
+    if not (Path(folder) / RECORD).is_file():
+        return None
+    blocks = GgufBlocks(find_gguf(Path(folder)))
+    try:
+        projections = [f".{short}.weight" for short in NAMES.values()]
+        kinds = {
+            tensor.tensor_type.name
+            for name, tensor in blocks.tensors.items()
+            if name.startswith("blk.") and name.endswith(tuple(projections))
+        }
+    finally:
+        blocks.close()
+    return 32 if kinds & set(FOUR_BIT) else None
+
+
 def find_gguf(folder: Path) -> Path:
     """The GGUF whose blocks ``folder``'s weights are: the record's, else the one .gguf in the folder."""
     record = folder / RECORD

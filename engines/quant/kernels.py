@@ -56,20 +56,24 @@ def pack_int8(weight: Int8Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
     return stored, weight.scale.float().reshape(n, k // group).contiguous(), group
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(xq [m, k] integers as float64, scale [m, k/32] float32): the kernel's activation quantization."""
+def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq [m, k] integers as float64, scale [m, k/32] float32): the kernel's activation quantization,
+    symmetric per block of 32 to ``bits`` (8, or 16 for the kernel's ``wide`` path)."""
     m, k = x.shape
+    limit = 2 ** (bits - 1) - 1
     blocks = x.float().reshape(m, k // BLOCK, BLOCK)
-    scale = blocks.abs().amax(dim=-1) / 127
+    scale = blocks.abs().amax(dim=-1) / limit
     inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    xq = torch.round(blocks * inverse[..., None]).clamp(-127, 127)
+    xq = torch.round(blocks * inverse[..., None]).clamp(-limit, limit)
     return xq.reshape(m, k).double(), scale
 
 
-def reference_mm(x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """What the kernel computes, in torch: quantized activations times the weights, summed exactly,
-    plus bias, in x's dtype."""
-    xq, x_scale = quantize_activations(x)
+def reference_mm(
+    x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None, bits: int = 8
+) -> torch.Tensor:
+    """What the kernel computes, in torch: activations quantized to ``bits`` times the weights, summed
+    exactly, plus bias, in x's dtype."""
+    xq, x_scale = quantize_activations(x, bits)
     k = x.shape[1]
     w = weight.dequantize().double()  # [n, k]
     per_block = xq.reshape(xq.shape[0], 1, k // BLOCK, BLOCK) * w.reshape(1, w.shape[0], k // BLOCK, BLOCK)

@@ -98,9 +98,18 @@ class QuantizedLinear(nn.Module):
     """y = x @ W.T + bias with W held quantized; built from a loaded ``engines.llama.linear.Linear``."""
 
     def __init__(
-        self, weight: Int8Weight | Int4Weight | Fp8Weight, bias: torch.Tensor | None, dtype: torch.dtype
+        self,
+        weight: Int8Weight | Int4Weight | Fp8Weight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        activation_bits: int = 8,
     ) -> None:
+        """activation_bits: what the native kernel quantizes activations to at small batches; 16 where
+        near-tie outputs matter (the LM head: see engines.quant.apply.quantize_head)."""
         super().__init__()
+        if activation_bits not in (8, 16):
+            raise ValueError(f"activation_bits must be 8 or 16, got {activation_bits}")
+        self.activation_bits = activation_bits
         methods = {Int8Weight: "int8", Int4Weight: "int4", Fp8Weight: "fp8"}
         self.method = methods[type(weight)]
         self.in_features, self.out_features = weight.q.shape[1], weight.q.shape[0]
@@ -149,7 +158,9 @@ class QuantizedLinear(nn.Module):
             out = exact.to(torch.bfloat16)
             out = (out if self.bias is None else out.to(self.bias.dtype) + self.bias).to(self.dtype)
         elif self.kernel == "native" and rows.shape[0] <= SMALL_BATCH:
-            out = kernels.reference_mm(rows.to(self.dtype), self.expected_weight, self.bias)
+            out = kernels.reference_mm(
+                rows.to(self.dtype), self.expected_weight, self.bias, self.activation_bits
+            )
         else:
             out = reference_linear(rows.to(self.dtype), self.expected_weight, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -164,13 +175,13 @@ class QuantizedLinear(nn.Module):
             return self._scaled_mm(x)
         if self.kernel == "native":
             rows = x.reshape(-1, self.in_features).contiguous()
-            tiled = rows.shape[0] > SMALL_BATCH
+            tiled, wide = rows.shape[0] > SMALL_BATCH, self.activation_bits == 16
             module = kernels.native_module()
             if self.method == "int8":
-                out = module.int8_mm(rows, self.q, self.scale, self.group, self.bias, False, tiled)
+                out = module.int8_mm(rows, self.q, self.scale, self.group, self.bias, False, tiled, wide)
             else:
                 out = module.int4_mm(
-                    rows, self.packed, self.scale, self.minimum, self.group, self.bias, False, tiled
+                    rows, self.packed, self.scale, self.minimum, self.group, self.bias, False, tiled, wide
                 )
             return out.reshape(*x.shape[:-1], self.out_features)
         if self.method == "int8":

@@ -20,7 +20,7 @@ import torch
 from engines.base import EngineLoadError
 from engines.parallel.layout import ShardPlan
 from engines.parallel.shard import ROWS, split_rule
-from engines.quant.apply import PROJECTIONS, quantize_head
+from engines.quant.apply import HEAD_ACTIVATION_BITS, PROJECTIONS, quantize_head
 from engines.quant.awq import AwqFormat
 from engines.quant.gptq import GptqFormat
 from engines.quant.linear import QuantizedLinear
@@ -152,7 +152,9 @@ def load_head(model: Any, source: Source) -> None:
         return
     exact = model.plan.layout.tensor_parallel == 1 and not isinstance(stored, torch.Tensor)
     if exact and shape(stored)[0] == model.lm_head.weight.shape[0]:
-        model.lm_head = QuantizedLinear(to_device(stored, model.device), None, model.dtype)
+        model.lm_head = QuantizedLinear(
+            to_device(stored, model.device), None, model.dtype, HEAD_ACTIVATION_BITS
+        )
     else:
         quantize_head(model)
 

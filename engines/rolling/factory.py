@@ -100,6 +100,16 @@ def create_rolling_engine(config: EngineConfig) -> RollingEngine:
     return engine
 
 
+def group_size(config: EngineConfig) -> int:
+    """option.quantize_group_size when it is set, else the source's own 4-bit grid or 128 (see
+    engines.quant.apply.int4_group_size); only int4 reads it."""
+    from engines.quant.apply import DEFAULT_GROUP_SIZE, int4_group_size
+
+    if config.quantize != "int4":
+        return config.quantize_group_size or DEFAULT_GROUP_SIZE
+    return int4_group_size(config.model_path, config.quantize_group_size)
+
+
 def _use_graphs(config: EngineConfig, model: Any) -> bool:
     world = config.tensor_parallel_degree * config.pipeline_parallel_degree
     return (
@@ -153,7 +163,7 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
         layout=layout,
         comm=comm,
         quantize=config.quantize,
-        group_size=config.quantize_group_size,
+        group_size=group_size(config),
     )
     if layout.world_size > 1:
         rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port or 0))

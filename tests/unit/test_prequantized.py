@@ -377,6 +377,29 @@ def test_gguf_blocks_serve_as_stored(tiny, tmp_path):
     assert greedy(folder, quantize="gguf") == greedy(reference)
 
 
+def test_int4_defaults_to_the_grid_of_the_4_bit_gguf_it_was_converted_from(tiny, tmp_path):
+    """Unset, quantize_group_size is 128, except on weights converted from a GGUF with 4-bit projections:
+    their grid is groups of 32, which coarser groups would lose (the default model ships as Q4_1)."""
+    from engines.quant.gguf import write_record
+    from engines.rolling.factory import group_size
+
+    folder, _ = write_gguf(tiny, tmp_path)
+    unset = EngineConfig(model_path=str(folder), quantize="int4")
+    assert group_size(unset) == 128  # a .gguf beside config.json is not proof the weights came from it
+    write_record(folder, folder / "tiny.gguf")
+    assert group_size(unset) == 32
+    assert group_size(EngineConfig(model_path=str(folder), quantize="int4", quantize_group_size=64)) == 64
+    assert group_size(EngineConfig(model_path=str(tiny), quantize="int4")) == 128
+
+
+def test_the_default_model_quantizes_to_int4_on_its_own_grid():
+    from engines.hf.default_model import ensure_default_model
+    from engines.quant.apply import int4_group_size
+
+    assert int4_group_size(ensure_default_model(), None) == 32
+    assert int4_group_size(ensure_default_model(), 128) == 128
+
+
 def test_quantize_gguf_without_a_gguf_says_how_to_fix(tiny):
     with pytest.raises(EngineLoadError, match="has no .gguf file beside config.json.*Fix: put the one GGUF"):
         create_rolling_engine(EngineConfig(model_path=str(tiny), kernels="torch", quantize="gguf"))

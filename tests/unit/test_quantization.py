@@ -52,7 +52,15 @@ def test_group_size_falls_back_to_one_that_divides():
 
 @pytest.mark.parametrize(
     ("kernel", "method"),
-    [("native", "int8"), ("native", "int4"), ("native", "int8-grouped"), ("aten", "int8"), ("aten", "int4")],
+    [
+        ("native", "int8"),
+        ("native", "int4"),
+        ("native", "int8-grouped"),
+        ("native", "int8-wide"),
+        ("native", "int4-wide"),
+        ("aten", "int8"),
+        ("aten", "int4"),
+    ],
 )
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 5, 9])
@@ -66,14 +74,17 @@ def test_kernel_equals_the_reference(monkeypatch, kernel, method, n, k, rows, dt
     bias = torch.randn(n, generator=generator)
     weight = {
         "int8": lambda: quantize_int8(w),
+        "int8-wide": lambda: quantize_int8_blocks(w, 32),
         "int4": lambda: quantize_int4(w, group_size_for(k, 128)),
+        "int4-wide": lambda: quantize_int4(w, 32),
         "int8-grouped": lambda: Int8Weight(
             torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8),
             torch.rand(n, k // 32, generator=generator) * 0.01,
             32,
         ),
     }[method]()
-    layer = QuantizedLinear(weight, bias, dtype)
+    bits = 16 if method.endswith("-wide") else 8
+    layer = QuantizedLinear(weight, bias, dtype, activation_bits=bits)
     assert layer.kernel == kernel
     x = torch.randn(rows, k, generator=generator).to(dtype)
     got = layer(x)
@@ -85,10 +96,14 @@ def test_kernel_equals_the_reference(monkeypatch, kernel, method, n, k, rows, dt
         floats = reference_linear(x, weight, bias).float()
         assert not torch.allclose(got.float(), floats, atol=1e-6, rtol=0)
         assert (got.float() - floats).abs().max() < 0.02 * floats.abs().max() + 0.05
+        if dtype == torch.float32:  # 16 bits: within float rounding of the float product, 8 bits are not
+            error = (got - floats).abs().max()
+            assert error < 2e-4 if bits == 16 else error > 2e-4
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_portable_path_equals_the_vector_path(method):
+def test_portable_path_equals_the_vector_path(method, wide):
     """The fallback for CPUs without AVX-512 VNNI computes the same sums (compiled here side by side)."""
     module = native_module()
     generator = torch.Generator().manual_seed(7)
@@ -96,10 +111,10 @@ def test_portable_path_equals_the_vector_path(method):
     x = torch.randn(3, 160, generator=generator)
     if method == "int8":
         q, scale, group = pack_int8(quantize_int8(w))
-        run = lambda portable: module.int8_mm(x, q, scale, group, None, portable, False)  # noqa: E731
+        run = lambda portable: module.int8_mm(x, q, scale, group, None, portable, False, wide)  # noqa: E731
     else:
         packed, scale, minimum = pack_int4(quantize_int4(w, 32))
-        run = lambda portable: module.int4_mm(x, packed, scale, minimum, 32, None, portable, False)  # noqa: E731
+        run = lambda portable: module.int4_mm(x, packed, scale, minimum, 32, None, portable, False, wide)  # noqa: E731
     torch.testing.assert_close(run(True), run(False), atol=1e-4, rtol=1e-5)
 
 
@@ -183,6 +198,8 @@ def test_the_projections_are_stored_quantized(tiny):
     ]
     assert isinstance(model.lm_head, QuantizedLinear)  # the head too: int8 in blocks of 32
     assert (model.lm_head.method, model.lm_head.expected_weight.group) == ("int8", 32)
+    assert model.lm_head.activation_bits == 16
+    assert layer.qkv.activation_bits == 8
     eight_bit, _ = load_llama(str(tiny), torch.float32, quantize="int8")
     assert isinstance(eight_bit.layers[0].qkv, QuantizedLinear)
     assert not isinstance(eight_bit.lm_head, QuantizedLinear)  # 8-bit models keep the model's head

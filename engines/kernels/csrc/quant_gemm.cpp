@@ -24,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -38,18 +40,22 @@ namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRowsTile = 4;  // activation rows sharing one pass over a weight row
 
+// Activations quantized per block of 32: int8 (the default; vpdpbusd) or int16 (vpdpwssd, for layers
+// whose outputs are compared near ties, like the LM head: 16 bits keep more precision than bf16 itself).
+template <typename Q>
 struct QuantizedRows {
-  std::vector<int8_t> q;       // [m, k]
+  std::vector<Q> q;            // [m, k]
   std::vector<float> scale;    // [m, k/32]
-  std::vector<float> lanes;    // [m, k/4]: each block's scale repeated over its 8 int32 lanes
+  std::vector<float> lanes;    // [m, k/4]: each block's scale repeated over its 8 int32 lanes (int8 only)
   std::vector<float> sums;     // [m, k/32]: scale * sum of the block's quantized values
 };
 
-template <typename T>
-QuantizedRows quantize_rows(const T* x, int64_t m, int64_t k) {
+template <typename Q, typename T>
+QuantizedRows<Q> quantize_rows(const T* x, int64_t m, int64_t k) {
+  constexpr int32_t limit = std::numeric_limits<Q>::max();  // symmetric: -limit..limit
   const int64_t blocks = k / kBlock;
-  QuantizedRows out{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), std::vector<float>(m * k / 4),
-                    std::vector<float>(m * blocks)};
+  QuantizedRows<Q> out{std::vector<Q>(m * k), std::vector<float>(m * blocks),
+                       std::vector<float>(sizeof(Q) == 1 ? m * k / 4 : 0), std::vector<float>(m * blocks)};
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       const T* src = x + r * k + b * kBlock;
@@ -59,18 +65,18 @@ QuantizedRows quantize_rows(const T* x, int64_t m, int64_t k) {
         values[i] = static_cast<float>(src[i]);
         amax = std::max(amax, std::fabs(values[i]));
       }
-      const float d = amax / 127.f;
+      const float d = amax / static_cast<float>(limit);
       const float inverse = d > 0.f ? 1.f / d : 0.f;
       int32_t sum = 0;
-      int8_t* dst = out.q.data() + r * k + b * kBlock;
+      Q* dst = out.q.data() + r * k + b * kBlock;
       for (int64_t i = 0; i < kBlock; ++i) {
         const int32_t q = static_cast<int32_t>(std::nearbyint(values[i] * inverse));
-        dst[i] = static_cast<int8_t>(std::max(-127, std::min(127, q)));
+        dst[i] = static_cast<Q>(std::max(-limit, std::min(limit, q)));
         sum += dst[i];
       }
       out.scale[r * blocks + b] = d;
       out.sums[r * blocks + b] = d * static_cast<float>(sum);
-      std::fill_n(out.lanes.data() + r * (k / 4) + b * 8, 8, d);
+      if (sizeof(Q) == 1) std::fill_n(out.lanes.data() + r * (k / 4) + b * 8, 8, d);
     }
   }
   return out;
@@ -103,7 +109,7 @@ struct Int4Rows {
   const uint8_t* packed;
   const float* scale;
   const float* minimum;
-  int64_t k, groups, group;
+  int64_t k, groups, group, rows;
   void load_scales(int64_t n, RowScales& row) const {
     row.scale.assign(scale + n * groups, scale + (n + 1) * groups);
     row.offset.assign(minimum + n * groups, minimum + (n + 1) * groups);
@@ -128,12 +134,13 @@ struct Int4Rows {
   }
   // the row's 64 values of chunk c, in column order, for vpdpbusd
   inline const uint8_t* row_bytes(int64_t n) const { return packed + n * (k / 2); }
+  static constexpr int64_t kChunkBytes = 32;  // stored bytes per 64 columns
 };
 
 struct Int8Rows {
   const uint8_t* q;
   const float* scale;
-  int64_t k, groups, group;
+  int64_t k, groups, group, rows;
   void load_scales(int64_t n, RowScales& row) const {
     row.scale.assign(scale + n * groups, scale + (n + 1) * groups);
     row.offset.resize(groups);
@@ -141,13 +148,16 @@ struct Int8Rows {
   }
   inline const float* scale_row(int64_t n) const { return scale + n * groups; }
   inline float offset_dot(int64_t n, const float* group_sums) const {
+    if (groups == 1) return -128.f * scale[n] * group_sums[0];
     return -128.f * dot_floats(scale + n * groups, group_sums, groups);
   }
   inline void unpack(int64_t n, int64_t b, uint8_t* dst) const { std::memcpy(dst, q + n * k + b * kBlock, kBlock); }
+  inline const uint8_t* row_bytes(int64_t n) const { return q + n * k; }
+  static constexpr int64_t kChunkBytes = 64;
 };
 
-template <typename W>
-void dot_rows_portable(const W& w, const RowScales& rs, const QuantizedRows& x, int64_t n, int64_t r0, int64_t rows,
+template <typename W, typename Q>
+void dot_rows_portable(const W& w, const RowScales& rs, const QuantizedRows<Q>& x, int64_t n, int64_t r0, int64_t rows,
                        float* acc) {
   const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
   uint8_t values[kBlock];
@@ -155,7 +165,7 @@ void dot_rows_portable(const W& w, const RowScales& rs, const QuantizedRows& x, 
     w.unpack(n, b, values);
     const float ws = rs.scale[b / per_group];
     for (int64_t i = 0; i < rows; ++i) {
-      const int8_t* xq = x.q.data() + (r0 + i) * k + b * kBlock;
+      const Q* xq = x.q.data() + (r0 + i) * k + b * kBlock;
       int32_t dot = 0;
       for (int64_t j = 0; j < kBlock; ++j) dot += static_cast<int32_t>(values[j]) * xq[j];
       acc[i] += ws * x.scale[(r0 + i) * blocks + b] * static_cast<float>(dot);
@@ -203,11 +213,67 @@ inline __m512 chunk_scales(const W& w, const float* row, int64_t c, __m512& load
   return _mm512_permutexvar_ps(pick, loaded);
 }
 
+// Rows ahead of the tile whose bytes are prefetched while it computes. A row is short (k = 576 is nine
+// cache lines, 4.5 for int4), too short for the hardware prefetcher to ramp up on each row's stream:
+// without this, a decode step read its weights at a third of the memory bandwidth.
+constexpr int64_t kPrefetchRows = 8;
+
+inline void prefetch_chunk(const uint8_t* row, int64_t c, int64_t chunk_bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(row + c * chunk_bytes), _MM_HINT_T0);
+}
+
+// One scale per weight row (per-channel int8): the scale multiplies the row's finished sum, so a chunk
+// costs a dot product, a conversion and one multiply-add. The trailing block of 32, when k is not a
+// multiple of 64, is the general tile's (dot_tile_vnni).
+template <int NT, int MT, typename W>
+void dot_tile_vnni_channel(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64_t r0, float* acc, int64_t ahead) {
+  const int64_t k = w.k, full = k / 64;
+  __m512 sums[NT][MT];
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < MT; ++i) sums[j][i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < full; ++c) {
+    __m512i xv[MT];
+    __m512 dx[MT];
+    for (int i = 0; i < MT; ++i) {
+      xv[i] = _mm512_loadu_si512(x.q.data() + (r0 + i) * k + c * 64);
+      dx[i] = _mm512_loadu_ps(x.lanes.data() + (r0 + i) * (k / 4) + c * 16);
+    }
+    for (int j = 0; j < NT; ++j) {
+      if (j < ahead) prefetch_chunk(w.row_bytes(n0 + NT + j), c, W::kChunkBytes);
+      const __m512i q = chunk64(w, n0 + j, c);
+      for (int i = 0; i < MT; ++i) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[i]);
+        sums[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dx[i], sums[j][i]);
+      }
+    }
+  }
+  for (int j = 0; j < NT; ++j) {
+    const float ws = w.scale_row(n0 + j)[0];
+    for (int i = 0; i < MT; ++i) acc[j * kRowsTile + i] += ws * _mm512_reduce_add_ps(sums[j][i]);
+  }
+  if (k % 64) {  // the trailing block of 32
+    const int64_t b = k / kBlock - 1;
+    for (int j = 0; j < NT; ++j) {
+      uint8_t values[kBlock];
+      w.unpack(n0 + j, b, values);
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values));
+      const float ws = w.scale_row(n0 + j)[0];
+      for (int i = 0; i < MT; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (r0 + i) * k + b * kBlock));
+        const float dot = reduce8(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv)));
+        acc[j * kRowsTile + i] += ws * x.scale[(r0 + i) * (k / kBlock) + b] * dot;
+      }
+    }
+  }
+}
+
 // NT weight rows x MT activation rows: each weight chunk is loaded once per MT rows and each activation
 // chunk once per NT rows.
 template <int NT, int MT, typename W>
-void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows& x, int64_t r0, float* acc) {
+void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64_t r0, float* acc) {
   const int64_t k = w.k, full = k / 64;
+  const int64_t ahead = std::min<int64_t>(kPrefetchRows, w.rows - n0 - NT);  // rows left after this tile
+  if (w.groups == 1) return dot_tile_vnni_channel<NT, MT>(w, n0, x, r0, acc, ahead);
   __m512 sums[NT][MT];
   for (int j = 0; j < NT; ++j)
     for (int i = 0; i < MT; ++i) sums[j][i] = _mm512_setzero_ps();
@@ -225,6 +291,7 @@ void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows& x, int64_t r0, f
       dx[i] = _mm512_loadu_ps(x.lanes.data() + (r0 + i) * (k / 4) + c * 16);
     }
     for (int j = 0; j < NT; ++j) {
+      if (j < ahead) prefetch_chunk(w.row_bytes(n0 + NT + j), c, W::kChunkBytes);
       const __m512i q = chunk64(w, n0 + j, c);
       const __m512 ws = chunk_scales(w, rows[j], c, loaded[j]);
       for (int i = 0; i < MT; ++i) {
@@ -252,7 +319,7 @@ void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows& x, int64_t r0, f
 }
 
 template <int NT, typename W>
-void dot_tile_vnni_rows(const W& w, int64_t n0, const QuantizedRows& x, int64_t r0, int64_t rows, float* acc) {
+void dot_tile_vnni_rows(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64_t r0, int64_t rows, float* acc) {
   switch (rows) {
     case 1: return dot_tile_vnni<NT, 1>(w, n0, x, r0, acc);
     case 2: return dot_tile_vnni<NT, 2>(w, n0, x, r0, acc);
@@ -260,12 +327,67 @@ void dot_tile_vnni_rows(const W& w, int64_t n0, const QuantizedRows& x, int64_t 
     default: return dot_tile_vnni<NT, 4>(w, n0, x, r0, acc);
   }
 }
+
+// int16 activations: each block of 32 weights widened to int16 and multiplied by vpdpwssd (32 products
+// into 16 int32 lanes); one float multiply-add per block with the block's activation and weight scales.
+template <int NT, int MT, typename W>
+void dot_tile_wide(const W& w, int64_t n0, const QuantizedRows<int16_t>& x, int64_t r0, float* acc) {
+  const int64_t k = w.k, blocks = k / kBlock, full = k / 64;
+  const int64_t ahead = std::min<int64_t>(kPrefetchRows, w.rows - n0 - NT);
+  __m512 sums[NT][MT];
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < MT; ++i) sums[j][i] = _mm512_setzero_ps();
+  auto block = [&](int j, int64_t b, __m512i q16) {
+    const float ws = w.scale_row(n0 + j)[b * kBlock / w.group];
+    for (int i = 0; i < MT; ++i) {
+      const __m512i xv = _mm512_loadu_si512(x.q.data() + (r0 + i) * k + b * kBlock);
+      const __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q16, xv);
+      const __m512 scale = _mm512_set1_ps(ws * x.scale[(r0 + i) * blocks + b]);
+      sums[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[j][i]);
+    }
+  };
+  for (int64_t c = 0; c < full; ++c) {
+    for (int j = 0; j < NT; ++j) {
+      if (j < ahead) prefetch_chunk(w.row_bytes(n0 + NT + j), c, W::kChunkBytes);
+      const __m512i q = chunk64(w, n0 + j, c);
+      block(j, 2 * c, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(q)));
+      block(j, 2 * c + 1, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(q, 1)));
+    }
+  }
+  if (k % 64) {  // the trailing block of 32
+    for (int j = 0; j < NT; ++j) {
+      uint8_t values[kBlock];
+      w.unpack(n0 + j, blocks - 1, values);
+      block(j, blocks - 1, _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values))));
+    }
+  }
+  for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < MT; ++i) acc[j * kRowsTile + i] += _mm512_reduce_add_ps(sums[j][i]);
+}
+
+template <int NT, typename W>
+void dot_tile_wide_rows(const W& w, int64_t n0, const QuantizedRows<int16_t>& x, int64_t r0, int64_t rows, float* acc) {
+  switch (rows) {
+    case 1: return dot_tile_wide<NT, 1>(w, n0, x, r0, acc);
+    case 2: return dot_tile_wide<NT, 2>(w, n0, x, r0, acc);
+    case 3: return dot_tile_wide<NT, 3>(w, n0, x, r0, acc);
+    default: return dot_tile_wide<NT, 4>(w, n0, x, r0, acc);
+  }
+}
+
+template <int NT, typename W, typename Q>
+void dot_tile_rows(const W& w, int64_t n0, const QuantizedRows<Q>& x, int64_t r0, int64_t rows, float* acc) {
+  if constexpr (std::is_same_v<Q, int8_t>)
+    dot_tile_vnni_rows<NT>(w, n0, x, r0, rows, acc);
+  else
+    dot_tile_wide_rows<NT>(w, n0, x, r0, rows, acc);
+}
 #endif
 
 constexpr int64_t kWeightTile = 4;  // weight rows per tile (NT)
 
-template <typename W, typename T>
-void matmul(const W& w, const QuantizedRows& x, int64_t m, int64_t n_total, const T* bias, T* out, bool portable) {
+template <typename W, typename T, typename Q>
+void matmul(const W& w, const QuantizedRows<Q>& x, int64_t m, int64_t n_total, const T* bias, T* out, bool portable) {
   const int64_t blocks = w.k / kBlock, per_group = w.group / kBlock;
   std::vector<float> group_sums(m * w.groups, 0.f);  // per activation row: its block sums per weight group
   for (int64_t r = 0; r < m; ++r)
@@ -287,9 +409,9 @@ void matmul(const W& w, const QuantizedRows& x, int64_t m, int64_t n_total, cons
 #if LMI_VNNI
         if (!portable) {
           if (nt == kWeightTile)
-            dot_tile_vnni_rows<kWeightTile>(w, n0, x, r0, rows, acc);
+            dot_tile_rows<kWeightTile>(w, n0, x, r0, rows, acc);
           else
-            for (int64_t j = 0; j < nt; ++j) dot_tile_vnni_rows<1>(w, n0 + j, x, r0, rows, acc + j * kRowsTile);
+            for (int64_t j = 0; j < nt; ++j) dot_tile_rows<1>(w, n0 + j, x, r0, rows, acc + j * kRowsTile);
         } else
 #endif
           for (int64_t j = 0; j < nt; ++j) dot_rows_portable(w, rs[j], x, n0 + j, r0, rows, acc + j * kRowsTile);
@@ -323,7 +445,23 @@ void dequantize_rows(const W& w, int64_t n0, int64_t rows, T* dst) {
   uint8_t values[kBlock];
   for (int64_t j = 0; j < rows; ++j) {
     w.load_scales(n0 + j, rs);
-    for (int64_t b = 0; b < blocks; ++b) {
+    int64_t b = 0;
+#if LMI_VNNI
+    for (; b + 1 < blocks; b += 2) {  // a chunk of 64 columns (two blocks) unpacked in registers
+      const __m512i chunk = chunk64(w, n0 + j, b / 2);
+      T* out = dst + j * k + b * kBlock;
+      for (int part = 0; part < 4; ++part) {  // 16 columns each; parts 0-1 are block b, 2-3 block b + 1
+        const int64_t g = (b + part / 2) / per_group;
+        const __m128i lane = part == 0 ? _mm512_extracti32x4_epi32(chunk, 0)
+                           : part == 1 ? _mm512_extracti32x4_epi32(chunk, 1)
+                           : part == 2 ? _mm512_extracti32x4_epi32(chunk, 2)
+                                       : _mm512_extracti32x4_epi32(chunk, 3);
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane));
+        store16(out + part * 16, _mm512_fmadd_ps(v, _mm512_set1_ps(rs.scale[g]), _mm512_set1_ps(rs.offset[g])));
+      }
+    }
+#endif
+    for (; b < blocks; ++b) {
       w.unpack(n0 + j, b, values);
       const float scale = rs.scale[b / per_group], offset = rs.offset[b / per_group];
       T* out = dst + j * k + b * kBlock;
@@ -371,19 +509,25 @@ void check_input(const torch::Tensor& x, int64_t k) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
 }
 
+template <typename Q, typename W, typename T>
+void run_typed(const W& w, const torch::Tensor& x, int64_t n, const c10::optional<torch::Tensor>& bias,
+               torch::Tensor& out, bool portable) {
+  const QuantizedRows<Q> xq = quantize_rows<Q>(x.data_ptr<T>(), x.size(0), w.k);
+  matmul(w, xq, x.size(0), n, bias ? bias->data_ptr<T>() : nullptr, out.data_ptr<T>(), portable);
+}
+
 template <typename W>
 torch::Tensor run(const W& w, const torch::Tensor& x, int64_t n, const c10::optional<torch::Tensor>& bias,
-                  bool portable) {
-  const int64_t m = x.size(0), k = w.k;
-  auto out = torch::empty({m, n}, x.options());
-  if (m == 0) return out;
-  if (x.scalar_type() == at::kFloat) {
-    const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), m, k);
-    matmul(w, xq, m, n, bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), portable);
-  } else {
-    const QuantizedRows xq = quantize_rows(x.data_ptr<at::BFloat16>(), m, k);
-    matmul(w, xq, m, n, bias ? bias->data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(), portable);
-  }
+                  bool portable, bool wide) {
+  auto out = torch::empty({x.size(0), n}, x.options());
+  if (x.size(0) == 0) return out;
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  if (wide)
+    fp32 ? run_typed<int16_t, W, float>(w, x, n, bias, out, portable)
+         : run_typed<int16_t, W, at::BFloat16>(w, x, n, bias, out, portable);
+  else
+    fp32 ? run_typed<int8_t, W, float>(w, x, n, bias, out, portable)
+         : run_typed<int8_t, W, at::BFloat16>(w, x, n, bias, out, portable);
   return out;
 }
 
@@ -395,7 +539,7 @@ void check_bias(const c10::optional<torch::Tensor>& bias, const torch::Tensor& x
 
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                       const torch::Tensor& minimum, int64_t group, const c10::optional<torch::Tensor>& bias,
-                      bool portable, bool tiled) {
+                      bool portable, bool tiled, bool wide) {
   const int64_t n = packed.size(0), k = packed.size(1) * 2;
   check_input(x, k);
   check_bias(bias, x, n);
@@ -404,12 +548,12 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& packed, const
   TORCH_CHECK(scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat && scale.is_contiguous() &&
                   minimum.is_contiguous() && scale.numel() == n * (k / group) && minimum.numel() == scale.numel(),
               "scale and minimum must be contiguous float32 [n, k/group]");
-  const Int4Rows w{packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(), k, k / group, group};
-  return tiled ? tiled_mm(w, x, n, bias) : run(w, x, n, bias, portable);
+  const Int4Rows w{packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(), k, k / group, group, n};
+  return tiled ? tiled_mm(w, x, n, bias) : run(w, x, n, bias, portable, wide);
 }
 
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t group,
-                      const c10::optional<torch::Tensor>& bias, bool portable, bool tiled) {
+                      const c10::optional<torch::Tensor>& bias, bool portable, bool tiled, bool wide) {
   const int64_t n = q.size(0), k = q.size(1);
   check_input(x, k);
   check_bias(bias, x, n);
@@ -417,8 +561,8 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& q, const torc
   TORCH_CHECK(group % kBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing ", k);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n * (k / group),
               "scale must be contiguous float32 [n, k/group]");
-  const Int8Rows w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), k, k / group, group};
-  return tiled ? tiled_mm(w, x, n, bias) : run(w, x, n, bias, portable);
+  const Int8Rows w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), k, k / group, group, n};
+  return tiled ? tiled_mm(w, x, n, bias) : run(w, x, n, bias, portable, wide);
 }
 
 bool has_vnni() { return LMI_VNNI; }
@@ -426,7 +570,12 @@ bool has_vnni() { return LMI_VNNI; }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_mm", &int4_mm, "x @ W.T (+ bias) with W int4 (see the file's header)");
-  m.def("int8_mm", &int8_mm, "x @ W.T (+ bias) with W int8 (see the file's header)");
+  namespace py = pybind11;
+  m.def("int4_mm", &int4_mm, "x @ W.T (+ bias) with W int4 (see the file's header)", py::arg("x"), py::arg("packed"),
+        py::arg("scale"), py::arg("minimum"), py::arg("group"), py::arg("bias"), py::arg("portable"), py::arg("tiled"),
+        py::arg("wide") = false);
+  m.def("int8_mm", &int8_mm, "x @ W.T (+ bias) with W int8 (see the file's header)", py::arg("x"), py::arg("q"),
+        py::arg("scale"), py::arg("group"), py::arg("bias"), py::arg("portable"), py::arg("tiled"),
+        py::arg("wide") = false);
   m.def("has_vnni", &has_vnni, "whether this build has the AVX-512 VNNI path");
 }
