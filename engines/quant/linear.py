@@ -3,8 +3,8 @@
 Kernels, chosen once per projection (``LMI_QUANT_KERNEL`` = auto, native, aten or reference):
 - native (CPU, widths in blocks of 32; engines/kernels/csrc/quant_gemm.cpp): up to SMALL_BATCH rows
   quantize the activations to int8 per block of 32 and use integer dot products (AVX-512 VNNI where
-  built), as llama.cpp does; larger batches dequantize weight tiles in cache and use at::mm, with the
-  activations as they are. Every weight format runs here, including GGUF's grouped int8 (Q8_0).
+  built), as llama.cpp does (int16 for layers built with activation_bits=16); larger batches
+  dequantize the weights slab by slab in cache and use at::mm, with the activations as they are. Every weight format runs here, including GGUF's grouped int8 (Q8_0).
 - aten: ATen's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), where the
   native kernel cannot be built; per-channel int8 and int4 only.
 - triton (CUDA; CPU tensors only under TRITON_INTERPRET=1, for tests; engines/quant/triton_quant.py):
@@ -32,9 +32,11 @@ log = logging.getLogger("engines.quant")
 
 
 INT4_ROWS = 16
-SMALL_BATCH = 8
-"""Rows up to which the native kernel quantizes activations (decode at low concurrency: bound by reading
-the weights); above, dequantised tiles and at::mm (compute-bound: float matmuls are faster there)."""
+SMALL_BATCH = 32
+"""Rows up to which the native kernel quantizes activations (decode at low and middling concurrency);
+above, dequantised slabs and at::mm (compute-bound: float matmuls are faster there). On this CPU the
+integer path wins up to 32 rows for both int8 and int4 (scripts/bench_quant_kernels.py's shapes: int4
+59 ms against 66 ms a step at 32 rows) and loses at 64 for int4 (twice the time)."""
 
 
 @contextmanager

@@ -63,7 +63,7 @@ def test_group_size_falls_back_to_one_that_divides():
     ],
 )
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-@pytest.mark.parametrize("rows", [1, 3, 5, 9])
+@pytest.mark.parametrize("rows", [1, 3, 5, 9, SMALL_BATCH + 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_the_reference(monkeypatch, kernel, method, n, k, rows, dtype):
     """``expected`` is plain torch: the dequantised weights times the activations, which the native

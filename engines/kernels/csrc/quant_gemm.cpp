@@ -12,8 +12,10 @@
 //         float32 [n, k/group] (float16 would round AWQ's and Q4_K's products): w = q * scale + minimum.
 //   int8: q [n, k] uint8 storing w + 128 (vpdpbusd wants unsigned weights); scale float32 [n, k/group]:
 //         w = (stored - 128) * scale. group = k is one scale per output channel.
-// With `tiled` (larger batches) the activations stay as they are: weight tiles are dequantized in cache
-// and multiplied by at::mm; the reference is then engines/quant/methods.py:reference_linear.
+// With `wide` the activations are quantized to int16 instead (vpdpwssd), finer than bf16 itself, for
+// layers whose outputs are compared near ties (the LM head).
+// With `tiled` (larger batches) the activations stay as they are: the weights are dequantized in slabs
+// that stay in cache and multiplied by at::mm; the reference is then engines/quant/methods.py:reference_linear.
 // Per block b of 32 columns with activation scale dx_b and integer sum sx_b of its quantized activations:
 //   y = sum_b scale_g(b) * dx_b * dot_b(q, xq) + sum_b offset_g(b) * dx_b * sx_b
 // where offset is the minimum (int4) or -128 * scale (int8).
@@ -427,10 +429,15 @@ void matmul(const W& w, const QuantizedRows<Q>& x, int64_t m, int64_t n_total, c
 // Larger batches: dequantize kTileRows weight rows at a time into x's dtype (a tile that stays in cache,
 // never the whole matrix) and multiply with at::mm, which is compute-bound there and beats integer dots.
 constexpr int64_t kTileRows = 128;
+constexpr int64_t kSlabBytes = 4 << 20;  // a dequantized slab that stays in the last-level cache
 
 #if LMI_VNNI
 inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 inline void store16(at::BFloat16* dst, __m512 v) {  // round to nearest even, as static_cast<BFloat16> does
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  return;
+#endif
   __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
@@ -483,22 +490,29 @@ template <typename W>
 torch::Tensor tiled_mm(const W& w, const torch::Tensor& x, int64_t n, const c10::optional<torch::Tensor>& bias) {
   const int64_t m = x.size(0), k = w.k;
   auto out = torch::empty({m, n}, x.options());
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  // A slab of up to kSlabBytes of dequantized rows, filled by every thread, then one at::mm over it
+  // (threaded inside): per-tile at::mm calls paid oneDNN's per-call cost about 40 times a layer.
+  const int64_t slab = std::min(n, std::max<int64_t>(kTileRows, kSlabBytes / (k * x.element_size()) / kTileRows * kTileRows));
+  auto scratch = torch::empty({slab, k}, x.options());
   const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the pool's threads lack it
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    c10::InferenceMode guard(inference);
-    auto tile = torch::empty({kTileRows, k}, x.options());
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, n - n0);
+  for (int64_t n0 = 0; n0 < n; n0 += slab) {
+    const int64_t rows = std::min(slab, n - n0);
+    at::parallel_for(0, (rows + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode guard(inference);
+      const int64_t r0 = begin * 16, r1 = std::min(rows, end * 16);
       if (x.scalar_type() == at::kFloat)
-        dequantize_rows(w, n0, rows, tile.data_ptr<float>());
+        dequantize_rows(w, n0 + r0, r1 - r0, scratch.data_ptr<float>() + r0 * k);
       else
-        dequantize_rows(w, n0, rows, tile.data_ptr<at::BFloat16>());
-      auto part = at::mm(x, tile.narrow(0, 0, rows).t());
-      if (bias) part.add_(bias->narrow(0, n0, rows));
-      out.narrow(1, n0, rows).copy_(part);
+        dequantize_rows(w, n0 + r0, r1 - r0, scratch.data_ptr<at::BFloat16>() + r0 * k);
+    });
+    auto tile = scratch.narrow(0, 0, rows).t();
+    if (rows == n) {
+      at::mm_out(out, x, tile);
+    } else {
+      out.narrow(1, n0, rows).copy_(at::mm(x, tile));
     }
-  });
+  }
+  if (bias) out.add_(*bias);
   return out;
 }
 
