@@ -4,7 +4,8 @@ Kernels, chosen once per projection (``LMI_QUANT_KERNEL`` = auto, native, aten o
 - native (CPU, widths in blocks of 32; engines/kernels/csrc/quant_gemm.cpp): up to SMALL_BATCH rows
   quantize the activations to int8 per block of 32 and use integer dot products (AVX-512 VNNI where
   built), as llama.cpp does (int16 for layers built with activation_bits=16); larger batches
-  dequantize the weights slab by slab in cache and use at::mm, with the activations as they are. Every weight format runs here, including GGUF's grouped int8 (Q8_0).
+  dequantize the weights slab by slab in cache and use at::mm, with the activations as they are.
+  Every weight format runs here, including GGUF's grouped int8 (Q8_0).
 - aten: ATen's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), where the
   native kernel cannot be built; per-channel int8 and int4 only.
 - triton (CUDA; CPU tensors only under TRITON_INTERPRET=1, for tests; engines/quant/triton_quant.py):
