@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from engines.base import EngineConfig, EngineLoadError
+    from engines.device import resolve_device
     from engines.evaluate.quality import (
         DEFAULT_CHOICES,
         DEFAULT_CORPUS,
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         compare_on_corpus,
         read_choices,
     )
-    from engines.evaluate.speed import disk_bytes, measure_speed
+    from engines.evaluate.speed import PeakMemory, disk_bytes, measure_speed
     from engines.rolling.factory import create_rolling_engine
     from serving.errors import ConfigError
 
@@ -142,10 +143,13 @@ def run(args: argparse.Namespace) -> int:
     candidate_config = dataclasses.replace(
         base_config, model_path=args.candidate_model_dir or base_dir, **extra
     )
-    engines = {}
+    engines, memory = {}, {}
     try:
         for side, config in (("baseline", base_config), ("candidate", candidate_config)):
+            tracker = PeakMemory(resolve_device(config.device))
+            tracker.start()
             engines[side] = create_rolling_engine(config)
+            memory[side] = (tracker, tracker.peak(), tracker.current())  # loading's peak, then resident
     except (EngineLoadError, NotImplementedError, ValueError) as exc:
         print(f"error: the {side} cannot load: {exc}", file=sys.stderr)
         return 2
@@ -168,7 +172,13 @@ def run(args: argparse.Namespace) -> int:
     }
     if not args.skip_speed:
         for (side, engine), config in zip(engines.items(), (base_config, candidate_config), strict=True):
+            tracker, load_peak, resident = memory[side]
+            during = PeakMemory(engine.model.device)
+            during.start()
             report[side]["speed"] = measure_speed(engine)
+            running = during.peak()
+            known = None not in (load_peak, resident, running)
+            report[side]["speed"]["peak_memory_bytes"] = max(load_peak, resident + running) if known else None
             report[side]["speed"]["disk_bytes"] = disk_bytes(config.model_path)
     report["failures"] = failures(report, limits)
     report["thresholds"] = limits
@@ -176,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 1 if report["failures"] else 0
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -197,9 +211,7 @@ def render(report: dict[str, Any]) -> str:
     if "speed" in report["baseline"]:
         base, cand = report["baseline"]["speed"], report["candidate"]["speed"]
         for key in sorted(base):
-            lines.append(
-                f"| {key} baseline / candidate | {base[key]:,.1f} / {cand.get(key, float('nan')):,.1f} |"
-            )
+            lines.append(f"| {key} baseline / candidate | {_figure(base[key])} / {_figure(cand.get(key))} |")
     lines.append("")
     lines += [f"FAIL {line}" for line in report["failures"]] or ["every threshold holds"]
     return "\n".join(lines)

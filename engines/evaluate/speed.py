@@ -1,5 +1,5 @@
 """Speed and size of one engine configuration: decode tokens/s at batch 1 and 32, time to first token
-of a 128-token prompt, and the bytes its weights take in memory and on disk."""
+of a 128-token prompt, the bytes its weights take in memory and on disk, and its peak memory."""
 
 from __future__ import annotations
 
@@ -50,6 +50,53 @@ def measure_speed(engine: Any, new_tokens: int = 32, batches: tuple[int, ...] = 
         out[f"decode_tok_s_batch{size}"] = tokens / (time.perf_counter() - started)
     out["weight_bytes"] = weight_bytes(engine.model)
     return out
+
+
+class PeakMemory:
+    """The most memory a phase took above where it started: the process's resident high-water mark on
+    CPUs (Linux's VmHWM, reset through /proc/self/clear_refs), allocated bytes on CUDA.
+
+    Where the mark cannot be reset (not Linux, or a read-only /proc), ``peak`` is None rather than a
+    figure that includes an earlier phase."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.base: int | None = None
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+            self.base = _status_bytes("VmRSS")
+        except OSError:
+            self.base = None
+
+    def peak(self) -> int | None:
+        """Bytes above the start at the highest point since, or None when it cannot be known."""
+        if self.base is None:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return max(0, _status_bytes("VmHWM") - self.base)
+
+    def current(self) -> int | None:
+        """Bytes above the start now."""
+        if self.base is None:
+            return None
+        now = torch.cuda.memory_allocated() if self.cuda else _status_bytes("VmRSS")
+        return now - self.base
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def weight_bytes(model: Any) -> int:

@@ -54,6 +54,9 @@ def test_a_crossed_threshold_exits_1_naming_the_metric(tiny, tmp_path, capsys):
     speed = data["candidate"]["speed"]
     assert speed["decode_tok_s_batch1"] > 0
     assert speed["weight_bytes"] < data["baseline"]["speed"]["weight_bytes"]  # 4-bit projections
+    for side in ("baseline", "candidate"):  # resident memory includes at least the weights
+        assert data[side]["speed"]["peak_memory_bytes"] >= data[side]["speed"]["weight_bytes"]
+    assert "peak_memory_bytes baseline / candidate" in out
 
 
 def test_thresholds_from_a_yaml_file_and_flags_over_them(tiny, tmp_path, capsys):

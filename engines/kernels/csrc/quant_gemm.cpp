@@ -224,58 +224,12 @@ inline void prefetch_chunk(const uint8_t* row, int64_t c, int64_t chunk_bytes) {
   _mm_prefetch(reinterpret_cast<const char*>(row + c * chunk_bytes), _MM_HINT_T0);
 }
 
-// One scale per weight row (per-channel int8): the scale multiplies the row's finished sum, so a chunk
-// costs a dot product, a conversion and one multiply-add. The trailing block of 32, when k is not a
-// multiple of 64, is the general tile's (dot_tile_vnni).
-template <int NT, int MT, typename W>
-void dot_tile_vnni_channel(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64_t r0, float* acc, int64_t ahead) {
-  const int64_t k = w.k, full = k / 64;
-  __m512 sums[NT][MT];
-  for (int j = 0; j < NT; ++j)
-    for (int i = 0; i < MT; ++i) sums[j][i] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < full; ++c) {
-    __m512i xv[MT];
-    __m512 dx[MT];
-    for (int i = 0; i < MT; ++i) {
-      xv[i] = _mm512_loadu_si512(x.q.data() + (r0 + i) * k + c * 64);
-      dx[i] = _mm512_loadu_ps(x.lanes.data() + (r0 + i) * (k / 4) + c * 16);
-    }
-    for (int j = 0; j < NT; ++j) {
-      if (j < ahead) prefetch_chunk(w.row_bytes(n0 + NT + j), c, W::kChunkBytes);
-      const __m512i q = chunk64(w, n0 + j, c);
-      for (int i = 0; i < MT; ++i) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[i]);
-        sums[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dx[i], sums[j][i]);
-      }
-    }
-  }
-  for (int j = 0; j < NT; ++j) {
-    const float ws = w.scale_row(n0 + j)[0];
-    for (int i = 0; i < MT; ++i) acc[j * kRowsTile + i] += ws * _mm512_reduce_add_ps(sums[j][i]);
-  }
-  if (k % 64) {  // the trailing block of 32
-    const int64_t b = k / kBlock - 1;
-    for (int j = 0; j < NT; ++j) {
-      uint8_t values[kBlock];
-      w.unpack(n0 + j, b, values);
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values));
-      const float ws = w.scale_row(n0 + j)[0];
-      for (int i = 0; i < MT; ++i) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (r0 + i) * k + b * kBlock));
-        const float dot = reduce8(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv)));
-        acc[j * kRowsTile + i] += ws * x.scale[(r0 + i) * (k / kBlock) + b] * dot;
-      }
-    }
-  }
-}
-
 // NT weight rows x MT activation rows: each weight chunk is loaded once per MT rows and each activation
 // chunk once per NT rows.
 template <int NT, int MT, typename W>
 void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64_t r0, float* acc) {
   const int64_t k = w.k, full = k / 64;
   const int64_t ahead = std::min<int64_t>(kPrefetchRows, w.rows - n0 - NT);  // rows left after this tile
-  if (w.groups == 1) return dot_tile_vnni_channel<NT, MT>(w, n0, x, r0, acc, ahead);
   __m512 sums[NT][MT];
   for (int j = 0; j < NT; ++j)
     for (int i = 0; i < MT; ++i) sums[j][i] = _mm512_setzero_ps();
