@@ -27,7 +27,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -274,16 +273,6 @@ void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64
   }
 }
 
-template <int NT, typename W>
-void dot_tile_vnni_rows(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64_t r0, int64_t rows, float* acc) {
-  switch (rows) {
-    case 1: return dot_tile_vnni<NT, 1>(w, n0, x, r0, acc);
-    case 2: return dot_tile_vnni<NT, 2>(w, n0, x, r0, acc);
-    case 3: return dot_tile_vnni<NT, 3>(w, n0, x, r0, acc);
-    default: return dot_tile_vnni<NT, 4>(w, n0, x, r0, acc);
-  }
-}
-
 // int16 activations: each block of 32 weights widened to int16 and multiplied by vpdpwssd (32 products
 // into 16 int32 lanes); one float multiply-add per block with the block's activation and weight scales.
 template <int NT, int MT, typename W>
@@ -321,22 +310,25 @@ void dot_tile_wide(const W& w, int64_t n0, const QuantizedRows<int16_t>& x, int6
     for (int i = 0; i < MT; ++i) acc[j * kRowsTile + i] += _mm512_reduce_add_ps(sums[j][i]);
 }
 
-template <int NT, typename W>
-void dot_tile_wide_rows(const W& w, int64_t n0, const QuantizedRows<int16_t>& x, int64_t r0, int64_t rows, float* acc) {
-  switch (rows) {
-    case 1: return dot_tile_wide<NT, 1>(w, n0, x, r0, acc);
-    case 2: return dot_tile_wide<NT, 2>(w, n0, x, r0, acc);
-    case 3: return dot_tile_wide<NT, 3>(w, n0, x, r0, acc);
-    default: return dot_tile_wide<NT, 4>(w, n0, x, r0, acc);
-  }
+// The activations' width picks the tile: int8 (vpdpbusd) or int16 (vpdpwssd).
+template <int NT, int MT, typename W>
+inline void dot_tile(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64_t r0, float* acc) {
+  dot_tile_vnni<NT, MT>(w, n0, x, r0, acc);
+}
+
+template <int NT, int MT, typename W>
+inline void dot_tile(const W& w, int64_t n0, const QuantizedRows<int16_t>& x, int64_t r0, float* acc) {
+  dot_tile_wide<NT, MT>(w, n0, x, r0, acc);
 }
 
 template <int NT, typename W, typename Q>
 void dot_tile_rows(const W& w, int64_t n0, const QuantizedRows<Q>& x, int64_t r0, int64_t rows, float* acc) {
-  if constexpr (std::is_same_v<Q, int8_t>)
-    dot_tile_vnni_rows<NT>(w, n0, x, r0, rows, acc);
-  else
-    dot_tile_wide_rows<NT>(w, n0, x, r0, rows, acc);
+  switch (rows) {
+    case 1: return dot_tile<NT, 1>(w, n0, x, r0, acc);
+    case 2: return dot_tile<NT, 2>(w, n0, x, r0, acc);
+    case 3: return dot_tile<NT, 3>(w, n0, x, r0, acc);
+    default: return dot_tile<NT, 4>(w, n0, x, r0, acc);
+  }
 }
 #endif
 
