@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             tracker = PeakMemory(resolve_device(config.device))
             tracker.start()
             engines[side] = create_rolling_engine(config)
-            memory[side] = (tracker, tracker.peak(), tracker.current())  # loading's peak, then resident
+            memory[side] = (tracker.peak(), tracker.current())  # loading's peak, then what stays resident
     except (EngineLoadError, NotImplementedError, ValueError) as exc:
         print(f"error: the {side} cannot load: {exc}", file=sys.stderr)
         return 2
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if not args.skip_speed:
         for (side, engine), config in zip(engines.items(), (base_config, candidate_config), strict=True):
-            tracker, load_peak, resident = memory[side]
+            load_peak, resident = memory[side]
             during = PeakMemory(engine.model.device)
             during.start()
             report[side]["speed"] = measure_speed(engine)
