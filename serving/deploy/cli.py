@@ -165,7 +165,7 @@ def _local(spec: Any, args: argparse.Namespace) -> int:
         return 1
     if args.detach:
         return 0
-    return local.follow(running)
+    return local.follow(running, say)
 
 
 def sagemaker_client(region: str | None, service: str = "sagemaker", read_timeout_s: float = 60.0) -> Any:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -193,7 +194,7 @@ def local_url(client: Any, endpoint: str, name: str) -> str:
     )
 
 
-def follow(running: list[Running]) -> int:
+def follow(running: list[Running], say: Callable[[str], None]) -> int:
     """Print the containers' logs until all exit or Ctrl-C, then stop them; the first non-zero exit code."""
     threads = [
         threading.Thread(target=_print_logs, args=(each, len(running) > 1), daemon=True) for each in running
@@ -206,9 +207,17 @@ def follow(running: list[Running]) -> int:
     except KeyboardInterrupt:
         pass
     # Stopped together: one at a time, each container's grace period would add up past what a
-    # supervisor waiting on Ctrl-C allows.
+    # supervisor waiting on Ctrl-C allows. Each step is reported, so a slow engine shows where.
+    say(f"stopping {len(running)} container(s) (up to {STOP_TIMEOUT_S} s each)")
+
+    def stop(each: Running) -> int:
+        started = time.monotonic()
+        code = run.stop(each.container, STOP_TIMEOUT_S)
+        say(f"{each.planned.name}: stopped (exit {code}) in {time.monotonic() - started:.1f} s")
+        return code
+
     with ThreadPoolExecutor(max_workers=max(1, len(running))) as pool:
-        codes = list(pool.map(lambda each: run.stop(each.container, STOP_TIMEOUT_S), running))
+        codes = list(pool.map(stop, running))
     return next((code for code in codes if code), 0)
 
 

@@ -166,7 +166,8 @@ def test_components_from_a_prefix_and_an_archive_run_in_the_foreground_until_ctr
     command = [sys.executable, "-m", "serving", "deploy", "--spec", str(spec), "--local", "--port", "0"]
     process = subprocess.Popen(command, env=cli_env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        urls = Lines(process).wait_for(r"ready at (http://\S+)", 2, process, timeout_s=600)
+        output = Lines(process)
+        urls = output.wait_for(r"ready at (http://\S+)", 2, process, timeout_s=600)
         assert len(set(urls)) == 2
         names = sorted(c.name for c in of_endpoint(client, "local-components"))
         assert names == ["lmi-deploy-local-components-archive", "lmi-deploy-local-components-prefix"]
@@ -175,7 +176,12 @@ def test_components_from_a_prefix_and_an_archive_run_in_the_foreground_until_ctr
             cli_env, spec, "--component", "archive"
         )
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=90) == 0
+        try:
+            code = process.wait(timeout=90)
+        except subprocess.TimeoutExpired:  # say which stop step hangs (they are reported as they go)
+            raise AssertionError("no exit 90 s after Ctrl-C:\n" + "".join(output.lines)[-3000:]) from None
+        assert code == 0, "".join(output.lines)[-3000:]
+        assert "".join(output.lines).count(": stopped (exit 0) in ") == 2  # each component, reported
         assert of_endpoint(client, "local-components") == []
     finally:
         if process.poll() is None:
