@@ -164,7 +164,16 @@ def test_components_from_a_prefix_and_an_archive_run_in_the_foreground_until_ctr
     ]
     spec = write_spec(tmp_path, "local-components", image=image, environment=TINY, components=components)
     command = [sys.executable, "-m", "serving", "deploy", "--spec", str(spec), "--local", "--port", "0"]
-    process = subprocess.Popen(command, env=cli_env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    # Ctrl-C as at a terminal: a suite started in the background (`cmd &` in a script) runs with SIGINT
+    # ignored, which children inherit and Python then leaves ignored, so the CLI would never see it.
+    process = subprocess.Popen(
+        command,
+        env=cli_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         output = Lines(process)
         urls = output.wait_for(r"ready at (http://\S+)", 2, process, timeout_s=600)
