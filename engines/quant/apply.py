@@ -70,7 +70,7 @@ def int4_group_size(model_path: str | Path, requested: int | None) -> int:
     return DEFAULT_GROUP_SIZE
 
 
-def quantize_model(model: Any, method: str, group_size: int = 128) -> dict[str, int]:
+def quantize_model(model: Any, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:
     """Replace every decoder projection of ``model``; returns {"before": bytes, "after": bytes}."""
     check_method(method, model.device)
     before = after = 0

@@ -382,12 +382,12 @@ inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 inline void store16(at::BFloat16* dst, __m512 v) {  // round to nearest even, as static_cast<BFloat16> does
 #if defined(__AVX512BF16__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-  return;
-#endif
+#else
   __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+#endif
 }
 #endif
 
