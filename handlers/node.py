@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if spec.get("model_dir"):
         os.chdir(spec["model_dir"])
+    from engines.parallel.spawn import prestart
+
+    prestart()  # the ranks' fork server imports torch while this process does
     from engines.parallel.comm import Rendezvous
     from engines.parallel.group import start_followers
     from engines.rolling.factory import distributed_config, rank_threads, resolve_degrees

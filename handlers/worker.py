@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         spec = json.load(fh)
     log_format = spec.get("log_format", "text")
     logs.configure(log_format, spec.get("log_level", "INFO"), args.identity)
+    options = spec.get("options") or {}
+    if options.get("tensor_parallel_degree", 1) != 1 or options.get("pipeline_parallel_degree", 1) > 1:
+        from engines.parallel.spawn import prestart
+
+        prestart()  # the followers' fork server imports torch while this process does (0 = max GPUs)
     if log_format == "json":
         route_transformers_logs()
     sock = zmq.Context.instance().socket(zmq.DEALER)

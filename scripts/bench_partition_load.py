@@ -4,10 +4,10 @@ ahead-of-time partition (``lmi partition``), on a random 1.1 B-parameter Llama-a
 Writes the checkpoint (bf16, one safetensors file written tensor by tensor: memory stays at one tensor),
 partitions it for tp=2 (timed), then times, from each folder in turn:
 
-- the engine start, what a user waits for: ``create_rolling_engine`` until it returns (rank 0 in this
-  process; rank 1 a follower process it starts, which imports, loads, joins the group and sizes its KV
-  cache), after one untimed start (the first in a process pays one-time imports, and builds the native
-  kernels when they are not cached);
+- the engine start, what a user waits for once a model worker has imported: ``create_rolling_engine``
+  until it returns, in a fresh process as a worker runs it (rank 0 in that process; rank 1 forked from
+  the fork server the process started first, engines.parallel.spawn, which loads, joins the group and
+  sizes its KV cache), after one untimed start (it builds the native kernels when not cached);
 - each rank's weights phase: ``load_llama`` of that rank as a served rank runs it (packed for oneDNN),
   in a fresh process (imports untimed, so memory is first touched as in a rank) with the torch threads a
   rank of the group gets here (half the cores). ``pack()`` is reported apart: the reorder costs both
@@ -136,6 +136,29 @@ def warm(folder: Path) -> None:
 
 
 def engine_seconds(folder: Path) -> dict[str, float]:
+    """One engine start in a fresh process (see time_engine)."""
+    command = [sys.executable, __file__, "--time-engine", str(folder)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return {"engine start, TP=2 (2 processes)": json.loads(out.stdout.splitlines()[-1])}
+
+
+def time_engine(folder: Path) -> None:
+    """Child of engine_seconds: start the fork server as a model worker does, import what the fork
+    server imports (transformers' config and tokenizer classes too, which a start otherwise imports on
+    first use: the same seconds for both sources, printed apart), wait for the server's imports (in a
+    worker they run beside the worker's own), then print the seconds ``create_rolling_engine`` takes."""
+    import multiprocessing
+
+    from engines.parallel.spawn import prestart
+
+    prestart()
+    started = time.perf_counter()
+    import engines.parallel.preload  # noqa: F401
+
+    print(f"imports before the start: {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    ready = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(0,))
+    ready.start()
+    ready.join()
     config = EngineConfig(
         model_path=str(folder), tensor_parallel_degree=2, dtype="bf16", max_rolling_batch_size=1,
         max_model_len=256,
@@ -144,7 +167,7 @@ def engine_seconds(folder: Path) -> dict[str, float]:
     engine = create_rolling_engine(config)
     seconds = time.perf_counter() - started
     engine.close()
-    return {"engine start, TP=2 (2 processes)": seconds}
+    print(json.dumps(seconds))
 
 
 def rank_seconds(folder: Path, rank: int, pack: bool = True) -> dict[str, float]:
@@ -203,7 +226,7 @@ def measure(
 
 def run(folders: dict[str, Path], caches: list[str], repeats: int) -> list[tuple]:
     """(figure, cache, source -> seconds of each run) rows, after one untimed engine start."""
-    warm_up = engine_seconds(folders["partition"])  # the first start in a process also pays imports
+    warm_up = engine_seconds(folders["partition"])  # builds the native kernels when not cached
     print(f"untimed warm-up engine start: {sum(warm_up.values()):.2f} s", flush=True)
     rows = []
     ranks = [
@@ -231,9 +254,13 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--time-rank", nargs=2, metavar=("FOLDER", "RANK"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-engine", metavar="FOLDER", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--no-pack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.time_engine:
+        time_engine(Path(args.time_engine))
+        return
     if args.time_rank:
         time_rank(Path(args.time_rank[0]), int(args.time_rank[1]), args.threads, not args.no_pack)
         return

@@ -1,19 +1,42 @@
-"""A follower rank: ``python -m engines.parallel.follower --rank R --config JSON``.
+"""A follower rank: joins the group at MASTER_ADDR:MASTER_PORT, loads its part of the model, sizes the
+same KV cache as every rank, then runs every step rank 0 broadcasts until told to stop.
 
-Started by rank 0 (engines.parallel.group.start_followers) on its machine, or by ``lmi serve
---node-rank N`` on another; joins the group at MASTER_ADDR:MASTER_PORT, loads its part of the model,
-sizes the same KV cache as every rank, then runs every step rank 0 broadcasts until told to stop.
+Forked by rank 0 (engines.parallel.spawn, through engines.parallel.group.start_followers) on its machine,
+or by ``lmi serve --node-rank N`` on another; ``python -m engines.parallel.follower --rank R --config
+JSON`` runs one by hand.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
-from engines.base import EngineConfig
+
+def serve(rank: int, config_json: str, threads: int | None) -> int:
+    """The follower's whole life; returns its exit code (GROUP_FAILED_EXIT when its group broke)."""
+    import json
+
+    from engines.base import EngineConfig
+
+    logging.basicConfig(
+        level=os.environ.get("SERVING_LOG_LEVEL", "info").upper(),
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    config = EngineConfig(**json.loads(config_json))
+    from engines.parallel.group import GROUP_FAILED_EXIT, run_follower
+    from engines.rolling.factory import load_rank
+
+    try:
+        model, cache, comm = load_rank(config, rank, threads)
+        run_follower(model, cache, comm, cache.block_size)
+    except RuntimeError as exc:  # the group broke (rank 0 or a peer died): exit, the group restarts
+        logging.getLogger("engines.parallel").error("Rank %d leaves the group: %s", rank, exc)
+        return GROUP_FAILED_EXIT
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,22 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the EngineConfig as JSON")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("SERVING_LOG_LEVEL", "info").upper(),
-        format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    config = EngineConfig(**json.loads(args.config))
-    from engines.parallel.group import GROUP_FAILED_EXIT, run_follower
-    from engines.rolling.factory import load_rank
-
-    try:
-        model, cache, comm = load_rank(config, args.rank, args.threads)
-        run_follower(model, cache, comm, cache.block_size)
-    except RuntimeError as exc:  # the group broke (rank 0 or a peer died): exit, the group restarts
-        logging.getLogger("engines.parallel").error("Rank %d leaves the group: %s", args.rank, exc)
-        return GROUP_FAILED_EXIT
-    return 0
+    return serve(args.rank, args.config, args.threads)
 
 
 if __name__ == "__main__":

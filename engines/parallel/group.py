@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict
@@ -25,6 +24,7 @@ import torch
 from engines.base import EngineConfig
 from engines.parallel.comm import ParallelComm, Rendezvous
 from engines.parallel.protocol import COPY, STEP, STOP, Command
+from engines.parallel.spawn import RankProcess
 
 log = logging.getLogger("engines.parallel")
 
@@ -101,7 +101,7 @@ def fail_group(reason: str) -> None:
 class Followers:
     """The follower rank processes this node starts, and the thread that watches them."""
 
-    def __init__(self, processes: list[subprocess.Popen]) -> None:
+    def __init__(self, processes: list[RankProcess]) -> None:
         self.processes = processes
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._watch_loop, name="rank-watchdog", daemon=True)
@@ -133,19 +133,15 @@ class Followers:
 def start_followers(
     config: EngineConfig, ranks: list[int], rendezvous: Rendezvous, threads: int | None
 ) -> Followers:
-    """Start ``python -m engines.parallel.follower`` for each of ``ranks`` on this machine."""
-    from serving.workers import die_with_parent
+    """Fork a follower for each of ``ranks`` on this machine from the fork server (engines.parallel.spawn:
+    no imports on the group's critical path)."""
+    from engines.parallel.spawn import start_rank
 
     spec = json.dumps(asdict(config))
     processes = []
     for rank in ranks:
-        env = dict(
-            os.environ, MASTER_ADDR=rendezvous.address, MASTER_PORT=str(rendezvous.port), RANK=str(rank)
-        )
-        command = [sys.executable, "-m", "engines.parallel.follower", "--rank", str(rank), "--config", spec]
-        if threads is not None:
-            command += ["--threads", str(threads)]
-        processes.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))  # noqa: PLW1509
+        env = {"MASTER_ADDR": rendezvous.address, "MASTER_PORT": str(rendezvous.port), "RANK": str(rank)}
+        processes.append(start_rank(rank, spec, threads, env))
     log.info("Started follower ranks %s (pids %s)", ranks, [p.pid for p in processes])
     return Followers(processes)
 

@@ -154,6 +154,7 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
     except (ValueError, RuntimeError) as exc:
         raise EngineLoadError(str(exc)) from exc
     comm = ParallelComm(layout)  # joined after loading: this rank loads while the others start
+    started = time.perf_counter()
     model, hf_config = load_llama(
         config.model_path,
         dtype,
@@ -166,6 +167,7 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
         group_size=group_size(config),
     )
     if layout.world_size > 1:
+        log.info("Rank %d loaded its weights in %.2f s", rank, time.perf_counter() - started)
         rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port or 0))
         per_node = layout.world_size // config.nnodes
         same_node = per_node % layout.tensor_parallel == 0  # each TP group lies on one machine

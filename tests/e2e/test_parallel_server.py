@@ -1,8 +1,8 @@
 """Tensor / pipeline parallel groups through the real server: outputs equal to one process (default
 model and a tiny Llama across two "nodes" on loopback), a rank killed mid-request, a bad degree.
 
-Each parallel server's model worker is rank 0 of a gloo group whose other ranks are
-engines.parallel.follower processes (on node 1: started by ``lmi serve --node-rank 1``).
+Each parallel server's model worker is rank 0 of a gloo group whose other ranks are follower processes
+forked from its fork server (engines.parallel.spawn; on node 1: started by ``lmi serve --node-rank 1``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,15 @@ def alive(pid: int) -> bool:
 
 
 def followers(srv_pid: int) -> list[int]:
-    return [pid for pid, cmd in descendants(srv_pid) if "engines.parallel.follower" in cmd]
+    """The follower ranks below ``srv_pid``: forked from the fork server, each names itself lmi-rankN."""
+    ranks = []
+    for pid, _ in descendants(srv_pid):
+        try:
+            if (Path("/proc") / str(pid) / "comm").read_text().startswith("lmi-rank"):
+                ranks.append(pid)
+        except OSError:
+            continue
+    return ranks
 
 
 def generate_all(srv: ServerProcess, max_new_tokens: int = 16) -> dict[str, str]:
@@ -117,6 +125,19 @@ def test_default_model_at_tp2_equals_one_process_then_survives_a_killed_rank(def
         assert new_ranks != ranks
         assert generate_all(srv) == default_reference
         assert "Parallel group broken" in srv.output()
+
+        # Rank 0 (the model worker) killed: its fork server and its follower go with it, none is left.
+        worker = next(pid for pid, cmd in descendants(srv.proc.pid) if "handlers.worker" in cmd)
+        servers = [pid for pid, cmd in descendants(worker) if "forkserver" in cmd and pid not in new_ranks]
+        assert len(servers) == 1
+        assert followers(worker) == new_ranks  # the ranks are the fork server's children
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(pid) for pid in servers + new_ranks):
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in servers + new_ranks)
+        srv.wait_ready(timeout_s=120)
+        assert generate_all(srv) == default_reference
 
 
 def test_pipeline_stages_of_the_default_model_equal_one_process(default_reference):

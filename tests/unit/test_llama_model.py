@@ -21,7 +21,7 @@ from engines.kernels.ops import NativeOps, TorchOps
 from engines.kernels.paged import PagedAttentionMeta, paged_attention_reference
 from engines.llama.batch import ForwardBatch
 from engines.llama.kv_cache import PagedKVCache
-from engines.llama.linear import mkldnn_packing_available
+from engines.llama.linear import Linear, mkldnn_packing_available
 from engines.llama.model import LlamaModel
 from engines.llama.rope import inverse_frequencies
 from engines.llama.spec import LlamaSpec
@@ -431,3 +431,31 @@ def test_default_model_greedy_matches_hf(default_model_path: str) -> None:
         driver.step()
     for text in texts:
         assert driver.generated(text)[:16] == _hf_greedy(hf_model, tokenizer(text)["input_ids"], 16)
+
+
+@pytest.mark.skipif(not mkldnn_packing_available(), reason="oneDNN packing ops missing")
+def test_packing_is_checked_once_per_shape_and_a_failed_check_is_kept(monkeypatch) -> None:
+    """The F.linear comparison runs for the first weight of each (shape, dtype, bias); a shape whose
+    packed weight disagreed is never packed again (its layers keep the plain weight and F.linear)."""
+    from engines.llama import linear as linear_module
+
+    monkeypatch.setattr(linear_module, "_PACK_VERIFIED", {})
+    checked, verdict = [], {(16, 8): True, (8, 16): False}
+    real = Linear._matches
+
+    def counted(self: Linear, packed: torch.Tensor) -> bool:
+        checked.append(tuple(self.weight.shape))
+        return real(self, packed) and verdict[tuple(self.weight.shape)]
+
+    monkeypatch.setattr(Linear, "_matches", counted)
+    layers = [Linear(8, 16, False, torch.float32, "cpu") for _ in range(3)]
+    layers += [Linear(16, 8, False, torch.float32, "cpu") for _ in range(2)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight)
+    x = torch.randn(4, 8)
+    expected = [torch.nn.functional.linear(x, layer.weight) for layer in layers[:3]]
+    assert [layer.pack() for layer in layers] == [True, True, True, False, False]
+    assert checked == [(16, 8), (8, 16)]
+    assert all(layer.weight is not None and layer.packed is None for layer in layers[3:])
+    for layer, want in zip(layers[:3], expected, strict=True):
+        torch.testing.assert_close(layer(x), want)  # the unchecked ones compute F.linear too

@@ -104,6 +104,32 @@ def test_degree_not_dividing_the_heads_fails_before_any_rank_starts(tmp_path):
         engine_for(path, 1, 3)
 
 
+def test_a_follower_is_forked_by_the_fork_server_in_the_starters_folder(tmp_path, monkeypatch):
+    """Ranks come from the fork server (no imports of their own), named lmi-rankN, in this process's
+    folder as of the start (not the fork server's, which began earlier)."""
+    import os
+    from pathlib import Path
+
+    from engines.parallel.spawn import prestart
+
+    path = str(tiny_model_script().make_tiny_model("llama", tmp_path / "model", seed=0))
+    prestart()
+    monkeypatch.chdir(tmp_path)
+    engine = engine_for(path, 2, 1)
+    try:
+        (rank,) = engine.group.followers.processes
+        proc = Path(f"/proc/{rank.pid}")
+        assert (proc / "comm").read_text().strip() == "lmi-rank1"
+        assert os.readlink(proc / "cwd") == str(tmp_path)
+        parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert parent != os.getpid()  # forked by the server, not by this process
+        assert "forkserver" in (Path(f"/proc/{parent}") / "cmdline").read_text()
+        assert run(engine)  # and it computes its half
+    finally:
+        engine.close()
+    assert rank.poll() == 0  # stopped cleanly on close
+
+
 CUDA = pytest.param(
     "cuda",
     marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
