@@ -113,6 +113,7 @@ def run_row(args: argparse.Namespace, url: str, concurrency: int, groups: dict[s
     cmd += ["--concurrency", str(concurrency), "--max-new-tokens", str(args.max_new_tokens)]
     cmd += ["--duration", str(args.duration), "--num-requests", str(max(2 * concurrency, args.min_requests))]
     cmd += ["--warmup", "0", "--timeout", str(args.timeout)]
+    cmd += ["--prompt-len-min", str(args.prompt_len[0]), "--prompt-len-max", str(args.prompt_len[1])]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.monotonic() - started
     after = cpu_by_group(groups)
@@ -137,6 +138,9 @@ def main() -> int:
         "--api", default="openai-completions", choices=("lmi", "openai-completions", "openai-chat", "tgi")
     )
     parser.add_argument("--env", nargs="*", default=[], help="extra KEY=VALUE for the server")
+    parser.add_argument(
+        "--prompt-len", type=int, nargs=2, default=[20, 200], metavar=("MIN", "MAX"), help="prompt tokens"
+    )
     parser.add_argument(
         "--bare-step", action="store_true", help="also time the engine's own batch-1 step (after the server)"
     )
