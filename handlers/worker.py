@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     log_format = spec.get("log_format", "text")
     logs.configure(log_format, spec.get("log_level", "INFO"), args.identity)
     options = spec.get("options") or {}
-    if options.get("tensor_parallel_degree", 1) != 1 or options.get("pipeline_parallel_degree", 1) > 1:
+    parallel = options.get("tensor_parallel_degree", 1) != 1 or options.get("pipeline_parallel_degree", 1) > 1
+    if parallel and options.get("rolling_batch", "auto") != "disable":  # the native engine's ranks
         from engines.parallel.spawn import prestart
 
         prestart()  # the followers' fork server imports torch while this process does (0 = max GPUs)

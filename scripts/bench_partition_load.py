@@ -147,10 +147,12 @@ def time_engine(folder: Path) -> None:
     server imports (transformers' config and tokenizer classes too, which a start otherwise imports on
     first use: the same seconds for both sources, printed apart), wait for the server's imports (in a
     worker they run beside the worker's own), then print the seconds ``create_rolling_engine`` takes."""
+    import logging
     import multiprocessing
 
     from engines.parallel.spawn import prestart
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # to stderr
     prestart()
     started = time.perf_counter()
     import engines.parallel.preload  # noqa: F401
