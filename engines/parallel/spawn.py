@@ -15,15 +15,12 @@ run on another core while the worker imports its own.
 from __future__ import annotations
 
 import ctypes
-import logging
 import multiprocessing
 import os
 import subprocess
 import sys
 import types
 from typing import Any
-
-log = logging.getLogger("engines.parallel")
 
 PRELOAD = ["engines.parallel.preload"]
 """What the fork server imports before it forks: everything a follower imports to load and serve."""
