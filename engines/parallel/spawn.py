@@ -28,20 +28,18 @@ PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
 
 
 def _context() -> Any:
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(PRELOAD)
+    context = multiprocessing.get_context("forkserver")  # every Unix has it; this project runs on Linux
+    context.set_forkserver_preload(PRELOAD)
     return context
 
 
 def prestart() -> None:
     """Start the fork server now (it lives until this process exits): call it before importing torch,
     in a process that will start followers, so that their start costs a fork and no imports."""
-    if _context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    from multiprocessing import forkserver
 
-        forkserver.ensure_running()
+    _context()
+    forkserver.ensure_running()
 
 
 class RankProcess:
@@ -100,7 +98,7 @@ def _rank_main(rank: int, config_json: str, threads: int | None, env: dict[str, 
         libc.prctl(PR_SET_PDEATHSIG, 9)
     except OSError:
         pass
-    if os.getppid() == 1:  # the fork server died before the death signal was armed
+    if os.getppid() == 1:  # the server died before the signal was armed (under a subreaper the join fails)
         raise SystemExit(1)
     from engines.parallel.follower import serve
 

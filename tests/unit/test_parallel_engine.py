@@ -9,6 +9,8 @@ every rank), prompt log-probabilities (chosen rows) and top alternatives.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from support import tiny_mistral, tiny_model_script, tiny_qwen2
@@ -128,6 +130,39 @@ def test_a_follower_is_forked_by_the_fork_server_in_the_starters_folder(tmp_path
     finally:
         engine.close()
     assert rank.poll() == 0  # stopped cleanly on close
+
+
+RANK_LOG_SCRIPT = """
+import os, sys
+from engines.parallel.spawn import prestart
+prestart()  # the fork server's environment is this one, without the level set below
+if sys.argv[2]:
+    os.environ["SERVING_LOG_LEVEL"] = sys.argv[2]
+from engines.base import EngineConfig
+from engines.rolling.factory import create_rolling_engine
+config = EngineConfig(model_path=sys.argv[1], dtype="fp32", kernels="torch", max_model_len=64,
+                      max_rolling_batch_size=2, block_size=16, tensor_parallel_degree=2)
+create_rolling_engine(config).close()
+"""
+
+
+@pytest.mark.parametrize("level", ["", "error"], ids=["default-level", "set-after-the-fork-server"])
+def test_a_rank_runs_with_the_starters_environment_of_the_moment_it_starts(tmp_path, level):
+    """The fork server's environment is that of its start; a rank takes the starter's as of the rank's
+    start (here SERVING_LOG_LEVEL, which the follower reads: its INFO lines come or go with it)."""
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    path = str(tiny_model_script().make_tiny_model("llama", tmp_path, seed=0))
+    env = {k: v for k, v in os.environ.items() if k != "SERVING_LOG_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-c", RANK_LOG_SCRIPT, path, level],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("rank1 INFO" in done.stderr) == (level == ""), done.stderr[-3000:]
 
 
 CUDA = pytest.param(
