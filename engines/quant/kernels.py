@@ -56,6 +56,25 @@ def pack_int8(weight: Int8Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
     return stored, weight.scale.float().reshape(n, k // group).contiguous(), group
 
 
+TILE = 16
+
+
+def pack_int8_tiles(weight: Int8Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(q + 128 as uint8 [ceil(n/16), k/4, 16, 4], scale float32 [ceil(n/16), k/group, 16], group): the
+    native kernel's VNNI tiles, each 16 output channels' bytes one stream, 4 columns of 16 channels per
+    64 bytes. Padded channels store 128 (zero) with scale 0."""
+    n, k = weight.q.shape
+    group = weight.group or k
+    stored = (weight.q.to(torch.int16) + 128).to(torch.uint8)
+    scale = weight.scale.float().reshape(n, k // group)
+    pad = -n % TILE
+    if pad:
+        stored = torch.cat([stored, stored.new_full((pad, k), 128)])
+        scale = torch.cat([scale, scale.new_zeros(pad, k // group)])
+    tiles = stored.reshape(-1, TILE, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return tiles, scale.reshape(-1, TILE, k // group).permute(0, 2, 1).contiguous(), group
+
+
 def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(xq [m, k] integers as float64, scale [m, k/32] float32): the kernel's activation quantization,
     symmetric per block of 32 to ``bits`` (8, or 16 for the kernel's ``wide`` path)."""

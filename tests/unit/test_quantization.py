@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from support import tiny_model_script
 
 from engines.base import EngineConfig, EngineLoadError
-from engines.quant.kernels import native_module, pack_int4, pack_int8
+from engines.quant.kernels import native_module, pack_int4, pack_int8, pack_int8_tiles
 from engines.quant.linear import SMALL_BATCH, QuantizedLinear
 from engines.quant.methods import (
     Int8Weight,
@@ -26,8 +26,9 @@ from engines.quant.methods import (
 from engines.rolling.factory import create_rolling_engine
 from engines.types import GenerationRequest, SamplingParams
 
-SHAPES = [(64, 128), (40, 192), (72, 64), (8, 256)]
-"""(out, in): odd output counts and widths that take 128, 64 and 32-column groups."""
+SHAPES = [(64, 128), (40, 192), (72, 64), (8, 256), (24, 32)]
+"""(out, in): odd output counts and widths that take 128, 64 and 32-column groups; 32 columns is a
+row-parallel shard's width under tensor parallelism (no whole 64-column chunk)."""
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -116,6 +117,33 @@ def test_portable_path_equals_the_vector_path(method, wide):
         packed, scale, minimum = pack_int4(quantize_int4(w, 32))
         run = lambda portable: module.int4_mm(x, packed, scale, minimum, 32, None, portable, False, wide)  # noqa: E731
     torch.testing.assert_close(run(True), run(False), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("rows", [1, 8, 19])
+def test_int8_tiles_portable_path_equals_the_vector_path(grouped, rows):
+    """int8's VNNI tiles: the fallback's sums equal the vector path's, and both the row layout's, for
+    a channel count that leaves a partial tile and row counts on each side of the 8-row register tile."""
+    module = native_module()
+    generator = torch.Generator().manual_seed(11)
+    w = torch.randn(50, 160, generator=generator)
+    weight = quantize_int8_blocks(w, 32) if grouped else quantize_int8(w)
+    x = torch.randn(rows, 160, generator=generator)
+    bias = torch.randn(50, generator=generator)
+    tiles, tile_scale, group = pack_int8_tiles(weight)
+    assert tiles.shape == (4, 40, 16, 4)
+    vector = module.int8_tiles_mm(x, tiles, tile_scale, group, 50, bias, False)
+    portable = module.int8_tiles_mm(x, tiles, tile_scale, group, 50, bias, True)
+    torch.testing.assert_close(portable, vector, atol=1e-4, rtol=1e-5)
+    q, scale, _ = pack_int8(weight)
+    rows_layout = module.int8_mm(x, q, scale, group, bias, False, False, False)
+    torch.testing.assert_close(rows_layout, vector, atol=1e-4, rtol=1e-5)
+
+
+def test_int8_tiles_refuse_a_mismatched_channel_count():
+    tiles, scale, group = pack_int8_tiles(quantize_int8(torch.randn(20, 64)))
+    with pytest.raises(RuntimeError, match="does not fill 2 tiles"):
+        native_module().int8_tiles_mm(torch.randn(1, 64), tiles, scale, group, 40, None, False)
 
 
 def dequantized_copy(source: Path, dest: Path, method: str) -> Path:

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -214,10 +215,17 @@ inline __m512 chunk_scales(const W& w, const float* row, int64_t c, __m512& load
   return _mm512_permutexvar_ps(pick, loaded);
 }
 
-// Rows ahead of the tile whose bytes are prefetched while it computes. A row is short (k = 576 is nine
-// cache lines, 4.5 for int4), too short for the hardware prefetcher to ramp up on each row's stream:
-// without this, a decode step read its weights at a third of the memory bandwidth.
-constexpr int64_t kPrefetchRows = 8;
+// The tile prefetches the rows kPrefetchBytes ahead of it, chunk by chunk as it computes. A row is short
+// (k = 576 is nine cache lines, 4.5 for int4) and the rows of a matrix are one contiguous stream, but
+// the hardware prefetcher stops at every 4 KiB page: without this a decode step read its weights at a
+// third of the memory bandwidth. Measured on this CPU's SmolLM2 shapes, batch 1 (30 layers from memory):
+// one row ahead 16 GB/s, 4 KiB ahead 20, 8 KiB 22 (what torch reads the same bytes at), 32 KiB 21.
+constexpr int64_t kPrefetchBytes = 8192;
+
+template <int NT, typename W>
+inline int64_t prefetch_rows(const W& w) {  // at least the next tile
+  return std::max<int64_t>(NT, kPrefetchBytes / std::max<int64_t>(1, w.k * W::kChunkBytes / 64));  // k >= 32
+}
 
 inline void prefetch_chunk(const uint8_t* row, int64_t c, int64_t chunk_bytes) {
   _mm_prefetch(reinterpret_cast<const char*>(row + c * chunk_bytes), _MM_HINT_T0);
@@ -228,7 +236,7 @@ inline void prefetch_chunk(const uint8_t* row, int64_t c, int64_t chunk_bytes) {
 template <int NT, int MT, typename W>
 void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64_t r0, float* acc) {
   const int64_t k = w.k, full = k / 64;
-  const int64_t ahead = std::min<int64_t>(kPrefetchRows, w.rows - n0 - NT);  // rows left after this tile
+  const int64_t ahead = prefetch_rows<NT>(w);
   __m512 sums[NT][MT];
   for (int j = 0; j < NT; ++j)
     for (int i = 0; i < MT; ++i) sums[j][i] = _mm512_setzero_ps();
@@ -246,7 +254,7 @@ void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64
       dx[i] = _mm512_loadu_ps(x.lanes.data() + (r0 + i) * (k / 4) + c * 16);
     }
     for (int j = 0; j < NT; ++j) {
-      if (j < ahead) prefetch_chunk(w.row_bytes(n0 + NT + j), c, W::kChunkBytes);
+      if (n0 + ahead + j < w.rows) prefetch_chunk(w.row_bytes(n0 + ahead + j), c, W::kChunkBytes);
       const __m512i q = chunk64(w, n0 + j, c);
       const __m512 ws = chunk_scales(w, rows[j], c, loaded[j]);
       for (int i = 0; i < MT; ++i) {
@@ -278,7 +286,7 @@ void dot_tile_vnni(const W& w, int64_t n0, const QuantizedRows<int8_t>& x, int64
 template <int NT, int MT, typename W>
 void dot_tile_wide(const W& w, int64_t n0, const QuantizedRows<int16_t>& x, int64_t r0, float* acc) {
   const int64_t k = w.k, blocks = k / kBlock, full = k / 64;
-  const int64_t ahead = std::min<int64_t>(kPrefetchRows, w.rows - n0 - NT);
+  const int64_t ahead = prefetch_rows<NT>(w);
   __m512 sums[NT][MT];
   for (int j = 0; j < NT; ++j)
     for (int i = 0; i < MT; ++i) sums[j][i] = _mm512_setzero_ps();
@@ -293,7 +301,7 @@ void dot_tile_wide(const W& w, int64_t n0, const QuantizedRows<int16_t>& x, int6
   };
   for (int64_t c = 0; c < full; ++c) {
     for (int j = 0; j < NT; ++j) {
-      if (j < ahead) prefetch_chunk(w.row_bytes(n0 + NT + j), c, W::kChunkBytes);
+      if (n0 + ahead + j < w.rows) prefetch_chunk(w.row_bytes(n0 + ahead + j), c, W::kChunkBytes);
       const __m512i q = chunk64(w, n0 + j, c);
       block(j, 2 * c, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(q)));
       block(j, 2 * c + 1, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(q, 1)));
@@ -332,7 +340,10 @@ void dot_tile_rows(const W& w, int64_t n0, const QuantizedRows<Q>& x, int64_t r0
 }
 #endif
 
-constexpr int64_t kWeightTile = 4;  // weight rows per tile (NT)
+constexpr int64_t kWeightTile = 4;
+// Weight rows per tile (NT) when several activation rows share each weight load. A single activation
+// row takes one weight row at a time instead: four interleaved rows kept fewer loads in flight, and
+// the batch-1 step read its weights at 13 GB/s against 21 GB/s one row at a time (int8, this CPU).
 
 template <typename W, typename T, typename Q>
 void matmul(const W& w, const QuantizedRows<Q>& x, int64_t m, int64_t n_total, const T* bias, T* out, bool portable) {
@@ -356,7 +367,7 @@ void matmul(const W& w, const QuantizedRows<Q>& x, int64_t m, int64_t n_total, c
             acc[j * kRowsTile + i] = w.offset_dot(n0 + j, group_sums.data() + (r0 + i) * w.groups);
 #if LMI_VNNI
         if (!portable) {
-          if (nt == kWeightTile)
+          if (nt == kWeightTile && m > 1)
             dot_tile_rows<kWeightTile>(w, n0, x, r0, rows, acc);
           else
             for (int64_t j = 0; j < nt; ++j) dot_tile_rows<1>(w, n0 + j, x, r0, rows, acc + j * kRowsTile);
@@ -462,6 +473,195 @@ torch::Tensor tiled_mm(const W& w, const torch::Tensor& x, int64_t n, const c10:
   return out;
 }
 
+// ---- int8 in VNNI tiles: every batch size on integer dot products ----
+// Layout (engines/quant/kernels.py:pack_int8_tiles): q [ceil(n/16), k/4, 16, 4] uint8 storing w + 128, i.e.
+// each tile of 16 output channels is one contiguous stream in which every 64 bytes hold 4 consecutive
+// columns of the 16 channels; scale float32 [ceil(n/16), k/group, 16], zero on padded channels.
+// One vpdpbusd multiplies such 64 bytes by one activation row's 4 quantized columns (broadcast) into
+// 16 int32 sums: a block of 32 columns is 8 of them, converted to float once per block and row. The
+// row layout above needs a conversion and two float operations per 64 products per row; this one needs
+// them per 512, so larger batches stay on integer products instead of dequantizing slabs.
+constexpr int64_t kTileN = 16;
+constexpr int kTileRowsMax = 8;  // activation rows sharing each weight load (int32 + float accumulators)
+
+struct Int8Tiles {
+  const uint8_t* q;
+  const float* scale;
+  int64_t k, groups, group, n;
+  inline const uint8_t* tile(int64_t t) const { return q + t * k * kTileN; }
+  inline const float* scales(int64_t t) const { return scale + t * groups * kTileN; }
+};
+
+// int8 activations per block of 32 without the lanes the row kernel wants; AVX-512 where built. Rows
+// are independent: split between threads for prefills. Bitwise the same as quantize_rows<int8_t>.
+template <typename T>
+QuantizedRows<int8_t> quantize_rows_int8(const T* x, int64_t m, int64_t k) {
+  const int64_t blocks = k / kBlock;
+  QuantizedRows<int8_t> out{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), {},
+                            std::vector<float>(m * blocks)};
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, m, m >= 16 ? 4 : m, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const T* src = x + r * k + b * kBlock;
+        int8_t* dst = out.q.data() + r * k + b * kBlock;
+#if LMI_VNNI
+        __m512 v[2];
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (std::is_same_v<T, float>) {
+            v[h] = _mm512_loadu_ps(src + 16 * h);
+          } else {
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * h));
+            v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+          }
+        }
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        const float d = amax / 127.f;
+        const float inverse = d > 0.f ? 1.f / d : 0.f;
+        __m512i total = _mm512_setzero_si512();
+        for (int h = 0; h < 2; ++h) {  // round half to even, as nearbyint in the default rounding mode
+          __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse)));
+          q = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), q));
+          total = _mm512_add_epi32(total, q);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * h), _mm512_cvtepi32_epi8(q));
+        }
+        const int32_t sum = _mm512_reduce_add_epi32(total);
+#else
+        float values[kBlock];
+        float amax = 0.f;
+        for (int64_t i = 0; i < kBlock; ++i) {
+          values[i] = static_cast<float>(src[i]);
+          amax = std::max(amax, std::fabs(values[i]));
+        }
+        const float d = amax / 127.f;
+        const float inverse = d > 0.f ? 1.f / d : 0.f;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < kBlock; ++i) {
+          const int32_t q = static_cast<int32_t>(std::nearbyint(values[i] * inverse));
+          dst[i] = static_cast<int8_t>(std::max(-127, std::min(127, q)));
+          sum += dst[i];
+        }
+#endif
+        out.scale[r * blocks + b] = d;
+        out.sums[r * blocks + b] = d * static_cast<float>(sum);
+      }
+    }
+  });
+  return out;
+}
+
+// Per row i and channel c of the tile: sum over blocks b of (weight scale) * d_b * dot_b(stored, xq),
+// minus 128 * (weight scale) * d_b * sum_b(xq) for the stored offset. One scale per channel is applied
+// once at the end; grouped scales per block.
+#if LMI_VNNI
+template <int MR>
+void tile_vnni(const Int8Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, const float* row_sums,
+               float* acc) {
+  const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
+  const uint8_t* stream = w.tile(t);
+  const uint8_t* end = w.tile(w.n / kTileN + (w.n % kTileN ? 1 : 0));
+  const float* scales = w.scales(t);
+  const bool per_channel = w.groups == 1;
+  __m512 sums[MR], offsets[MR];
+  for (int i = 0; i < MR; ++i) sums[i] = offsets[i] = _mm512_setzero_ps();
+  __m512 ws = _mm512_loadu_ps(scales);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* bytes = stream + b * kBlock * kTileN;  // 512 bytes: 32 columns of 16 channels
+    __m512i dots[MR];
+    for (int i = 0; i < MR; ++i) dots[i] = _mm512_setzero_si512();
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint8_t* ahead = bytes + kk * 64 + kPrefetchBytes;
+      if (ahead < end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      const __m512i wv = _mm512_loadu_si512(bytes + kk * 64);
+      for (int i = 0; i < MR; ++i) {
+        int32_t four;
+        std::memcpy(&four, x.q.data() + (r0 + i) * k + b * kBlock + kk * 4, 4);
+        dots[i] = _mm512_dpbusd_epi32(dots[i], wv, _mm512_set1_epi32(four));
+      }
+    }
+    if (!per_channel && b % per_group == 0) ws = _mm512_loadu_ps(scales + (b / per_group) * kTileN);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 d = _mm512_set1_ps(x.scale[(r0 + i) * blocks + b]);
+      if (per_channel) {
+        sums[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[i]), d, sums[i]);
+      } else {
+        sums[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[i]), _mm512_mul_ps(ws, d), sums[i]);
+        offsets[i] = _mm512_fmadd_ps(ws, _mm512_set1_ps(x.sums[(r0 + i) * blocks + b]), offsets[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const __m512 y = per_channel
+                         ? _mm512_mul_ps(ws, _mm512_sub_ps(sums[i], _mm512_set1_ps(128.f * row_sums[r0 + i])))
+                         : _mm512_fnmadd_ps(_mm512_set1_ps(128.f), offsets[i], sums[i]);
+    _mm512_storeu_ps(acc + i * kTileN, y);
+  }
+}
+#endif
+
+// The same sums in plain C++, for CPUs without AVX-512 VNNI (and compared with the vector path in tests).
+void tile_portable(const Int8Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, int64_t rows,
+                   float* acc) {
+  const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
+  const uint8_t* stream = w.tile(t);
+  const float* scales = w.scales(t);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < kTileN; ++c) {
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const int64_t col = b * kBlock + j;
+          const uint8_t stored = stream[(col / 4) * 64 + c * 4 + col % 4];
+          dot += (static_cast<int32_t>(stored) - 128) * x.q[(r0 + i) * k + col];
+        }
+        total += scales[(b / per_group) * kTileN + c] * x.scale[(r0 + i) * blocks + b] * static_cast<float>(dot);
+      }
+      acc[i * kTileN + c] = total;
+    }
+  }
+}
+
+template <typename T>
+void tiles_matmul(const Int8Tiles& w, const QuantizedRows<int8_t>& x, int64_t m, const T* bias, T* out, bool portable) {
+  const int64_t blocks = w.k / kBlock, tiles = (w.n + kTileN - 1) / kTileN;
+  std::vector<float> row_sums(m, 0.f);  // per activation row: sum over blocks of d_b * sum_b(xq)
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < blocks; ++b) row_sums[r] += x.sums[r * blocks + b];
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    float acc[kTileRowsMax * kTileN];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t channels = std::min(kTileN, w.n - t * kTileN);
+      for (int64_t r0 = 0; r0 < m; r0 += kTileRowsMax) {
+        const int64_t rows = std::min<int64_t>(kTileRowsMax, m - r0);
+#if LMI_VNNI
+        if (!portable) {
+          switch (rows) {
+            case 1: tile_vnni<1>(w, t, x, r0, row_sums.data(), acc); break;
+            case 2: tile_vnni<2>(w, t, x, r0, row_sums.data(), acc); break;
+            case 3: tile_vnni<3>(w, t, x, r0, row_sums.data(), acc); break;
+            case 4: tile_vnni<4>(w, t, x, r0, row_sums.data(), acc); break;
+            case 5: tile_vnni<5>(w, t, x, r0, row_sums.data(), acc); break;
+            case 6: tile_vnni<6>(w, t, x, r0, row_sums.data(), acc); break;
+            case 7: tile_vnni<7>(w, t, x, r0, row_sums.data(), acc); break;
+            default: tile_vnni<8>(w, t, x, r0, row_sums.data(), acc); break;
+          }
+        } else
+#endif
+          tile_portable(w, t, x, r0, rows, acc);
+        for (int64_t i = 0; i < rows; ++i) {
+          T* dst = out + (r0 + i) * w.n + t * kTileN;
+          for (int64_t c = 0; c < channels; ++c) {
+            const float b = bias ? static_cast<float>(bias[t * kTileN + c]) : 0.f;
+            dst[c] = static_cast<T>(acc[i * kTileN + c] + b);
+          }
+        }
+      }
+    }
+  });
+}
+
 void check_input(const torch::Tensor& x, int64_t k) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [m, ", k, "]");
@@ -525,6 +725,31 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& q, const torc
   return tiled ? tiled_mm(w, x, n, bias) : run(w, x, n, bias, portable, wide);
 }
 
+torch::Tensor int8_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t group,
+                            int64_t n, const c10::optional<torch::Tensor>& bias, bool portable) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == kTileN && q.size(3) == 4, "q must be [ceil(n/16), k/4, 16, 4]");
+  const int64_t k = q.size(1) * 4, tiles = q.size(0);
+  check_input(x, k);
+  check_bias(bias, x, n);
+  TORCH_CHECK(n > 0 && (n + kTileN - 1) / kTileN == tiles, "n=", n, " does not fill ", tiles, " tiles of 16");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 (w + 128)");
+  TORCH_CHECK(group % kBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing ", k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == tiles * (k / group) * kTileN,
+              "scale must be contiguous float32 [ceil(n/16), k/group, 16]");
+  auto out = torch::empty({x.size(0), n}, x.options());
+  if (x.size(0) == 0) return out;
+  const Int8Tiles w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), k, k / group, group, n};
+  if (x.scalar_type() == at::kFloat) {
+    const auto xq = quantize_rows_int8(x.data_ptr<float>(), x.size(0), k);
+    tiles_matmul(w, xq, x.size(0), bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), portable);
+  } else {
+    const auto xq = quantize_rows_int8(x.data_ptr<at::BFloat16>(), x.size(0), k);
+    tiles_matmul(w, xq, x.size(0), bias ? bias->data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(),
+                 portable);
+  }
+  return out;
+}
+
 bool has_vnni() { return LMI_VNNI; }
 
 }  // namespace
@@ -537,5 +762,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_mm", &int8_mm, "x @ W.T (+ bias) with W int8 (see the file's header)", py::arg("x"), py::arg("q"),
         py::arg("scale"), py::arg("group"), py::arg("bias"), py::arg("portable"), py::arg("tiled"),
         py::arg("wide") = false);
+  m.def("int8_tiles_mm", &int8_tiles_mm, "x @ W.T (+ bias) with W int8 in VNNI tiles (see int8_tiles_mm)", py::arg("x"),
+        py::arg("q"), py::arg("scale"), py::arg("group"), py::arg("n"), py::arg("bias"), py::arg("portable"));
   m.def("has_vnni", &has_vnni, "whether this build has the AVX-512 VNNI path");
 }
