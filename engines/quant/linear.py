@@ -177,7 +177,7 @@ class QuantizedLinear(nn.Module):
         packed, scale, minimum, group = self.packed, self.scale, self.minimum, self.group
         return lambda x, tiled: module.int4_mm(x, packed, scale, minimum, group, bias, False, tiled, wide)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantizedLinear":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
         """Rebinds the fast path after .to(), .share_memory() and the like replace the buffers."""
         out = super()._apply(fn, recurse)
         self._native_call = self._bind_native()
