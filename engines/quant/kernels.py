@@ -75,6 +75,24 @@ def pack_int8_tiles(weight: Int8Weight) -> tuple[torch.Tensor, torch.Tensor, int
     return tiles, scale.reshape(-1, TILE, k // group).permute(0, 2, 1).contiguous(), group
 
 
+def pack_int4_tiles(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(q [ceil(n/16), k/8, 16, 4] uint8, scale and minimum float32 [ceil(n/16), k/group, 16], group):
+    int4 in the same tiles, 8 columns of 16 channels per 64 bytes, byte j of a channel holding column j
+    (low nibble) and j + 4 (high). Padded channels are zero with scale and minimum 0."""
+    n, k = weight.q.shape
+    groups = k // weight.group
+    q = weight.q.to(torch.uint8)
+    scale, minimum = weight.scale.float().reshape(n, groups), weight.minimum.float().reshape(n, groups)
+    pad = -n % TILE
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        scale, minimum = (torch.cat([t, t.new_zeros(pad, groups)]) for t in (scale, minimum))
+    pairs = q.reshape(-1, TILE, k // 8, 2, 4)
+    packed = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+    by_tile = [t.reshape(-1, TILE, groups).permute(0, 2, 1).contiguous() for t in (scale, minimum)]
+    return packed, by_tile[0], by_tile[1], weight.group
+
+
 def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(xq [m, k] integers as float64, scale [m, k/32] float32): the kernel's activation quantization,
     symmetric per block of 32 to ``bits`` (8, or 16 for the kernel's ``wide`` path)."""

@@ -3,15 +3,16 @@
 Kernels, chosen once per projection (``LMI_QUANT_KERNEL`` = auto, native, aten or reference):
 - native (CPU, widths in blocks of 32; engines/kernels/csrc/quant_gemm.cpp): the activations are
   quantized to int8 per block of 32 and multiplied with integer dot products (AVX-512 VNNI where
-  built), as llama.cpp does. int8 weights (per channel, or GGUF's grouped Q8_0) are held in VNNI tiles
-  of 16 channels and take that path at every batch size: on this CPU it beats bf16 oneDNN from one row
-  (4.3 against 13.7 ms a step's projections) to 1,024 (372 against 550 ms). int4 weights and
-  layers built with activation_bits=16 (int16 activations) keep rows: up to SMALL_BATCH rows on
+  built), as llama.cpp does. int8 and int4 weights (any group size, GGUF's blocks included) are held
+  in VNNI tiles of 16 channels and take that path at every batch size; on this CPU a step's
+  projections against bf16 oneDNN: int8 4.3 / 13.7 ms at 1 row, 26.9 / 43.2 at 64, 372 / 550 at
+  1,024; int4 (groups of 32) 3.0 / 12.3, 32.1 / 42.6, 603 / 588. Layers built with activation_bits=16
+  (int16 activations: the int8 LM head of 4-bit models) keep the row layout: up to SMALL_BATCH rows on
   integer products, larger batches dequantize the weights slab by slab in cache for at::mm.
 - aten: ATen's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), where the
   native kernel cannot be built; per-channel int8 and int4 only.
 - triton (CUDA; CPU tensors only under TRITON_INTERPRET=1, for tests; engines/quant/triton_quant.py):
-  the native kernel's layouts, scales applied in registers, x's dtype with float32 accumulation.
+  the native kernel's row layouts, scales applied in registers, x's dtype with float32 accumulation.
 - scaled_mm (fp8, every device torch implements it for): activations scaled per row to float8 e4m3 and
   ``torch._scaled_mm`` with the weights' per-channel scales (Hopper/Ada tensor cores on GPUs).
 - reference: dequantise per call (engines.quant.methods / engines.quant.kernels), for devices with no
@@ -36,10 +37,9 @@ log = logging.getLogger("engines.quant")
 
 INT4_ROWS = 16
 SMALL_BATCH = 32
-"""Rows up to which the native kernel's row layout (int4, int16 activations) quantizes activations;
-above, dequantised slabs and at::mm (compute-bound: float matmuls are faster there). On this CPU the
-integer path wins up to 32 rows for int4 (scripts/bench_quant_kernels.py's shapes: 59 ms against 66 ms
-a step at 32 rows) and loses at 64 (twice the time). int8's tiles quantize activations at every size."""
+"""Rows up to which the row layout (int16 activations) quantizes activations; above, dequantised slabs
+and at::mm. Measured when int4 used the row layout too: integer products won up to 32 rows (59 against
+66 ms a step at 32) and lost at 64. The tiles quantize activations at every size."""
 
 
 @contextmanager
@@ -122,8 +122,8 @@ class QuantizedLinear(nn.Module):
         self.dtype = dtype
         self.reference: Int8Weight | Int4Weight | Fp8Weight | None = None
         self.kernel = choose_kernel(weight)
-        self.tiles = self.kernel == "native" and isinstance(weight, Int8Weight) and activation_bits == 8
-        """int8 in the native kernel's VNNI tiles (every batch size on integer products)."""
+        self.tiles = self.kernel == "native" and activation_bits == 8
+        """int8 / int4 in the native kernel's VNNI tiles (every batch size on integer products)."""
         if self.kernel == "reference":
             if weight.q.device.type != "cpu":
                 device = weight.q.device
@@ -132,10 +132,15 @@ class QuantizedLinear(nn.Module):
         elif self.kernel == "scaled_mm":
             self.register_buffer("q", weight.q.contiguous())
             self.register_buffer("scale", weight.scale.float().reshape(1, -1).contiguous())
-        elif self.tiles:
+        elif self.tiles and isinstance(weight, Int8Weight):
             q, scale, self.group = kernels.pack_int8_tiles(weight)
             self.register_buffer("q", q)
             self.register_buffer("scale", scale)
+        elif self.tiles:
+            packed, scale, minimum, self.group = kernels.pack_int4_tiles(weight)
+            self.register_buffer("packed", packed)
+            self.register_buffer("scale", scale)
+            self.register_buffer("minimum", minimum)
         elif self.kernel in ("native", "triton"):  # the same row layouts
             self.group = weight.group or self.in_features
             if isinstance(weight, Int8Weight):
@@ -168,9 +173,13 @@ class QuantizedLinear(nn.Module):
         if self.kernel != "native":
             return None
         module, wide, bias = kernels.native_module(), self.activation_bits == 16, self.bias
-        if self.tiles:
-            q, scale, group, n = self.q, self.scale, self.group, self.out_features
+        n = self.out_features
+        if self.tiles and self.method == "int8":
+            q, scale, group = self.q, self.scale, self.group
             return lambda x, tiled: module.int8_tiles_mm(x, q, scale, group, n, bias, False)
+        if self.tiles:
+            packed, scale, minimum, group = self.packed, self.scale, self.minimum, self.group
+            return lambda x, tiled: module.int4_tiles_mm(x, packed, scale, minimum, group, n, bias, False)
         if self.method == "int8":
             q, scale, group = self.q, self.scale, self.group
             return lambda x, tiled: module.int8_mm(x, q, scale, group, bias, False, tiled, wide)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from support import tiny_model_script
 
 from engines.base import EngineConfig, EngineLoadError
-from engines.quant.kernels import native_module, pack_int4, pack_int8, pack_int8_tiles
+from engines.quant.kernels import native_module, pack_int4, pack_int4_tiles, pack_int8, pack_int8_tiles
 from engines.quant.linear import SMALL_BATCH, QuantizedLinear
 from engines.quant.methods import (
     Int8Weight,
@@ -119,24 +119,35 @@ def test_portable_path_equals_the_vector_path(method, wide):
     torch.testing.assert_close(run(True), run(False), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("method", ["int8", "int8-grouped", "int4-g32", "int4-g64"])
 @pytest.mark.parametrize("rows", [1, 8, 19])
-def test_int8_tiles_portable_path_equals_the_vector_path(grouped, rows):
-    """int8's VNNI tiles: the fallback's sums equal the vector path's, and both the row layout's, for
-    a channel count that leaves a partial tile and row counts on each side of the 8-row register tile."""
+def test_tiles_portable_path_equals_the_vector_path(method, rows):
+    """The VNNI tiles: the fallback's sums equal the vector path's, and both the row layout's, for a
+    channel count that leaves a partial tile and row counts on each side of the 8-row register tile."""
     module = native_module()
     generator = torch.Generator().manual_seed(11)
-    w = torch.randn(50, 160, generator=generator)
-    weight = quantize_int8_blocks(w, 32) if grouped else quantize_int8(w)
-    x = torch.randn(rows, 160, generator=generator)
+    w = torch.randn(50, 192, generator=generator)
+    x = torch.randn(rows, 192, generator=generator)
     bias = torch.randn(50, generator=generator)
-    tiles, tile_scale, group = pack_int8_tiles(weight)
-    assert tiles.shape == (4, 40, 16, 4)
-    vector = module.int8_tiles_mm(x, tiles, tile_scale, group, 50, bias, False)
-    portable = module.int8_tiles_mm(x, tiles, tile_scale, group, 50, bias, True)
-    torch.testing.assert_close(portable, vector, atol=1e-4, rtol=1e-5)
-    q, scale, _ = pack_int8(weight)
-    rows_layout = module.int8_mm(x, q, scale, group, bias, False, False, False)
+    if method.startswith("int8"):
+        weight = quantize_int8_blocks(w, 32) if method == "int8-grouped" else quantize_int8(w)
+        tiles, tile_scale, group = pack_int8_tiles(weight)
+        assert tiles.shape == (4, 48, 16, 4)
+        run = lambda portable: module.int8_tiles_mm(x, tiles, tile_scale, group, 50, bias, portable)  # noqa: E731
+        q, scale, _ = pack_int8(weight)
+        rows_layout = module.int8_mm(x, q, scale, group, bias, False, False, False)
+    else:
+        group = int(method.removeprefix("int4-g"))
+        weight = quantize_int4(w, group)
+        tiles, tile_scale, tile_minimum, _ = pack_int4_tiles(weight)
+        assert tiles.shape == (4, 24, 16, 4)
+        run = lambda portable: module.int4_tiles_mm(  # noqa: E731
+            x, tiles, tile_scale, tile_minimum, group, 50, bias, portable
+        )
+        packed, scale, minimum = pack_int4(weight)
+        rows_layout = module.int4_mm(x, packed, scale, minimum, group, bias, False, False, False)
+    vector = run(False)
+    torch.testing.assert_close(run(True), vector, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(rows_layout, vector, atol=1e-4, rtol=1e-5)
 
 

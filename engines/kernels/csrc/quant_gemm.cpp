@@ -492,6 +492,19 @@ struct Int8Tiles {
   inline const float* scales(int64_t t) const { return scale + t * groups * kTileN; }
 };
 
+// int4 in the same tiles (engines/quant/kernels.py:pack_int4_tiles): q [ceil(n/16), k/8, 16, 4] uint8 in
+// which each 64 bytes hold 8 columns of 16 channels, byte j of a channel being column j (low nibble)
+// and column j + 4 (high); scale and minimum float32 [ceil(n/16), k/group, 16]: w = q * scale + minimum.
+struct Int4Tiles {
+  const uint8_t* q;
+  const float* scale;
+  const float* minimum;
+  int64_t k, groups, group, n;
+  inline const uint8_t* tile(int64_t t) const { return q + t * k / 2 * kTileN; }
+  inline const float* scales(int64_t t) const { return scale + t * groups * kTileN; }
+  inline const float* minimums(int64_t t) const { return minimum + t * groups * kTileN; }
+};
+
 // int8 activations per block of 32 without the lanes the row kernel wants; AVX-512 where built. Rows
 // are independent: split between threads for prefills. Bitwise the same as quantize_rows<int8_t>.
 template <typename T>
@@ -598,7 +611,71 @@ void tile_vnni(const Int8Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, in
     _mm512_storeu_ps(acc + i * kTileN, y);
   }
 }
+
+// int4: each 64 bytes unpack to two vectors of 4 columns x 16 channels (low nibbles, high nibbles).
+template <int MR>
+void tile_vnni(const Int4Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, const float*, float* acc) {
+  const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
+  const uint8_t* stream = w.tile(t);
+  const uint8_t* end = w.tile(w.n / kTileN + (w.n % kTileN ? 1 : 0));
+  const float *scales = w.scales(t), *minimums = w.minimums(t);
+  const __m512i low_mask = _mm512_set1_epi8(0x0F);
+  __m512 sums[MR], offsets[MR];
+  for (int i = 0; i < MR; ++i) sums[i] = offsets[i] = _mm512_setzero_ps();
+  __m512 ws = _mm512_setzero_ps(), wm = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* bytes = stream + b * kBlock / 2 * kTileN;  // 256 bytes: 32 columns of 16 channels
+    __m512i dots[MR];
+    for (int i = 0; i < MR; ++i) dots[i] = _mm512_setzero_si512();
+    for (int v = 0; v < 4; ++v) {
+      const uint8_t* ahead = bytes + v * 64 + kPrefetchBytes;
+      if (ahead < end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      const __m512i raw = _mm512_loadu_si512(bytes + v * 64);
+      const __m512i lo = _mm512_and_si512(raw, low_mask);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low_mask);
+      for (int i = 0; i < MR; ++i) {
+        int32_t quads[2];
+        std::memcpy(quads, x.q.data() + (r0 + i) * k + b * kBlock + v * 8, 8);
+        dots[i] = _mm512_dpbusd_epi32(dots[i], lo, _mm512_set1_epi32(quads[0]));
+        dots[i] = _mm512_dpbusd_epi32(dots[i], hi, _mm512_set1_epi32(quads[1]));
+      }
+    }
+    if (b % per_group == 0) {
+      ws = _mm512_loadu_ps(scales + (b / per_group) * kTileN);
+      wm = _mm512_loadu_ps(minimums + (b / per_group) * kTileN);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 d = _mm512_set1_ps(x.scale[(r0 + i) * blocks + b]);
+      sums[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[i]), _mm512_mul_ps(ws, d), sums[i]);
+      offsets[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(x.sums[(r0 + i) * blocks + b]), offsets[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) _mm512_storeu_ps(acc + i * kTileN, _mm512_add_ps(sums[i], offsets[i]));
+}
 #endif
+
+void tile_portable(const Int4Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, int64_t rows,
+                   float* acc) {
+  const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
+  const uint8_t* stream = w.tile(t);
+  const float *scales = w.scales(t), *minimums = w.minimums(t);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < kTileN; ++c) {
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const int64_t col = b * kBlock + j;
+          const uint8_t byte = stream[(col / 8) * 64 + c * 4 + col % 4];
+          dot += static_cast<int32_t>(col % 8 < 4 ? byte & 0xF : byte >> 4) * x.q[(r0 + i) * k + col];
+        }
+        const int64_t g = (b / per_group) * kTileN + c, at = (r0 + i) * blocks + b;
+        total += scales[g] * x.scale[at] * static_cast<float>(dot) + minimums[g] * x.sums[at];
+      }
+      acc[i * kTileN + c] = total;
+    }
+  }
+}
 
 // The same sums in plain C++, for CPUs without AVX-512 VNNI (and compared with the vector path in tests).
 void tile_portable(const Int8Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, int64_t rows,
@@ -623,8 +700,8 @@ void tile_portable(const Int8Tiles& w, int64_t t, const QuantizedRows<int8_t>& x
   }
 }
 
-template <typename T>
-void tiles_matmul(const Int8Tiles& w, const QuantizedRows<int8_t>& x, int64_t m, const T* bias, T* out, bool portable) {
+template <typename W, typename T>
+void tiles_matmul(const W& w, const QuantizedRows<int8_t>& x, int64_t m, const T* bias, T* out, bool portable) {
   const int64_t blocks = w.k / kBlock, tiles = (w.n + kTileN - 1) / kTileN;
   std::vector<float> row_sums(m, 0.f);  // per activation row: sum over blocks of d_b * sum_b(xq)
   for (int64_t r = 0; r < m; ++r)
@@ -725,6 +802,21 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& q, const torc
   return tiled ? tiled_mm(w, x, n, bias) : run(w, x, n, bias, portable, wide);
 }
 
+template <typename W>
+torch::Tensor run_tiles(const W& w, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, bool portable) {
+  torch::Tensor out = torch::empty({x.size(0), w.n}, x.options());
+  if (x.size(0) == 0) return out;
+  if (x.scalar_type() == at::kFloat) {
+    const auto xq = quantize_rows_int8(x.data_ptr<float>(), x.size(0), w.k);
+    tiles_matmul(w, xq, x.size(0), bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), portable);
+  } else {
+    const auto xq = quantize_rows_int8(x.data_ptr<at::BFloat16>(), x.size(0), w.k);
+    tiles_matmul(w, xq, x.size(0), bias ? bias->data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(),
+                 portable);
+  }
+  return out;
+}
+
 torch::Tensor int8_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t group,
                             int64_t n, const c10::optional<torch::Tensor>& bias, bool portable) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == kTileN && q.size(3) == 4, "q must be [ceil(n/16), k/4, 16, 4]");
@@ -736,18 +828,26 @@ torch::Tensor int8_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, cons
   TORCH_CHECK(group % kBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing ", k);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == tiles * (k / group) * kTileN,
               "scale must be contiguous float32 [ceil(n/16), k/group, 16]");
-  auto out = torch::empty({x.size(0), n}, x.options());
-  if (x.size(0) == 0) return out;
   const Int8Tiles w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), k, k / group, group, n};
-  if (x.scalar_type() == at::kFloat) {
-    const auto xq = quantize_rows_int8(x.data_ptr<float>(), x.size(0), k);
-    tiles_matmul(w, xq, x.size(0), bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), portable);
-  } else {
-    const auto xq = quantize_rows_int8(x.data_ptr<at::BFloat16>(), x.size(0), k);
-    tiles_matmul(w, xq, x.size(0), bias ? bias->data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(),
-                 portable);
-  }
-  return out;
+  return run_tiles(w, x, bias, portable);
+}
+
+torch::Tensor int4_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                            const torch::Tensor& minimum, int64_t group, int64_t n,
+                            const c10::optional<torch::Tensor>& bias, bool portable) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == kTileN && q.size(3) == 4, "q must be [ceil(n/16), k/8, 16, 4]");
+  const int64_t k = q.size(1) * 8, tiles = q.size(0);
+  check_input(x, k);
+  check_bias(bias, x, n);
+  TORCH_CHECK(n > 0 && (n + kTileN - 1) / kTileN == tiles, "n=", n, " does not fill ", tiles, " tiles of 16");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 (two columns a byte)");
+  TORCH_CHECK(group % kBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing ", k);
+  const int64_t scales = tiles * (k / group) * kTileN;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  minimum.is_contiguous() && scale.numel() == scales && minimum.numel() == scales,
+              "scale and minimum must be contiguous float32 [ceil(n/16), k/group, 16]");
+  const Int4Tiles w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(), k, k / group, group, n};
+  return run_tiles(w, x, bias, portable);
 }
 
 bool has_vnni() { return LMI_VNNI; }
@@ -764,5 +864,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("wide") = false);
   m.def("int8_tiles_mm", &int8_tiles_mm, "x @ W.T (+ bias) with W int8 in VNNI tiles (see int8_tiles_mm)", py::arg("x"),
         py::arg("q"), py::arg("scale"), py::arg("group"), py::arg("n"), py::arg("bias"), py::arg("portable"));
+  m.def("int4_tiles_mm", &int4_tiles_mm, "x @ W.T (+ bias) with W int4 in VNNI tiles (see Int4Tiles)", py::arg("x"),
+        py::arg("q"), py::arg("scale"), py::arg("minimum"), py::arg("group"), py::arg("n"), py::arg("bias"),
+        py::arg("portable"));
   m.def("has_vnni", &has_vnni, "whether this build has the AVX-512 VNNI path");
 }
