@@ -91,8 +91,15 @@ def bare_step_ms(args: argparse.Namespace, env: dict[str, str]) -> float:
     path = args.model_dir or ensure_default_model()
     dtype = env.get("OPTION_DTYPE", "auto")
     max_len = int(env.get("OPTION_MAX_MODEL_LEN", "0")) or None
+    quantize = env.get("OPTION_QUANTIZE") or None
     engine = create_rolling_engine(
-        EngineConfig(model_path=path, dtype=dtype, max_model_len=max_len, max_rolling_batch_size=args.slots)
+        EngineConfig(
+            model_path=path,
+            dtype=dtype,
+            max_model_len=max_len,
+            max_rolling_batch_size=args.slots,
+            quantize=quantize,
+        )
     )
     prompt = engine.tokenizer("The history of the old harbour town is long and " * 11)["input_ids"]
     times: list[float] = []

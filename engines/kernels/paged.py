@@ -12,6 +12,7 @@ Triton) takes this contract and is tested against ``paged_attention_reference``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch.nn import functional
@@ -61,25 +62,21 @@ class PagedAttentionMeta:
         context_lens: list[int],
         device: torch.device | str = "cpu",
     ) -> PagedAttentionMeta:
-        """From plain lists (one entry per sequence); tensors land on ``device``."""
+        """From plain lists (one entry per sequence); tensors land on ``device``. Built in Python and
+        converted once per field: a decode step's metadata took 135 us as a dozen small torch ops
+        (and a tensor per block table: 745 us at 64 sequences)."""
         width = max(1, max(len(t) for t in block_tables))
-        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-        for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        lens = torch.tensor(query_lens, dtype=torch.int64)
-        starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        starts[1:] = torch.cumsum(lens, 0)
-        contexts = torch.tensor(context_lens, dtype=torch.int64)
-        token_seq = torch.repeat_interleave(torch.arange(len(query_lens)), lens)
+        tables = [list(table) + [0] * (width - len(table)) for table in block_tables]
+        starts = [0, *accumulate(query_lens)]
+        token_seq = [seq for seq, length in enumerate(query_lens) for _ in range(length)]
         # token j of sequence s sits at context - query_len + j: kv_len = that + 1
-        offsets = torch.arange(int(lens.sum())) - starts[:-1].long()[token_seq]
-        token_kv_lens = (contexts - lens)[token_seq] + offsets + 1
+        kv_lens = [c - q + j + 1 for q, c in zip(query_lens, context_lens, strict=True) for j in range(q)]
         return cls(
-            block_tables=tables.to(device),
-            query_start=starts.to(device),
-            context_lens=contexts.to(torch.int32).to(device),
-            token_seq=token_seq.to(device),
-            token_kv_lens=token_kv_lens.to(device),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(device),
+            query_start=torch.tensor(starts, dtype=torch.int32).to(device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(device),
+            token_seq=torch.tensor(token_seq, dtype=torch.int64).to(device),
+            token_kv_lens=torch.tensor(kv_lens, dtype=torch.int64).to(device),
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
         )

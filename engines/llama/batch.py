@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -42,11 +43,16 @@ class ForwardBatch:
         self._validate()
         device = self.token_ids.device
         meta = PagedAttentionMeta.build(self.block_tables, self.query_lens, self.context_lens)  # on CPU
-        positions = meta.token_kv_lens - 1  # no device-to-host copy of self.positions
-        blocks = meta.block_tables.long()[meta.token_seq, positions // self.block_size]
-        self.token_blocks = upload(blocks, device)
-        self.token_offsets = upload(positions % self.block_size, device)
-        self.last_rows = upload(meta.query_start[1:].long() - 1, device)
+        size, blocks, offsets = self.block_size, [], []
+        for table, new, context in zip(self.block_tables, self.query_lens, self.context_lens, strict=True):
+            for position in range(context - new, context):  # from the lists: no device-to-host copy
+                blocks.append(table[position // size])
+                offsets.append(position % size)
+        self.token_blocks = upload(torch.tensor(blocks, dtype=torch.int64), device)
+        self.token_offsets = upload(torch.tensor(offsets, dtype=torch.int64), device)
+        self.last_rows = upload(
+            torch.tensor(list(accumulate(self.query_lens)), dtype=torch.int64) - 1, device
+        )
         self.meta = meta.to(device)
 
     @property

@@ -1,9 +1,8 @@
 """Quantize a loaded native model's decoder projections in place (``option.quantize``).
 
 q/k/v, o, gate/up and down of every layer become QuantizedLinear; the embedding and the norms keep the
-model's dtype. The LM head of a 4-bit model becomes int8 in blocks of 32 (``quantize_head``): it is the
-largest single matrix read per decoded token (SmolLM2's is 40 % of the model), and 8 bits in blocks of
-32 are GGUF's Q8_0, in which the default model ships its tied embedding. 8-bit models keep theirs.
+model's dtype. The LM head becomes int8 too (``quantize_head``): it is the largest single matrix read per
+decoded token (SmolLM2's is 40 % of the model); see there for which form.
 Runs after loading and sharding (each rank quantizes its own slice) and before oneDNN packing.
 """
 
@@ -120,9 +119,10 @@ HEAD_ACTIVATION_BITS = 16
 """The LM head's activations go through the native kernel as int16, not int8: the head's outputs are
 compared near ties, and 16 bits are finer than the bf16 activations themselves.
 
-EIGHT_BIT models keep the head in the model's dtype all the same: on the default model an int8 head
-took int8's top-1 agreement with bf16 from 95.2 % to 94.4 % with 8-bit activations and to 94.8 % with
-16-bit ones (lmi eval, 610 positions), under the 95 % bar either way."""
+An int8 head alone, whatever its activations, is not enough for EIGHT_BIT models: on the default model
+it took int8's top-1 agreement with bf16 from 95.2 % to 94.4 % with 8-bit activations and to 94.8 %
+with 16-bit ones (lmi eval, 610 positions), under the 95 % bar either way. They get a RescoredHead
+where the native kernel runs, and keep the float head elsewhere."""
 EIGHT_BIT = {"int8", "fp8"}
 
 
@@ -137,16 +137,32 @@ def has_quantized_projections(model: Any) -> bool:
 
 
 def quantize_head(model: Any) -> None:
-    """The LM head (this rank's vocabulary shard) as int8 in blocks of 32, when the model has one and the
-    width takes blocks of 32; a tied embedding keeps its float table for lookups."""
+    """The LM head (this rank's vocabulary shard) as int8, when the model has one and its width takes
+    blocks of 32. On CPUs with the native kernel an 8-bit model's head, and any tied head, becomes a
+    RescoredHead (int8 logits, the top candidates rescored from the float weights, which a tied
+    embedding keeps for lookups anyway); an untied head of a 4-bit model becomes int8 in blocks of 32
+    with 16-bit activations. An 8-bit model elsewhere keeps its float head (HEAD_ACTIVATION_BITS)."""
+    from engines.quant.head import RescoredHead
+
     head = model.lm_head
-    if head is None or isinstance(head, QuantizedLinear) or head.weight is None:
+    if head is None or isinstance(head, (QuantizedLinear, RescoredHead)) or head.weight is None:
         return
-    if projection_methods(model) <= EIGHT_BIT:
-        return  # see HEAD_ACTIVATION_BITS
     weight = head.weight.detach()
     if weight.shape[1] % 32:
         return
+    eight_bit = projection_methods(model) <= EIGHT_BIT
+    if eight_bit or model.full_spec.tie_word_embeddings:
+        rescored = RescoredHead(weight, head.bias, model.dtype)
+        if rescored.kernel == "native":
+            model.lm_head = rescored
+            log.info(
+                "LM head as int8 (%.1f MiB), its top %d tokens a row rescored from the float weights",
+                rescored.weight_bytes() / 2**20,
+                rescored.candidates,
+            )
+            return
+    if eight_bit:
+        return  # see HEAD_ACTIVATION_BITS
     quantized: Int8Weight = quantize_int8_blocks(weight, 32)
     model.lm_head = QuantizedLinear(quantized, head.bias, model.dtype, HEAD_ACTIVATION_BITS)
     log.info("LM head as int8 in blocks of 32: %.1f MiB", model.lm_head.weight_bytes() / 2**20)

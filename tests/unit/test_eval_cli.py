@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from support import tiny_model_script
 
+from engines.evaluate.speed import PeakMemory
 from serving.cli import main
 
 
@@ -54,8 +56,8 @@ def test_a_crossed_threshold_exits_1_naming_the_metric(tiny, tmp_path, capsys):
     speed = data["candidate"]["speed"]
     assert speed["decode_tok_s_batch1"] > 0
     assert speed["weight_bytes"] < data["baseline"]["speed"]["weight_bytes"]  # 4-bit projections
-    for side in ("baseline", "candidate"):  # resident memory includes at least the weights
-        assert data[side]["speed"]["peak_memory_bytes"] >= data[side]["speed"]["weight_bytes"]
+    for side in ("baseline", "candidate"):  # measured (a tiny model's pages may reuse freed heap: >= 0)
+        assert data[side]["speed"]["peak_memory_bytes"] >= 0
     assert "peak_memory_bytes baseline / candidate" in out
 
 
@@ -101,3 +103,18 @@ def test_a_malformed_choices_file_names_its_line(tiny, tmp_path, capsys):
     )
     assert code == 2
     assert f"{choices}:2: expected question, choices and answer" in capsys.readouterr().err
+
+
+def test_peak_memory_sees_an_allocation_and_not_what_came_before():
+    """The resident high-water mark from start(): 64 MiB touched counts (glibc maps an allocation that
+    large afresh), memory taken and released before start() does not."""
+    before = torch.ones(96 * 2**20 // 4)
+    del before
+    tracker = PeakMemory("cpu")
+    tracker.start()
+    block = torch.ones(64 * 2**20 // 4)
+    peak = tracker.peak()
+    assert peak is not None
+    assert 60 * 2**20 <= peak < 90 * 2**20
+    assert tracker.current() >= 60 * 2**20
+    del block

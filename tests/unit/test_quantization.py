@@ -240,8 +240,7 @@ def test_the_projections_are_stored_quantized(tiny):
     assert model.lm_head.activation_bits == 16
     assert layer.qkv.activation_bits == 8
     eight_bit, _ = load_llama(str(tiny), torch.float32, quantize="int8")
-    assert isinstance(eight_bit.layers[0].qkv, QuantizedLinear)
-    assert not isinstance(eight_bit.lm_head, QuantizedLinear)  # 8-bit models keep the model's head
+    assert isinstance(eight_bit.layers[0].qkv, QuantizedLinear)  # its head: test_rescored_head.py
 
 
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (32, 96), (16, 256)])
