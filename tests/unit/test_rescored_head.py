@@ -82,3 +82,28 @@ def test_which_head_a_quantized_model_gets(untied, tied):
     four_bit_untied, _ = load_llama(str(untied), torch.float32, quantize="int4", group_size=32)
     assert isinstance(four_bit_untied.lm_head, QuantizedLinear)
     assert four_bit_untied.lm_head.activation_bits == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "width", "count"), [(1, 49152, 64), (7, 1000, 64), (3, 70, 70), (2, 17, 1)])
+def test_top_candidates_are_the_largest_values(dtype, rows, width, count):
+    """The kernel's one-pass selection holds each row's `count` largest values (ties may pick other
+    indices of equal value), for widths that leave a partial vector and counts up to the width."""
+    from engines.quant.kernels import native_module
+
+    generator = torch.Generator().manual_seed(width)
+    logits = torch.randn(rows, width, generator=generator).to(dtype)
+    logits[0, width // 2] = 50.0  # a clear maximum in the middle of a row
+    top = native_module().top_candidates(logits, count)
+    assert top.shape == (rows, count)
+    assert all(len(set(row.tolist())) == count for row in top)  # no index twice
+    got = logits.float().gather(1, top).sort(-1).values
+    torch.testing.assert_close(got, logits.float().topk(count, -1).values.sort(-1).values, atol=0, rtol=0)
+    assert width // 2 in top[0].tolist()
+
+
+def test_top_candidates_refuse_more_than_the_width():
+    from engines.quant.kernels import native_module
+
+    with pytest.raises(RuntimeError, match="count must be in 1..10"):
+        native_module().top_candidates(torch.randn(2, 10), 11)

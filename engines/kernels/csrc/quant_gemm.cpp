@@ -28,6 +28,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -850,6 +851,62 @@ torch::Tensor int4_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, cons
   return run_tiles(w, x, bias, portable);
 }
 
+// The indices of each row's `count` largest values, in no order (the rescored LM head's candidates).
+// One pass per row against a running threshold, the `count` best so far in a min-heap: past the first
+// few hundred columns almost no value beats the threshold, so a row costs about one vector compare per
+// 16 values. torch.topk took 2.7 ms for 64 rows of 49,152 bf16 logits on this CPU.
+template <typename T>
+void top_row(const T* row, int64_t width, int64_t count, int64_t* out) {
+  using Entry = std::pair<float, int64_t>;
+  std::vector<Entry> heap(count);
+  for (int64_t j = 0; j < count; ++j) heap[j] = {static_cast<float>(row[j]), j};
+  const auto worse = [](const Entry& a, const Entry& b) { return a.first > b.first; };  // min at the front
+  std::make_heap(heap.begin(), heap.end(), worse);
+  auto offer = [&](float value, int64_t j) {
+    if (!(value > heap.front().first)) return;
+    std::pop_heap(heap.begin(), heap.end(), worse);
+    heap.back() = {value, j};
+    std::push_heap(heap.begin(), heap.end(), worse);
+  };
+  int64_t j = count;
+#if LMI_VNNI
+  for (; j + 16 <= width; j += 16) {
+    __m512 v;
+    if constexpr (std::is_same_v<T, float>) {
+      v = _mm512_loadu_ps(row + j);
+    } else {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    uint32_t above = _mm512_cmp_ps_mask(v, _mm512_set1_ps(heap.front().first), _CMP_GT_OQ);
+    while (above) {
+      const int lane = __builtin_ctz(above);
+      above &= above - 1;
+      offer(static_cast<float>(row[j + lane]), j + lane);
+    }
+  }
+#endif
+  for (; j < width; ++j) offer(static_cast<float>(row[j]), j);
+  for (int64_t i = 0; i < count; ++i) out[i] = heap[i].second;
+}
+
+torch::Tensor top_candidates(const torch::Tensor& logits, int64_t count) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous(), "logits must be [n, vocab] on CPU");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16, "logits must be float32 or bfloat16");
+  const int64_t rows = logits.size(0), width = logits.size(1);
+  TORCH_CHECK(count >= 1 && count <= width, "count must be in 1..", width, ", got ", count);
+  auto out = torch::empty({rows, count}, logits.options().dtype(at::kLong));
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (logits.scalar_type() == at::kFloat)
+        top_row(logits.data_ptr<float>() + r * width, width, count, out.data_ptr<int64_t>() + r * count);
+      else
+        top_row(logits.data_ptr<at::BFloat16>() + r * width, width, count, out.data_ptr<int64_t>() + r * count);
+    }
+  });
+  return out;
+}
+
 bool has_vnni() { return LMI_VNNI; }
 
 }  // namespace
@@ -867,5 +924,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_tiles_mm", &int4_tiles_mm, "x @ W.T (+ bias) with W int4 in VNNI tiles (see Int4Tiles)", py::arg("x"),
         py::arg("q"), py::arg("scale"), py::arg("minimum"), py::arg("group"), py::arg("n"), py::arg("bias"),
         py::arg("portable"));
+  m.def("top_candidates", &top_candidates, "indices of each row's count largest logits, in no order", py::arg("logits"),
+        py::arg("count"));
   m.def("has_vnni", &has_vnni, "whether this build has the AVX-512 VNNI path");
 }
