@@ -102,3 +102,20 @@ def configure_threads(num_threads: int | None, workers: int = 1) -> int:
     count = torch.get_num_threads()
     log.info("Torch threads: %d (%s)", count, source)
     return count
+
+
+def release_freed_memory() -> int | None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim); returns 1 if any were.
+
+    Loading, converting and quantizing a model frees hundreds of MB of temporaries that glibc keeps
+    mapped: the default model quantized to int4 left 450-850 MiB resident where 400-420 MiB stay in
+    use (which of the two varied run to run). None where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    return None if trim is None else int(trim(0))

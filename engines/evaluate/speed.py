@@ -100,13 +100,20 @@ def _status_bytes(field: str) -> int:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of every parameter, buffer and oneDNN-packed weight (kept beside the module, not in it)."""
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    for module in model.modules():
-        packed = getattr(module, "packed", None)
-        if isinstance(packed, torch.Tensor):
-            tensors[id(packed)] = packed
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of every parameter, buffer and oneDNN-packed weight (kept beside the module, not in it),
+    each memory counted once: a rescored LM head's float rows are the embedding's own."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [m.packed for m in model.modules() if isinstance(getattr(m, "packed", None), torch.Tensor)]
+    spans = {(_address(t), t.numel() * t.element_size()) for t in tensors}
+    return sum(size for _, size in spans)
+
+
+def _address(tensor: torch.Tensor) -> int:
+    """Where the tensor's memory starts; an opaque oneDNN tensor (no storage) counts as its own."""
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:
+        return -id(tensor)
 
 
 def disk_bytes(folder: str) -> int:

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from engines.base import EngineLoadError
+from engines.device import release_freed_memory
 from engines.kernels.ops import TorchOps
 from engines.llama.model import LlamaModel
 from engines.llama.spec import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES, LlamaSpec
@@ -89,6 +90,8 @@ def load_llama(
     if pack:
         model.pack()
     model.eval()
+    if model.device.type == "cpu":
+        release_freed_memory()
     return model, hf_config
 
 
