@@ -9,6 +9,7 @@ Runs after loading and sharding (each rank quantizes its own slice) and before o
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,24 @@ def has_quantized_projections(model: Any) -> bool:
     return bool(projection_methods(model))
 
 
+def rescoring_runs(weight: torch.Tensor) -> bool:
+    """Whether a RescoredHead would run on the native kernel's tiles for this head weight: a CPU
+    tensor, a kernel that builds, AVX-512 VNNI, and no other kernel forced by LMI_QUANT_KERNEL."""
+    from engines.quant import kernels
+    from engines.quant.linear import KERNEL_ENV
+
+    if weight.device.type != "cpu" or os.environ.get(KERNEL_ENV, "auto").strip().lower() not in (
+        "",
+        "auto",
+        "native",
+    ):
+        return False
+    try:
+        return bool(kernels.native_module().has_vnni())
+    except Exception:  # noqa: BLE001 - KernelBuildError or a loader error: no native kernel here
+        return False
+
+
 def quantize_head(model: Any) -> None:
     """The LM head (this rank's vocabulary shard) as int8, when the model has one and its width takes
     blocks of 32. On CPUs with the native kernel an 8-bit model's head, and any tied head, becomes a
@@ -151,9 +170,9 @@ def quantize_head(model: Any) -> None:
     if weight.shape[1] % 32:
         return
     eight_bit = projection_methods(model) <= EIGHT_BIT
-    if eight_bit or model.full_spec.tie_word_embeddings:
+    if (eight_bit or model.full_spec.tie_word_embeddings) and rescoring_runs(weight):
         rescored = RescoredHead(weight, head.bias, model.dtype)
-        if rescored.kernel == "native":
+        if rescored.approximate.tiles:
             model.lm_head = rescored
             log.info(
                 "LM head as int8 (%.1f MiB), its top %d tokens a row rescored from the float weights",

@@ -52,10 +52,12 @@ class RescoredHead(nn.Module):
         rows here, as long as the int8 head itself), and are written back through a flat index_put_
         (scatter_ took 0.6 ms for the same 4,096 values)."""
         logits = self.approximate(hidden)
+        if logits.shape[0] == 0:  # a step that samples nothing (a long prompt's middle chunk)
+            return logits
         count, vocab = self.candidates, logits.shape[1]
         top = kernels.native_module().top_candidates(logits, count)  # [n, candidates]
         flat = (top + torch.arange(0, logits.shape[0] * vocab, vocab)[:, None]).flatten()
-        rows = self.exact.index_select(0, top.flatten()).view(*top.shape, -1)  # [n, candidates, hidden]
+        rows = self.exact.index_select(0, top.flatten()).view(*top.shape, self.exact.shape[1])
         exact = torch.bmm(rows, hidden.to(rows.dtype).unsqueeze(-1)).squeeze(-1)
         if self.bias is not None:
             exact = exact + self.bias[top]

@@ -122,8 +122,10 @@ class QuantizedLinear(nn.Module):
         self.dtype = dtype
         self.reference: Int8Weight | Int4Weight | Fp8Weight | None = None
         self.kernel = choose_kernel(weight)
-        self.tiles = self.kernel == "native" and activation_bits == 8
-        """int8 / int4 in the native kernel's VNNI tiles (every batch size on integer products)."""
+        self.tiles = self.kernel == "native" and activation_bits == 8 and kernels.native_module().has_vnni()
+        """int8 / int4 in the native kernel's VNNI tiles (every batch size on integer products). Without
+        AVX-512 VNNI the tiles' fallback is a scalar loop, so the row layout (slabs above SMALL_BATCH
+        rows) serves there."""
         if self.kernel == "reference":
             if weight.q.device.type != "cpu":
                 device = weight.q.device

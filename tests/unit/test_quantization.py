@@ -324,3 +324,14 @@ def test_fp8_scaled_mm_on_cuda(rows):
     x = torch.randn(rows, 4096, generator=generator).cuda().bfloat16()
     got, want = layer(x), layer.expected(x)
     assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
+
+
+def test_the_fast_path_follows_buffers_replaced_by_apply():
+    """.to() / .share_memory() replace a module's buffers: the bound kernel call must use the new ones."""
+    layer = QuantizedLinear(quantize_int8(torch.randn(40, 64) * 0.05), None, torch.float32)
+    x = torch.randn(3, 64)
+    before = layer(x)
+    layer._apply(lambda t: t.clone())
+    torch.testing.assert_close(layer(x), before)
+    layer.scale.zero_()  # the new buffer, not the one the first binding held
+    assert layer(x).abs().max() == 0

@@ -107,3 +107,54 @@ def test_top_candidates_refuse_more_than_the_width():
 
     with pytest.raises(RuntimeError, match="count must be in 1..10"):
         native_module().top_candidates(torch.randn(2, 10), 11)
+
+
+def test_no_rows_give_no_logits():
+    head = RescoredHead(torch.randn(100, 64) * 0.05, None, torch.float32)
+    assert head(torch.zeros(0, 64)).shape == (0, 100)
+
+
+def test_a_chunked_prompt_through_a_quantized_engine(tied):
+    """A prompt longer than a step's prefill budget: its middle chunks sample nothing, so the head gets
+    no rows on those steps; the tokens equal those of one unchunked prefill."""
+    from engines.base import EngineConfig
+    from engines.rolling.factory import create_rolling_engine
+    from engines.types import GenerationRequest, SamplingParams
+
+    def tokens(prefill_budget: int) -> list[int]:
+        engine = create_rolling_engine(
+            EngineConfig(
+                model_path=str(tied),
+                dtype="fp32",
+                max_model_len=128,
+                quantize="int4",
+                quantize_group_size=32,
+                max_rolling_batch_prefill_tokens=prefill_budget,
+            )
+        )
+        try:
+            assert isinstance(engine.model.lm_head, RescoredHead)
+            params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+            admit, out = [GenerationRequest("a", list(range(3, 60)), params)], []
+            while admit or engine.running:
+                out += [event.token_id for event in engine.step(admit, [])]
+                admit = []
+            return out
+        finally:
+            engine.close()
+
+    assert tokens(16) == tokens(4096)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_candidates_rank_nan_last_and_keep_ties(dtype):
+    """A NaN never blocks a larger value (it ranks below every number); equal values fill the count."""
+    from engines.quant.kernels import native_module
+
+    logits = torch.zeros(2, 100, dtype=dtype)
+    logits[0, 0] = float("nan")  # first: it would sit at the heap's front
+    logits[0, 50:53] = 3.0
+    logits[1, :] = 1.0  # all tied
+    top = native_module().top_candidates(logits, 3)
+    assert sorted(top[0].tolist()) == [50, 51, 52]
+    assert len(set(top[1].tolist())) == 3

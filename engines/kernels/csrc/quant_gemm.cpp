@@ -574,7 +574,7 @@ void tile_vnni(const Int8Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, in
                float* acc) {
   const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
   const uint8_t* stream = w.tile(t);
-  const uint8_t* end = w.tile(w.n / kTileN + (w.n % kTileN ? 1 : 0));
+  const int64_t left = (w.n + kTileN - 1) / kTileN * w.k * kTileN - t * w.k * kTileN;  // bytes from stream on
   const float* scales = w.scales(t);
   const bool per_channel = w.groups == 1;
   __m512 sums[MR], offsets[MR];
@@ -585,8 +585,8 @@ void tile_vnni(const Int8Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, in
     __m512i dots[MR];
     for (int i = 0; i < MR; ++i) dots[i] = _mm512_setzero_si512();
     for (int kk = 0; kk < 8; ++kk) {
-      const uint8_t* ahead = bytes + kk * 64 + kPrefetchBytes;
-      if (ahead < end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      const int64_t ahead = b * kBlock * kTileN + kk * 64 + kPrefetchBytes;  // offsets: no pointer past the end
+      if (ahead < left) _mm_prefetch(reinterpret_cast<const char*>(stream + ahead), _MM_HINT_T0);
       const __m512i wv = _mm512_loadu_si512(bytes + kk * 64);
       for (int i = 0; i < MR; ++i) {
         int32_t four;
@@ -618,7 +618,7 @@ template <int MR>
 void tile_vnni(const Int4Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, const float*, float* acc) {
   const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
   const uint8_t* stream = w.tile(t);
-  const uint8_t* end = w.tile(w.n / kTileN + (w.n % kTileN ? 1 : 0));
+  const int64_t left = ((w.n + kTileN - 1) / kTileN - t) * (w.k / 2) * kTileN;  // bytes from stream on
   const float *scales = w.scales(t), *minimums = w.minimums(t);
   const __m512i low_mask = _mm512_set1_epi8(0x0F);
   __m512 sums[MR], offsets[MR];
@@ -629,8 +629,8 @@ void tile_vnni(const Int4Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, in
     __m512i dots[MR];
     for (int i = 0; i < MR; ++i) dots[i] = _mm512_setzero_si512();
     for (int v = 0; v < 4; ++v) {
-      const uint8_t* ahead = bytes + v * 64 + kPrefetchBytes;
-      if (ahead < end) _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      const int64_t ahead = b * kBlock / 2 * kTileN + v * 64 + kPrefetchBytes;
+      if (ahead < left) _mm_prefetch(reinterpret_cast<const char*>(stream + ahead), _MM_HINT_T0);
       const __m512i raw = _mm512_loadu_si512(bytes + v * 64);
       const __m512i lo = _mm512_and_si512(raw, low_mask);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low_mask);
@@ -856,10 +856,16 @@ torch::Tensor int4_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, cons
 // few hundred columns almost no value beats the threshold, so a row costs about one vector compare per
 // 16 values. torch.topk took 2.7 ms for 64 rows of 49,152 bf16 logits on this CPU.
 template <typename T>
+inline float ranked(T value) {  // NaN ranks last: a NaN in the heap would block every later value
+  const float f = static_cast<float>(value);
+  return std::isnan(f) ? -std::numeric_limits<float>::infinity() : f;
+}
+
+template <typename T>
 void top_row(const T* row, int64_t width, int64_t count, int64_t* out) {
   using Entry = std::pair<float, int64_t>;
   std::vector<Entry> heap(count);
-  for (int64_t j = 0; j < count; ++j) heap[j] = {static_cast<float>(row[j]), j};
+  for (int64_t j = 0; j < count; ++j) heap[j] = {ranked(row[j]), j};
   const auto worse = [](const Entry& a, const Entry& b) { return a.first > b.first; };  // min at the front
   std::make_heap(heap.begin(), heap.end(), worse);
   auto offer = [&](float value, int64_t j) {
@@ -882,11 +888,11 @@ void top_row(const T* row, int64_t width, int64_t count, int64_t* out) {
     while (above) {
       const int lane = __builtin_ctz(above);
       above &= above - 1;
-      offer(static_cast<float>(row[j + lane]), j + lane);
+      offer(ranked(row[j + lane]), j + lane);
     }
   }
 #endif
-  for (; j < width; ++j) offer(static_cast<float>(row[j]), j);
+  for (; j < width; ++j) offer(ranked(row[j]), j);
   for (int64_t i = 0; i < count; ++i) out[i] = heap[i].second;
 }
 
