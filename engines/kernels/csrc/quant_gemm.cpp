@@ -491,6 +491,11 @@ struct Int8Tiles {
   int64_t k, groups, group, n;
   inline const uint8_t* tile(int64_t t) const { return q + t * k * kTileN; }
   inline const float* scales(int64_t t) const { return scale + t * groups * kTileN; }
+  // the portable path's: channel c's weight at column col of a tile, and the offset a group adds
+  inline int32_t value(const uint8_t* stream, int64_t c, int64_t col) const {
+    return static_cast<int32_t>(stream[(col / 4) * 64 + c * 4 + col % 4]) - 128;
+  }
+  inline float offset(int64_t, int64_t) const { return 0.f; }
 };
 
 // int4 in the same tiles (engines/quant/kernels.py:pack_int4_tiles): q [ceil(n/16), k/8, 16, 4] uint8 in
@@ -504,6 +509,11 @@ struct Int4Tiles {
   inline const uint8_t* tile(int64_t t) const { return q + t * k / 2 * kTileN; }
   inline const float* scales(int64_t t) const { return scale + t * groups * kTileN; }
   inline const float* minimums(int64_t t) const { return minimum + t * groups * kTileN; }
+  inline int32_t value(const uint8_t* stream, int64_t c, int64_t col) const {
+    const uint8_t byte = stream[(col / 8) * 64 + c * 4 + col % 4];
+    return col % 8 < 4 ? byte & 0xF : byte >> 4;
+  }
+  inline float offset(int64_t t, int64_t g) const { return minimums(t)[g]; }  // w = q * scale + minimum
 };
 
 // int8 activations per block of 32 without the lanes the row kernel wants; AVX-512 where built. Rows
@@ -655,46 +665,20 @@ void tile_vnni(const Int4Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, in
 }
 #endif
 
-void tile_portable(const Int4Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, int64_t rows,
-                   float* acc) {
-  const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
-  const uint8_t* stream = w.tile(t);
-  const float *scales = w.scales(t), *minimums = w.minimums(t);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t c = 0; c < kTileN; ++c) {
-      float total = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        int32_t dot = 0;
-        for (int64_t j = 0; j < kBlock; ++j) {
-          const int64_t col = b * kBlock + j;
-          const uint8_t byte = stream[(col / 8) * 64 + c * 4 + col % 4];
-          dot += static_cast<int32_t>(col % 8 < 4 ? byte & 0xF : byte >> 4) * x.q[(r0 + i) * k + col];
-        }
-        const int64_t g = (b / per_group) * kTileN + c, at = (r0 + i) * blocks + b;
-        total += scales[g] * x.scale[at] * static_cast<float>(dot) + minimums[g] * x.sums[at];
-      }
-      acc[i * kTileN + c] = total;
-    }
-  }
-}
-
 // The same sums in plain C++, for CPUs without AVX-512 VNNI (and compared with the vector path in tests).
-void tile_portable(const Int8Tiles& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, int64_t rows,
-                   float* acc) {
+template <typename W>
+void tile_portable(const W& w, int64_t t, const QuantizedRows<int8_t>& x, int64_t r0, int64_t rows, float* acc) {
   const int64_t k = w.k, blocks = k / kBlock, per_group = w.group / kBlock;
   const uint8_t* stream = w.tile(t);
-  const float* scales = w.scales(t);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t c = 0; c < kTileN; ++c) {
       float total = 0.f;
       for (int64_t b = 0; b < blocks; ++b) {
         int32_t dot = 0;
-        for (int64_t j = 0; j < kBlock; ++j) {
-          const int64_t col = b * kBlock + j;
-          const uint8_t stored = stream[(col / 4) * 64 + c * 4 + col % 4];
-          dot += (static_cast<int32_t>(stored) - 128) * x.q[(r0 + i) * k + col];
-        }
-        total += scales[(b / per_group) * kTileN + c] * x.scale[(r0 + i) * blocks + b] * static_cast<float>(dot);
+        const int8_t* xq = x.q.data() + (r0 + i) * k + b * kBlock;
+        for (int64_t j = 0; j < kBlock; ++j) dot += w.value(stream, c, b * kBlock + j) * xq[j];
+        const int64_t g = (b / per_group) * kTileN + c, at = (r0 + i) * blocks + b;
+        total += w.scales(t)[g] * x.scale[at] * static_cast<float>(dot) + w.offset(t, g) * x.sums[at];
       }
       acc[i * kTileN + c] = total;
     }
