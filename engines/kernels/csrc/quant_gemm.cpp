@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -802,17 +803,30 @@ torch::Tensor run_tiles(const W& w, const torch::Tensor& x, const c10::optional<
   return out;
 }
 
-torch::Tensor int8_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t group,
-                            int64_t n, const c10::optional<torch::Tensor>& bias, bool portable) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == kTileN && q.size(3) == 4, "q must be [ceil(n/16), k/4, 16, 4]");
-  const int64_t k = q.size(1) * 4, tiles = q.size(0);
+// The tiles' arguments: q [ceil(n/16), k/columns_per_row, 16, 4] uint8 (columns: 4 for int8, 8 for int4);
+// returns (k, tiles).
+std::pair<int64_t, int64_t> check_tiles(const torch::Tensor& x, const torch::Tensor& q, int64_t columns, int64_t n,
+                                        int64_t group, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == kTileN && q.size(3) == 4, "q must be [ceil(n/16), k/", columns, ", 16, 4]");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8");
+  const int64_t k = q.size(1) * columns, tiles = q.size(0);
   check_input(x, k);
   check_bias(bias, x, n);
   TORCH_CHECK(n > 0 && (n + kTileN - 1) / kTileN == tiles, "n=", n, " does not fill ", tiles, " tiles of 16");
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 (w + 128)");
   TORCH_CHECK(group % kBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing ", k);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == tiles * (k / group) * kTileN,
-              "scale must be contiguous float32 [ceil(n/16), k/group, 16]");
+  return {k, tiles};
+}
+
+void check_tile_scales(std::initializer_list<torch::Tensor> scales, int64_t count) {
+  for (const auto& s : scales)
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == count,
+                "scales must be contiguous float32 [ceil(n/16), k/group, 16]");
+}
+
+torch::Tensor int8_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, int64_t group,
+                            int64_t n, const c10::optional<torch::Tensor>& bias, bool portable) {
+  const auto [k, tiles] = check_tiles(x, q, 4, n, group, bias);
+  check_tile_scales({scale}, tiles * (k / group) * kTileN);
   const Int8Tiles w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), k, k / group, group, n};
   return run_tiles(w, x, bias, portable);
 }
@@ -820,17 +834,8 @@ torch::Tensor int8_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, cons
 torch::Tensor int4_tiles_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                             const torch::Tensor& minimum, int64_t group, int64_t n,
                             const c10::optional<torch::Tensor>& bias, bool portable) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == kTileN && q.size(3) == 4, "q must be [ceil(n/16), k/8, 16, 4]");
-  const int64_t k = q.size(1) * 8, tiles = q.size(0);
-  check_input(x, k);
-  check_bias(bias, x, n);
-  TORCH_CHECK(n > 0 && (n + kTileN - 1) / kTileN == tiles, "n=", n, " does not fill ", tiles, " tiles of 16");
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 (two columns a byte)");
-  TORCH_CHECK(group % kBlock == 0 && k % group == 0, "group must be a multiple of 32 dividing ", k);
-  const int64_t scales = tiles * (k / group) * kTileN;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  minimum.is_contiguous() && scale.numel() == scales && minimum.numel() == scales,
-              "scale and minimum must be contiguous float32 [ceil(n/16), k/group, 16]");
+  const auto [k, tiles] = check_tiles(x, q, 8, n, group, bias);
+  check_tile_scales({scale, minimum}, tiles * (k / group) * kTileN);
   const Int4Tiles w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(), k, k / group, group, n};
   return run_tiles(w, x, bias, portable);
 }
