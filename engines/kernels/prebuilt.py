@@ -32,7 +32,7 @@ log = logging.getLogger("engines.kernels")
 
 PREBUILT_ENV = "LMI_KERNEL_PREBUILT"
 MANIFEST = "manifest.json"
-KERNELS = ("paged_attention", "fused_ops", "quant_gemm")
+KERNELS = ("paged_attention", "fused_ops", "quant_gemm", "dense_gemm")
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ class DecoderLayer(nn.Module):
         return h + self.comm.all_reduce(self.down(self.ops.silu_mul(self.gate_up(normed))))
 
     def pack(self) -> bool:
-        """Pre-pack the four projections for oneDNN (see `Linear.pack`)."""
+        """Prepare the four projections' CPU fast path (see `Linear.pack`)."""
         packed = [self.qkv.pack(), self.o_proj.pack(), self.gate_up.pack(), self.down.pack()]
         return all(packed)
 
@@ -203,9 +203,10 @@ class LlamaModel(nn.Module):
         return logits[:, : self.full_spec.vocab_size] if self.plan.layout.tensor_parallel > 1 else logits
 
     def pack(self) -> bool:
-        """Pre-pack every projection for oneDNN once weights are loaded; True if all were packed.
+        """Prepare every projection's CPU fast path once weights are loaded (the dense kernel, else
+        oneDNN's packed copies); True if all have one.
 
-        A tied LM head keeps the embedding (lookups need it), so it costs one extra packed copy."""
+        A tied LM head keeps the embedding (lookups need it): with oneDNN it costs one extra packed copy."""
         packed = [layer.pack() for layer in self.layers]  # every layer, even after a failure
         if self.lm_head is not None:
             packed.append(self.lm_head.pack(keep_weight=self.full_spec.tie_word_embeddings))

@@ -43,7 +43,7 @@ def load_llama(
     """Model and the HF config; NotImplementedError if unsupported. (The KV cache is sized after
     loading, from the memory the weights left: `LlamaModel.make_cache`.)
 
-    `pack` pre-packs the projection weights for oneDNN on CPU (faster; see `linear.Linear.pack`);
+    `pack` prepares the projections' CPU fast path (the dense kernel or oneDNN; see `linear.Linear.pack`);
     `ops` are the hot-path ops: plain torch, or the native CPU kernels (engines.kernels.ops); `layout`
     picks the part a rank of a parallel group loads (engines.parallel), reading only its slices;
     `quantize` (int8/int4) replaces the decoder projections with quantized ones (engines.quant); AWQ and
@@ -75,7 +75,7 @@ def load_llama(
             )
         quantize = None if stored else quantize
         later = bool(quantize or stored)  # projections quantized below, or an LM head to quantize
-        load_partition(model, directory, pack=pack and not later)  # packs from the file's own pages
+        load_partition(model, directory, pack=pack and not later)  # serves or packs from the file's own pages
         pack = pack and later
     else:
         load_weights(model, directory)

@@ -3,8 +3,9 @@
 Sharding at start-up makes every rank walk the whole checkpoint (slicing what it needs, converting
 dtypes, fusing q/k/v and gate/up); a partition stores each rank's part already fused, in the serving
 dtype, contiguous and in the order the rank loads it (the tensors it copies, then the projection weights
-in packing order). A rank maps its one file, has the kernel read it ahead from the start, and oneDNN
-packs the projection weights straight from the file's pages. The manifest
+in packing order). A rank maps its one file, has the kernel read it ahead from the start, and serves
+the projection weights from the file's pages (the dense kernel) or has oneDNN pack them straight from
+there. The manifest
 (``lmi-partition.json``) records the source, the degrees, the dtype and each file's size and SHA-256,
 so a folder partitioned for other degrees, or a truncated file, is refused at start-up with the fix.
 """
@@ -26,6 +27,7 @@ from engines.base import EngineLoadError
 from engines.parallel.layout import ParallelLayout
 from engines.parallel.rank_file import (
     file_sha256,
+    populate,
     read_ahead,
     read_header,
     save_in_order,
@@ -146,12 +148,14 @@ def load_partition(model: Any, directory: Path, pack: bool = False) -> None:
     """Fill ``model`` (one rank's LlamaModel) from its rank file; only that file is read.
 
     The file is mapped copy-on-write and a thread has the kernel read it ahead from its start, so the
-    disk works while this rank computes. Each tensor is copied from the mapping straight into its
-    parameter. With ``pack`` on a CPU where oneDNN packing works, the projection weights are not copied
-    at all: they alias the mapped pages until ``model.pack()`` reorders them into its blocked copies, so
-    their bytes move once (runtime sharding copies them into the parameters first). Whatever pack leaves
-    is then copied too: once this returns, no parameter refers to the file, which may be replaced or
-    deleted while serving."""
+    disk works while this rank computes. With ``pack`` on a CPU the projection weights are not copied:
+    where the dense kernel runs (engines/llama/linear.py) they are served from the mapped pages, made
+    resident before this returns; elsewhere they alias the pages until ``model.pack()`` reorders them
+    into oneDNN's blocked copies. Everything else (and a weight pack declines) is copied. A served
+    mapping keeps the file's pages shared with the page cache (no second copy in memory) and survives
+    the file being deleted or replaced by a rename (as ``lmi partition`` and downloads write), not it
+    being overwritten in place: truncated under a live mapping, a rank faults (SIGBUS) and its group
+    restarts."""
     manifest = Manifest.read(directory)
     layout = model.plan.layout
     check_layout(manifest, layout, directory)
@@ -175,12 +179,17 @@ def load_partition(model: Any, directory: Path, pack: bool = False) -> None:
         raise EngineLoadError(
             f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
         )
-    aliased = _fill(params, mapped, tensors, _packed_weights(model) if pack else {}, path)
+    aliased = _fill(params, mapped, tensors, _prepared_weights(model) if pack else {}, path)
     if pack:
         model.pack()
+    served = False
     for linear in aliased:
-        if linear.weight is not None:  # pack declined this one: own a copy rather than the file's pages
+        if linear.dense is not None:
+            served = True  # the dense kernel reads the mapped pages as they are
+        elif linear.weight is not None:  # pack declined this one: own a copy rather than the file's pages
             linear.weight.data = linear.weight.data.clone()
+    if served:
+        populate(mapped)
     # No close(): the mapping goes with its last view (torch.frombuffer holds a reference), on return at
     # the latest; closing it under a live view would unmap that view's memory.
 
@@ -200,12 +209,13 @@ def _rank_path(manifest: Manifest, rank: int, directory: Path) -> Path:
     return path
 
 
-def _packed_weights(model: Any) -> dict[str, Any]:
-    """Parameter name -> its Linear, for the weights ``model.pack()`` will replace by packed copies
-    (none off the CPU or without oneDNN's packing ops)."""
-    from engines.llama.linear import Linear, mkldnn_packing_available
+def _prepared_weights(model: Any) -> dict[str, Any]:
+    """Parameter name -> its Linear, for the weights ``model.pack()`` prepares: served from the file's
+    pages by the dense kernel, or replaced by oneDNN's packed copies (none off the CPU, or where
+    neither runs)."""
+    from engines.llama.linear import Linear, dense_kernel, mkldnn_packing_available
 
-    if model.device.type != "cpu" or not mkldnn_packing_available():
+    if model.device.type != "cpu" or (dense_kernel(model.dtype) is None and not mkldnn_packing_available()):
         return {}
     return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)}
 

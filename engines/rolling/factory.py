@@ -154,6 +154,11 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
     except (ValueError, RuntimeError) as exc:
         raise EngineLoadError(str(exc)) from exc
     comm = ParallelComm(layout)  # joined after loading: this rank loads while the others start
+    store = None
+    if layout.world_size > 1:
+        rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port or 0))
+        if rank == 0:  # listening before anyone needs it (Rendezvous.store)
+            store = rendezvous.store(rank, layout.world_size)
     started = time.perf_counter()
     model, hf_config = load_llama(
         config.model_path,
@@ -168,10 +173,9 @@ def load_rank(config: EngineConfig, rank: int, threads: int | None = None) -> tu
     )
     if layout.world_size > 1:
         log.info("Rank %d loaded its weights in %.2f s", rank, time.perf_counter() - started)
-        rendezvous = Rendezvous(config.master_addr or "127.0.0.1", int(config.master_port or 0))
         per_node = layout.world_size // config.nnodes
         same_node = per_node % layout.tensor_parallel == 0  # each TP group lies on one machine
-        joined = init_comm(layout, rendezvous, torch.device(device), shared_memory=same_node)
+        joined = init_comm(layout, rendezvous, torch.device(device), shared_memory=same_node, store=store)
         comm.tp_group, comm.shm = joined.tp_group, joined.shm
     model.hf_config, model.ops_name = hf_config, ops.name
     blocks = cache_blocks(model, config, max_model_len)

@@ -21,7 +21,7 @@ from engines.kernels.ops import NativeOps, TorchOps
 from engines.kernels.paged import PagedAttentionMeta, paged_attention_reference
 from engines.llama.batch import ForwardBatch
 from engines.llama.kv_cache import PagedKVCache
-from engines.llama.linear import Linear, mkldnn_packing_available
+from engines.llama.linear import Linear, dense_kernel, mkldnn_packing_available
 from engines.llama.model import LlamaModel
 from engines.llama.rope import inverse_frequencies
 from engines.llama.spec import LlamaSpec
@@ -163,13 +163,26 @@ def test_packed_prefill_matches_hf_logits(tiny: tuple[Path, object], backend: st
             start += len(prompt)
 
 
-def test_unpacked_weights_give_the_same_logits(tiny: tuple[Path, object]) -> None:
-    """The plain F.linear fallback (no oneDNN packing) computes the same model."""
+@pytest.mark.parametrize("fast_path", ["dense-kernel", "onednn"])
+def test_unpacked_weights_give_the_same_logits(
+    tiny: tuple[Path, object], fast_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plain F.linear fallback computes the same model as the CPU fast paths: the dense kernel
+    (decode-sized batches) and oneDNN's packed weights."""
+    if fast_path == "onednn":
+        monkeypatch.setenv("LMI_DENSE_KERNEL", "0")
+    elif dense_kernel(torch.float32) is None:
+        pytest.skip("the dense kernel needs AVX-512 BF16")
     path, _ = tiny
     packed, config = _load(path)
     plain, _ = _load(path, pack=False)
     assert plain.layers[0].qkv.packed is None
-    assert (packed.layers[0].qkv.packed is not None) == mkldnn_packing_available()
+    assert plain.layers[0].qkv.dense is None
+    if fast_path == "onednn":
+        assert (packed.layers[0].qkv.packed is not None) == mkldnn_packing_available()
+    else:
+        assert packed.layers[0].qkv.dense is not None
+        assert packed.layers[0].qkv.packed is None
     prompts = [*_prompts(config.vocab_size, [6]), [5, 6]]
     tables, num_blocks = _tables([6, 2], 4)
     batch = ForwardBatch.build([(t, p, 0) for t, p in zip(tables, prompts, strict=True)], 4)
@@ -438,6 +451,8 @@ def test_packing_is_checked_once_per_shape_and_a_failed_check_is_kept(monkeypatc
     """The F.linear comparison runs for the first weight of each (shape, dtype, bias); a shape whose
     packed weight disagreed is never packed again (its layers keep the plain weight and F.linear)."""
     from engines.llama import linear as linear_module
+
+    monkeypatch.setenv("LMI_DENSE_KERNEL", "0")  # oneDNN's packing, where the dense kernel does not run
 
     monkeypatch.setattr(linear_module, "_PACK_VERIFIED", {})
     checked, verdict = [], {(16, 8): True, (8, 16): False}

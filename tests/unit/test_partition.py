@@ -106,9 +106,22 @@ def _maps(path: Path) -> bool:
     return str(path) in Path("/proc/self/maps").read_text()
 
 
+def _dense_runs(dtype: torch.dtype) -> bool:
+    from engines.llama.linear import dense_kernel
+
+    return dense_kernel(dtype) is not None
+
+
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_rank_packs_equal_to_runtime_sharding_and_keeps_no_mapping(sources, partitions, model, dtype):
+@pytest.mark.parametrize("dense", [True, False], ids=["dense-kernel", "onednn"])
+def test_each_rank_serves_what_runtime_sharding_serves(sources, partitions, model, dtype, dense, monkeypatch):
+    """The dense kernel serves the projections from the file's pages (mapped, resident); oneDNN's packed
+    copies leave nothing mapped."""
+    if not dense:
+        monkeypatch.setenv("LMI_DENSE_KERNEL", "0")
+    elif not _dense_runs(dtype):
+        pytest.skip("the dense kernel needs AVX-512 BF16")
     folder = partitions[model, 2, 1, "bf16" if dtype == torch.bfloat16 else "fp32"]
     for rank in range(2):
         layout = ParallelLayout(2, 1, rank)
@@ -119,7 +132,23 @@ def test_each_rank_packs_equal_to_runtime_sharding_and_keeps_no_mapping(sources,
         for name, tensor in expected.items():
             assert torch.equal(got[name], tensor), f"rank {rank}: {name}"
         if Path("/proc/self/maps").is_file():
-            assert not _maps(folder / rank_file_name(rank, 2))  # nothing aliases the file once loaded
+            assert _maps(folder / rank_file_name(rank, 2)) is dense
+            if dense:
+                assert _resident(stored.layers[0].gate_up.weight) == 1.0
+
+
+def _resident(tensor: torch.Tensor) -> float:
+    """Share of the tensor's pages that are resident (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    pages = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - start + page - 1) // page
+    vector = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), vector) == 0
+    return sum(v & 1 for v in vector) / pages
 
 
 def test_weights_packing_declines_are_copied_off_the_file(sources, partitions, monkeypatch):
@@ -135,16 +164,27 @@ def test_weights_packing_declines_are_copied_off_the_file(sources, partitions, m
         assert torch.equal(dict(stored.named_parameters())[name], param), name
 
 
-def test_a_served_rank_survives_its_file_being_rewritten_in_place(partitions, tmp_path):
+@pytest.mark.parametrize("how", ["renamed over", "deleted", "rewritten in place"])
+def test_a_served_rank_survives_its_file_being_replaced(partitions, tmp_path, how, monkeypatch):
+    """A served rank's weights stay as loaded when its file is replaced by a rename or deleted; in
+    place (same inode) only where nothing serves from the file's pages (the dense kernel does)."""
+    if how == "rewritten in place":
+        monkeypatch.setenv("LMI_DENSE_KERNEL", "0")
     folder = shutil.copytree(partitions["llama", 2, 1, "bf16"], tmp_path / "copy")
     layout = ParallelLayout(2, 1, 0)
     model, _ = load_llama(str(folder), torch.bfloat16, max_model_len=64, layout=layout)
     before = {name: tensor.clone() for name, tensor in _served_state(model).items()}
     rank_file = folder / rank_file_name(0, 2)
     size = rank_file.stat().st_size
-    with rank_file.open("r+b") as handle:  # truncated and rewritten, the same inode (not a rename)
-        handle.truncate(0)
-        handle.write(b"\xff" * size)
+    if how == "rewritten in place":
+        with rank_file.open("r+b") as handle:  # truncated and rewritten, the same inode
+            handle.truncate(0)
+            handle.write(b"\xff" * size)
+    elif how == "renamed over":
+        (folder / "new").write_bytes(b"\xff" * size)
+        (folder / "new").rename(rank_file)
+    else:
+        rank_file.unlink()
     after = _served_state(model)
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
 
