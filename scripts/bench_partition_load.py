@@ -8,11 +8,12 @@ partitions it for tp=2 (timed), then times, from each folder in turn:
   until it returns, in a fresh process as a worker runs it (rank 0 in that process; rank 1 forked from
   the fork server the process started first, engines.parallel.spawn, which loads, joins the group and
   sizes its KV cache), after one untimed start (it builds the native kernels when not cached);
-- each rank's weights phase: ``load_llama`` of that rank as a served rank runs it (packed for oneDNN),
+- each rank's weights phase: ``load_llama`` of that rank as a served rank runs it (``pack``: the dense
+  kernel serves the weights as loaded, or oneDNN re-lays them out where that kernel does not run),
   in a fresh process (imports untimed, so memory is first touched as in a rank) with the torch threads a
-  rank of the group gets here (half the cores). ``pack()`` is reported apart: the reorder costs both
-  sources the same, but a partition's projection weights reach it straight from the file's pages, so
-  for a partition it also holds their reading. Rank 0 unpacked (``pack=False``) is the read alone.
+  rank of the group gets here (half the cores). ``pack()`` is reported apart (with oneDNN the reorder
+  costs both sources the same and, for a partition, holds the reading of its weights). Rank 0 with
+  ``pack=False`` copies every tensor off either source: the read and the copy alone.
 
 ``warm``: the files are in the page cache (read just before each figure); ``cold``: their pages were
 evicted with posix_fadvise(DONTNEED) just before each figure (no root needed; checked with fincore where
