@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--no-pack", action="store_true", help="plain F.linear instead of the CPU fast path (dense kernel or oneDNN)"
+        "--no-pack", action="store_true", help="plain F.linear, no CPU fast path (dense kernel or oneDNN)"
     )
     parser.add_argument("--attention", action="store_true", help="also time decode-attention variants")
     parser.add_argument("--kernels", choices=CHOICES, default="auto", help="option.kernels")

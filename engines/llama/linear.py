@@ -64,7 +64,9 @@ def _load_dense() -> Any | None:
 
 
 def dense_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """What the dense kernel computes: float32 sums of x @ weight.T (+ bias), rounded once to x's dtype."""
+    """What the dense kernel computes: float32 sums of x @ weight.T (+ bias), rounded once to x's dtype.
+    (In bf16 the kernel's vdpbf16ps flushes subnormal inputs and results to zero; the reference keeps
+    them: values below 1.2e-38, far under anything a model's weights and activations hold.)"""
     out = functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return out.to(x.dtype)
 
@@ -89,7 +91,7 @@ class Linear(nn.Module):
         self.dense: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] <= DENSE_MAX_ROWS:
+        if self.dense is not None and x.dim() == 2 and x.shape[0] <= DENSE_MAX_ROWS:
             return self.dense(x.contiguous(), self.weight, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -106,7 +108,7 @@ class Linear(nn.Module):
         if self.weight.device.type != "cpu":
             return False
         kernel = dense_kernel(self.weight.dtype)
-        if kernel is not None:
+        if kernel is not None and self.weight.is_contiguous():
             self.dense = kernel.dense_mm
             return True
         if not mkldnn_packing_available():

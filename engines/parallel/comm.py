@@ -31,10 +31,6 @@ class Rendezvous:
     address: str
     port: int
 
-    @property
-    def url(self) -> str:
-        return f"tcp://{self.address}:{self.port}"
-
     def store(self, rank: int, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
         """The group's key-value store: rank 0 hosts it, the others connect to it.
 

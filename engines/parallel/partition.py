@@ -154,8 +154,8 @@ def load_partition(model: Any, directory: Path, pack: bool = False) -> None:
     into oneDNN's blocked copies. Everything else (and a weight pack declines) is copied. A served
     mapping keeps the file's pages shared with the page cache (no second copy in memory) and survives
     the file being deleted or replaced by a rename (as ``lmi partition`` and downloads write), not it
-    being overwritten in place: truncated under a live mapping, a rank faults (SIGBUS) and its group
-    restarts."""
+    being overwritten in place: the rank then serves the new bytes, or faults (SIGBUS) on pages a
+    truncation removed and its group restarts."""
     manifest = Manifest.read(directory)
     layout = model.plan.layout
     check_layout(manifest, layout, directory)
@@ -182,14 +182,14 @@ def load_partition(model: Any, directory: Path, pack: bool = False) -> None:
     aliased = _fill(params, mapped, tensors, _prepared_weights(model) if pack else {}, path)
     if pack:
         model.pack()
-    served = False
-    for linear in aliased:
+    served = []
+    for linear, (start, end) in aliased.items():
         if linear.dense is not None:
-            served = True  # the dense kernel reads the mapped pages as they are
+            served.append((start, end))  # the dense kernel reads the mapped pages as they are
         elif linear.weight is not None:  # pack declined this one: own a copy rather than the file's pages
             linear.weight.data = linear.weight.data.clone()
-    if served:
-        populate(mapped)
+    if served:  # one run of bytes: the projection weights are stored last (load_order)
+        populate(mapped, min(start for start, _ in served), max(end for _, end in served))
     # No close(): the mapping goes with its last view (torch.frombuffer holds a reference), on return at
     # the latest; closing it under a live view would unmap that view's memory.
 
@@ -222,10 +222,10 @@ def _prepared_weights(model: Any) -> dict[str, Any]:
 
 def _fill(
     params: dict[str, Any], mapped: mmap.mmap, tensors: dict, packed: dict[str, Any], path: Path
-) -> list[Any]:
+) -> dict[Any, tuple[int, int]]:
     """Copy each stored tensor into its parameter, or let the ``packed`` ones alias the mapping when
-    they need no conversion; returns the Linear layers whose weight aliases it."""
-    aliased = []
+    they need no conversion; returns the Linear layers whose weight aliases it, with its bytes' span."""
+    aliased = {}
     for name, param in params.items():
         stored = view_tensor(mapped, *tensors[name], f"{path}: {name}")
         if stored.shape != param.shape:
@@ -234,7 +234,7 @@ def _fill(
             )
         if name in packed and stored.dtype == param.dtype:
             param.data = stored
-            aliased.append(packed[name])
+            aliased[packed[name]] = (tensors[name][2], tensors[name][3])
         else:
             param.data.copy_(stored)  # converts dtype (an fp32 partition served in bf16) and moves
     return aliased

@@ -48,16 +48,17 @@ MADV_POPULATE_READ = 22
 """Linux 5.14+: fault a mapping's pages in, reading what the page cache lacks (Python 3.11 lacks the name)."""
 
 
-def populate(mapped: mmap.mmap) -> None:
-    """Make every page of a mapping resident and mapped now, so the first requests do not fault them in
-    (from the disk when cold): one madvise, else a read of one byte per page."""
+def populate(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Make bytes [start, end) of a mapping resident and mapped now, so the first requests do not fault
+    them in (from the disk when cold): one madvise, else a read of one byte per page."""
+    page = mmap.PAGESIZE
+    start = start // page * page
     try:
-        mapped.madvise(MADV_POPULATE_READ)
+        mapped.madvise(MADV_POPULATE_READ, start, end - start)
         return
     except (OSError, ValueError):
         pass
-    page = mmap.PAGESIZE
-    for offset in range(0, len(mapped), page):
+    for offset in range(start, end, page):
         mapped[offset]
 
 

@@ -3,7 +3,8 @@
 q/k/v, o, gate/up and down of every layer become QuantizedLinear; the embedding and the norms keep the
 model's dtype. The LM head becomes int8 too (``quantize_head``): it is the largest single matrix read per
 decoded token (SmolLM2's is 40 % of the model); see there for which form.
-Runs after loading and sharding (each rank quantizes its own slice) and before the remaining projections get their CPU fast path (`LlamaModel.pack`).
+Runs after loading and sharding (each rank quantizes its own slice) and before the remaining
+projections get their CPU fast path (`LlamaModel.pack`).
 """
 
 from __future__ import annotations

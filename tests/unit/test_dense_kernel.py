@@ -9,11 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engines.device import cpu_bf16_flags
+from engines.kernels.build import load_kernel
 from engines.llama.linear import DENSE_MAX_ROWS, Linear, dense_kernel, dense_reference
 
 pytestmark = pytest.mark.skipif(
-    dense_kernel(torch.bfloat16) is None, reason="the dense kernel needs an AVX-512 BF16 CPU"
+    "avx512_bf16" not in cpu_bf16_flags(), reason="the dense kernel needs an AVX-512 BF16 CPU"
 )
+
+
+def test_the_kernel_builds_with_its_instructions_here():
+    """On such a CPU a failed build must fail, not skip: load_kernel raises, Linear would fall back."""
+    assert load_kernel("dense_gemm").available()
+    assert dense_kernel(torch.bfloat16) is not None
+
 
 SHAPES = [(1, 5, 7), (1, 576, 576), (1, 131, 200), (2, 9, 32), (3, 64, 48), (5, 67, 100), (8, 130, 576),
           (16, 33, 2048), (17, 4, 40)]  # fmt: skip
@@ -59,6 +68,15 @@ def test_kernel_refuses_what_it_cannot_compute():
     with pytest.raises(RuntimeError, match="bias must be"):
         kernel.dense_mm(torch.randn(1, 32).bfloat16(), w, torch.randn(7).bfloat16())
     assert kernel.dense_mm(torch.empty(0, 32).bfloat16(), w).shape == (0, 8)
+
+
+def test_inputs_other_than_a_matrix_take_f_linear():
+    layer = Linear(64, 8, bias=False, dtype=torch.bfloat16, device="cpu")
+    torch.nn.init.normal_(layer.weight)
+    assert layer.pack()
+    for shape in [(64,), (2, 3, 64)]:
+        x = torch.randn(shape).bfloat16()
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

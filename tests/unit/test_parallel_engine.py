@@ -66,10 +66,24 @@ def run(engine) -> dict[tuple[str, int], list[tuple]]:
         assert call < 300, "the engine never went idle"
     out: dict[tuple[str, int], list[tuple]] = {}
     for e in events:
-        prompt = tuple(round(lp, 3) for _, _, lp in e.prompt_tokens if lp is not None)
-        row = (e.token_id, e.finish_reason, tuple(t for t, _ in e.top_logprobs), round(e.logprob, 3), prompt)
+        prompt = tuple(lp for _, _, lp in e.prompt_tokens if lp is not None)
+        row = (e.token_id, e.finish_reason, tuple(t for t, _ in e.top_logprobs), e.logprob, prompt)
         out.setdefault((e.request_id, e.index), []).append(row)
     return out
+
+
+def same_events(got: list[tuple], expected: list[tuple]) -> bool:
+    """Tokens, finish reasons and top-logprob ids equal; logprobs within 1e-3 (sharding sums in
+    another order: fp32 differences of ~1e-6 flipped a rounding to 3 decimals)."""
+    if len(got) != len(expected):
+        return False
+    for (*ids, logprob, prompt), (*want_ids, want_logprob, want_prompt) in zip(got, expected, strict=True):
+        if ids != want_ids or len(prompt) != len(want_prompt):
+            return False
+        values, wanted = [logprob, *prompt], [want_logprob, *want_prompt]
+        if values != pytest.approx(wanted, abs=1e-3):
+            return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +107,7 @@ def test_parallel_group_matches_one_process(model_path, reference, tp, pp):
     assert set(got) == set(reference)
     assert sum(len(v) for v in reference.values()) > 50  # the workload really generated
     for key, events in reference.items():
-        assert got[key] == events, key
+        assert same_events(got[key], events), (key, got[key], events)
 
 
 def test_degree_not_dividing_the_heads_fails_before_any_rank_starts(tmp_path):

@@ -32,7 +32,8 @@ namespace {
 constexpr int64_t kPrefetchBytes = 8192;
 constexpr int64_t kRowsPerTask = 64;  // weight rows per parallel task: whole pages of a row-major stream
 
-// 16 lanes of float partial sums of (weight chunk) . (activation chunk) for `count` elements from `col`.
+// Per dtype: how to load up to one vector of elements (masked past `count`) and multiply-add two
+// vectors into 16 lanes of float partial sums.
 struct Bf16 {
   using T = at::BFloat16;
   static constexpr int64_t kStep = 32;  // elements per instruction
@@ -55,12 +56,13 @@ struct Fp32 {
   }
 };
 
-// One activation row against weight rows [n0, n1): four partial sums per row, 8 KiB prefetch.
+// One output: the float sum plus the bias, rounded once to T (as F.linear rounds).
 template <typename T>
 inline void store(T* out, int64_t at, float sum, const T* bias, int64_t r) {
-  out[at] = static_cast<T>(bias ? sum + static_cast<float>(bias[r]) : sum);  // one rounding, as F.linear
+  out[at] = static_cast<T>(bias ? sum + static_cast<float>(bias[r]) : sum);
 }
 
+// One activation row against weight rows [n0, n1): four partial sums per row, 8 KiB prefetch.
 template <typename D>
 void gemv(const typename D::T* w, const typename D::T* x, int64_t k, int64_t n0, int64_t n1, int64_t n,
           const typename D::T* bias, typename D::T* out) {
@@ -148,8 +150,8 @@ void block(const typename D::T* w, const typename D::T* x, int64_t k, int64_t n,
   }
 }
 
-// Weight rows [n0, n1) against activation rows [m0, m1) in blocks of MR rows, for one group of NR
-// weight rows at a time: the group (NR rows of k) stays in L1 while every activation block passes it.
+// Weight rows [r, r + NR) against every activation row, MR rows at a time: the group of NR weight
+// rows stays in L1 while each activation block passes it.
 template <typename D, int NR>
 void weight_group(const typename D::T* w, const typename D::T* x, int64_t k, int64_t n, int64_t r, int64_t m,
                   const typename D::T* bias, typename D::T* out) {
@@ -189,7 +191,8 @@ torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& w, const c10
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "x and w must be contiguous");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   if (bias) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == n,
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == x.scalar_type() && bias->is_contiguous() &&
+                    bias->numel() == n,
                 "bias must be a contiguous [", n, "] tensor of x's dtype");
   }
   auto out = torch::empty({m, n}, x.options());
