@@ -22,6 +22,7 @@ the median of --repeats runs [and their range], the two sources alternating.
 
     python scripts/bench_partition_load.py                      # ~6 min on 2 cores, 4.3 GiB of disk
     python scripts/bench_partition_load.py --layers 2 --repeats 1   # a quick smoke run
+    python scripts/bench_partition_load.py --checkpoint-dtype fp32  # an fp32 original served in bf16
 """
 
 from __future__ import annotations
@@ -74,14 +75,17 @@ def llama_shapes(args: argparse.Namespace) -> dict[str, list[int]]:
 
 
 def write_checkpoint(folder: Path, args: argparse.Namespace) -> int:
-    """config.json, a tokenizer and model.safetensors (bf16, std 0.02, norms 1); returns the parameters."""
+    """config.json, a tokenizer and model.safetensors (--checkpoint-dtype, std 0.02, norms 1; fp32 holds
+    the bf16 values widened); returns the parameters."""
+    fp32 = args.checkpoint_dtype == "fp32"
     folder.mkdir(parents=True)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
         "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
         "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab,
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": False, "torch_dtype": "float32" if fp32 else "bfloat16", "bos_token_id": 1,
+        "eos_token_id": 2,
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer_script = Path(__file__).parent / "make_tiny_model.py"
@@ -92,8 +96,12 @@ def write_checkpoint(folder: Path, args: argparse.Namespace) -> int:
     shapes = llama_shapes(args)
     header, offset = {}, 0
     for name, shape in shapes.items():
-        size = 2 * int(torch.Size(shape).numel())
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        size = (4 if fp32 else 2) * int(torch.Size(shape).numel())
+        header[name] = {
+            "dtype": "F32" if fp32 else "BF16",
+            "shape": shape,
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -105,7 +113,9 @@ def write_checkpoint(folder: Path, args: argparse.Namespace) -> int:
                 tensor = torch.ones(shape, dtype=torch.bfloat16)
             else:
                 tensor = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=generator)
-            handle.write(tensor.view(torch.int16).numpy().tobytes())
+            handle.write(
+                tensor.float().numpy().tobytes() if fp32 else tensor.view(torch.int16).numpy().tobytes()
+            )
         handle.flush()
         os.fsync(handle.fileno())
     return sum(int(torch.Size(shape).numel()) for shape in shapes.values())
@@ -256,6 +266,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument(
+        "--checkpoint-dtype", choices=("bf16", "fp32"), default="bf16",
+        help="the original's dtype (served and partitioned as bf16 either way; fp32 as many checkpoints are)",
+    )  # fmt: skip
     parser.add_argument("--time-rank", nargs=2, metavar=("FOLDER", "RANK"), help=argparse.SUPPRESS)
     parser.add_argument("--time-engine", metavar="FOLDER", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -273,7 +287,7 @@ def main() -> None:
         started = time.perf_counter()
         params = write_checkpoint(source, args)
         size = (source / "model.safetensors").stat().st_size
-        print(f"checkpoint: {params / 1e9:.3f} B parameters, {size / 2**30:.2f} GiB bf16, "
+        print(f"checkpoint: {params / 1e9:.3f} B parameters, {size / 2**30:.2f} GiB {args.checkpoint_dtype}, "
               f"written in {time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
         started = time.perf_counter()
         manifest = write_partition(source, partition, 2, 1, "bf16")
@@ -281,15 +295,15 @@ def main() -> None:
         sizes = ", ".join(f"{f.bytes / 2**30:.2f}" for f in manifest.files)
         print(f"lmi partition tp=2: {cut:.1f} s ({sizes} GiB per rank file)", flush=True)
         folders = {"original": source, "partition": partition}
-        print_table(run(folders, args.caches, args.repeats), params, cut, args.repeats)
+        print_table(run(folders, args.caches, args.repeats), params, cut, args.repeats, args.checkpoint_dtype)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def print_table(rows: list[tuple], params: int, cut: float, repeats: int) -> None:
-    print(f"\n{params / 1e9:.2f} B-param Llama, bf16, CPU, median [min-max] of {repeats} runs, s; "
-          f"partitioned in {cut:.1f} s")  # fmt: skip
+def print_table(rows: list[tuple], params: int, cut: float, repeats: int, stored: str) -> None:
+    print(f"\n{params / 1e9:.2f} B-param Llama stored {stored}, served bf16, CPU, median [min-max] of "
+          f"{repeats} runs, s; partitioned in {cut:.1f} s")  # fmt: skip
     print(f"| {'what':<34} | cache | {'original':<17} | {'partition':<17} | original / partition |")
     print(f"|{'-' * 36}|-------|{'-' * 19}|{'-' * 19}|----------------------|")
     for figure, cache, runs in rows:
