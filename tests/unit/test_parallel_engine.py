@@ -222,3 +222,38 @@ def test_max_degree_on_a_cpu_is_one_rank(tmp_path):
         assert engine.model.plan.layout.world_size == 1
     finally:
         engine.close()
+
+
+def test_rank_0_listens_for_the_group_before_it_loads(tmp_path, monkeypatch):
+    """A follower that finishes loading first finds rank 0's store already up: connecting while rank 0
+    still loads succeeds at once (before this, nothing listened until rank 0 joined, and the follower
+    sat 0.5 s in torch's connect back-off)."""
+    import datetime
+
+    import torch.distributed as dist
+    from support import free_port
+
+    from engines.llama import weights
+    from engines.rolling.factory import load_rank
+
+    port = free_port()
+    connected = []
+
+    def connect_while_loading(*args, **kwargs):
+        store = dist.TCPStore(
+            "127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=3),
+            wait_for_workers=False,
+        )  # fmt: skip
+        store.set("follower", "loaded")
+        connected.append(store.get("follower"))
+        raise EngineLoadError("stopped after the check")
+
+    monkeypatch.setattr(weights, "load_llama", connect_while_loading)
+    path = str(tiny_model_script().make_tiny_model("llama", tmp_path, seed=0))
+    config = EngineConfig(
+        model_path=path, dtype="fp32", kernels="torch", max_model_len=64, tensor_parallel_degree=2,
+        master_addr="127.0.0.1", master_port=port,
+    )  # fmt: skip
+    with pytest.raises(EngineLoadError, match="stopped after the check"):
+        load_rank(config, 0, threads=1)
+    assert connected == [b"loaded"]

@@ -404,3 +404,26 @@ def test_save_mp_checkpoint_path_partitions_again_for_another_model(sources, par
     reused = save_partition(config)
     assert reused.model_path == str(target)
     assert {f.name: f.stat().st_mtime_ns for f in target.glob("rank-*")} == written  # kept, not rewritten
+
+
+def test_populate_touches_each_page_of_the_span_where_madvise_is_missing():
+    """Kernels before 5.14 refuse MADV_POPULATE_READ: one byte of every page from the span's page on."""
+    import mmap
+
+    from engines.parallel.rank_file import populate
+
+    class OldKernelMapping:
+        def __init__(self) -> None:
+            self.read: list[int] = []
+
+        def madvise(self, *args: int) -> None:
+            raise OSError(22, "Invalid argument")
+
+        def __getitem__(self, offset: int) -> int:
+            self.read.append(offset)
+            return 0
+
+    page = mmap.PAGESIZE
+    mapping = OldKernelMapping()
+    populate(mapping, page + 100, 4 * page + 1)
+    assert mapping.read == [page, 2 * page, 3 * page, 4 * page]
