@@ -53,8 +53,15 @@ def needs_processing(params: SamplingParams, blocks_eos: bool) -> bool:
     )
 
 
-def sample_next(logits: torch.Tensor, seqs: abc.Sequence[SamplingState], eos_ids: set[int]) -> list[Sampled]:
+def sample_next(
+    logits: torch.Tensor,
+    seqs: abc.Sequence[SamplingState],
+    eos_ids: set[int],
+    argmax: abc.Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[Sampled]:
     """The next token of every row of ``logits`` [num_rows, vocab] (float32, CPU), row i for ``seqs[i]``.
+
+    argmax: torch.argmax(x, -1) or an op with its results (engines.kernels.ops: a native one is faster).
 
     A batch of plain greedy rows costs one argmax and one log_softmax (plus one topk when any row asks
     for top_logprobs). ``logits`` is not modified.
@@ -65,7 +72,7 @@ def sample_next(logits: torch.Tensor, seqs: abc.Sequence[SamplingState], eos_ids
         for i in rows:
             process_row(logits[i], seqs[i], eos_ids)
     logprobs = torch.log_softmax(logits, -1)
-    tokens = torch.argmax(logits, -1)
+    tokens = torch.argmax(logits, -1) if argmax is None else argmax(logits)
     for i, seq in enumerate(seqs):
         if seq.params.do_sample:
             tokens[i] = draw(logits[i], seq.params, seq.generator)

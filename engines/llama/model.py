@@ -121,7 +121,7 @@ class LlamaModel(nn.Module):
         self.comm = comm or ParallelComm(self.plan.layout)
         self.full_spec, local = spec, self.plan.local
         self.spec, self.dtype, self.max_model_len = local, dtype, max_model_len
-        self.device = torch.device(device)
+        self.device, self.ops = torch.device(device), ops
         self.embed_tokens: nn.Parameter | None = None
         self.norm: RMSNorm | None = None
         self.lm_head: Linear | None = None

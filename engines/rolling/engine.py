@@ -104,6 +104,8 @@ class RollingEngine:
         (needs device sampling); device_sampling: sample with engines.device_sampling (default: on
         CUDA), else on the host with engines.sampling."""
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
+        self.argmax = getattr(getattr(model, "ops", None), "argmax", None)
+        """Greedy picks on the host: the model's ops' (a native kernel on CPU), else torch.argmax."""
         self.graphs = graphs
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
@@ -336,7 +338,7 @@ class RollingEngine:
         """Row i's next token, its log-probability and top alternatives, for ``seqs[i]``: on the host
         now, or on the device as one batched operation whose results start their one copy to the host."""
         if not self.on_device_sampling:
-            return Launch(seqs, sampled=sample_next(logits, seqs, self.eos_ids))
+            return Launch(seqs, sampled=sample_next(logits, seqs, self.eos_ids, self.argmax))
         tensors = SamplingTensors.build(seqs, self.eos_ids, logits.shape[-1], self.device)
         wanted = [seq.params.top_logprobs for seq in seqs]
         picked = sample_batch(logits, tensors, [seq.generator for seq in seqs], max(wanted, default=0))

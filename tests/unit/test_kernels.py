@@ -193,6 +193,49 @@ def test_fused_rope_and_cache_write_match_torch(dtype: torch.dtype) -> None:
         NativeOps.rope_and_cache(qkv, cos[:-1], sin[:-1], offsets, blocks, heads, kv_heads, *caches["n"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("inter", [1536, 37])  # 16-lane chunks with and without a masked tail
+def test_native_silu_mul_matches_torch(dtype: torch.dtype, inter: int) -> None:
+    """Its own exp differs from torch's in the last float bit at most: 16-bit results equal torch's but
+    for rare one-unit moves; float32 runs torch's kernels and is equal. Specials as torch has them."""
+    generator = torch.Generator().manual_seed(3)
+    scales = torch.tensor([0.01, 1.0, 8.0, 40.0]).repeat(9)[:33, None]
+    wide = torch.randn(33, 2 * inter + 6, generator=generator) * scales
+    gate_up = wide.to(dtype)[:, : 2 * inter]  # strided rows, scales from tiny to saturating
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -100.0, 100.0, -20.0, 1e-30]
+    gate_up[0, : len(specials)] = torch.tensor(specials).to(dtype)
+    actual, expected = NativeOps.silu_mul(gate_up), TorchOps.silu_mul(gate_up)
+    assert actual.shape == (33, inter)
+    assert actual.dtype == dtype
+    same = (actual == expected) | (actual.isnan() & expected.isnan())
+    assert same[0, : len(specials)].all(), (actual[0, :9], expected[0, :9])
+    if dtype == torch.float32:
+        assert same.all()
+    else:
+        assert (~same).sum() <= max(2, actual.numel() // 4096)
+        ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((actual.float() - expected.float()).abs()[~same] <= ulp[~same]).all()
+    torch.testing.assert_close(NativeOps.silu_mul(gate_up[:0]), TorchOps.silu_mul(gate_up[:0]))
+
+
+@pytest.mark.parametrize("width", [49152, 37, 1])  # 16-lane chunks with and without a tail, one column
+def test_native_argmax_matches_torch(width: int) -> None:
+    """Ties keep the first index, a NaN wins over any number (torch's rules), -inf rows pick 0."""
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(11, 2 * width, generator=generator)[:, :width]  # strided rows
+    logits[1, width // 2 :] = logits[1].max() + 1  # a tie across chunks and the tail: the first wins
+    logits[2] = float("-inf")
+    logits[3, -1], logits[3, width // 3] = float("nan"), float("nan")
+    logits[4, -1] = float("inf")
+    logits[5] = 0.0
+    logits[6, width // 2] = 1e30
+    expected = TorchOps.argmax(logits)
+    torch.testing.assert_close(NativeOps.argmax(logits), expected, rtol=0, atol=0)
+    torch.testing.assert_close(NativeOps.argmax(logits[:0]), TorchOps.argmax(logits[:0]), rtol=0, atol=0)
+    assert expected[3] == (width // 3 if width > 1 else 0)
+    assert expected[6] == width // 2
+
+
 @pytest.mark.parametrize("broken", ["compiler", "cache-folder"])
 def test_without_a_build_auto_falls_back_and_native_fails(tmp_path, broken):
     """No working C++ compiler, or an unwritable kernel cache: the server still serves (plain torch);
