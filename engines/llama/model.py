@@ -202,6 +202,18 @@ class LlamaModel(nn.Module):
         logits = self.comm.all_gather_last(self.lm_head(hidden).float())
         return logits[:, : self.full_spec.vocab_size] if self.plan.layout.tensor_parallel > 1 else logits
 
+    def pin_attributes(self) -> None:
+        """Copy every submodule and parameter into its owner's instance ``__dict__`` as well, once the
+        model is final: reading ``self.qkv`` in the step loop then is a plain attribute read, not
+        nn.Module.__getattr__'s fallback after a failed lookup (about 0.6 us each, 0.2 ms of a 4.4 ms
+        int4 decode step on 2 cores). Registration is unchanged (state_dict, .parameters()), and
+        nn.Module.__setattr__ drops the copy when an attribute is assigned again; ``del`` of a parameter
+        or ``_apply`` replacing Parameter objects (torch's overwrite-on-conversion flag, off by default)
+        would leave a stale copy, and nothing does either after loading."""
+        for module in self.modules():
+            module.__dict__.update(module._modules)
+            module.__dict__.update((name, p) for name, p in module._parameters.items() if p is not None)
+
     def pack(self) -> bool:
         """Prepare every projection's CPU fast path once weights are loaded (the dense kernel, else
         oneDNN's packed copies); True if all have one.

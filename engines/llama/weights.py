@@ -90,6 +90,7 @@ def load_llama(
     if pack:
         model.pack()
     model.eval()
+    model.pin_attributes()
     if model.device.type == "cpu":
         release_freed_memory()
     return model, hf_config

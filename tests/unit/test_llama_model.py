@@ -477,3 +477,22 @@ def test_packing_is_checked_once_per_shape_and_a_failed_check_is_kept(monkeypatc
     assert all(layer.weight is not None and layer.packed is None for layer in layers[3:])
     for layer, want in zip(layers[:3], expected, strict=True):
         torch.testing.assert_close(layer(x), want)  # the unchecked ones compute F.linear too
+
+
+def test_pinned_attributes_follow_reassignment(tiny: tuple[Path, object]) -> None:
+    """Loading pins submodules and parameters as plain attributes (the step loop's fast reads); assigning
+    one again, as quantization does, must still reach both the attribute and the registration."""
+    path, _ = tiny
+    model, _ = _load(path)
+    layer = model.layers[0]
+    assert layer.__dict__["qkv"] is layer._modules["qkv"]
+    assert layer.input_norm.__dict__["weight"] is layer.input_norm._parameters["weight"]
+    names = sorted(model.state_dict())
+    replacement = torch.nn.Identity()
+    layer.qkv = replacement
+    assert layer.qkv is replacement
+    assert layer._modules["qkv"] is replacement
+    weight = torch.nn.Parameter(torch.ones_like(layer.input_norm.weight), requires_grad=False)
+    layer.input_norm.weight = weight
+    assert layer.input_norm.weight is weight
+    assert sorted(model.state_dict()) == [n for n in names if not n.startswith("layers.0.qkv.")]
