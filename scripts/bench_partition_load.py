@@ -140,6 +140,10 @@ def evict(folder: Path) -> str:
 
 
 def warm(folder: Path) -> None:
+    """Read the folder's weights into the page cache, after writing back what is dirty: a start timed
+    while the just-written checkpoint and partition (4.2 GiB) were still being written back took 2.7-4.2
+    s instead of 0.6 s (runtime sharding) on one machine."""
+    os.sync()
     for path in folder.glob("*.safetensors"):
         with path.open("rb") as handle:
             while handle.read(1 << 26):
