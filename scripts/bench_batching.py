@@ -171,14 +171,15 @@ def load(port: int, concurrency: int, duration_s: float) -> dict:
     }
 
 
-def wait_up(port: int, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+def wait_up(port: int, proc: subprocess.Popen, timeout_s: float = 180, path: str = "/ping") -> None:
+    """Until GET ``path`` answers 200 on ``port``; exits if ``proc`` ends or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"server on {port} exited with {proc.returncode}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/ping")
+            conn.request("GET", path)
             if conn.getresponse().status == 200:
                 return
         except OSError:

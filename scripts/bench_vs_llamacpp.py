@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_batching import wait_up  # noqa: E402
 from support import ServerProcess, free_port  # noqa: E402
 
 WORDS = [
@@ -97,18 +98,7 @@ def run_llama_server(binary: str, gguf: str, threads: int, args: argparse.Namesp
                "--port", str(port), "-c", "4096", "-np", "1", "--no-webui"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"llama-server did not start: {command}")
-            time.sleep(0.3)
+        wait_up(port, proc, timeout_s=120, path="/health")
         return measure(port, args.requests, args.max_new_tokens, args.prompt_words, offset)
     finally:
         proc.terminate()
