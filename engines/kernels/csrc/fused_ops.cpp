@@ -3,7 +3,8 @@
 // embedding with the KV-cache write, silu(gate) * up, and greedy decoding's argmax. Rounding follows the
 // torch references in
 // engines/kernels/ops.py:TorchOps step by step (compute in float32, round to the tensor dtype where
-// torch would), so bf16 results match them bit for bit up to the order of the RMS sum.
+// torch would), so bf16 results match them bit for bit up to the order of the RMS sum and, in
+// silu_mul, an exp within an ulp of torch's.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
