@@ -58,7 +58,8 @@ class RescoredHead(nn.Module):
         top = kernels.native_module().top_candidates(logits, count)  # [n, candidates]
         flat = (top + torch.arange(0, logits.shape[0] * vocab, vocab)[:, None]).flatten()
         rows = self.exact.index_select(0, top.flatten()).view(*top.shape, self.exact.shape[1])
-        # in float32: bf16's bmm took 34 us for one row here, float32's 13 (and rounds once, at the end)
+        # in float32: bf16's bmm took 34 us for one row here, float32's 13 (64 rows: 0.53 against
+        # 0.64 ms, 0.1 % of such a step), and it rounds once, at the end
         exact = torch.bmm(rows.float(), hidden.float().unsqueeze(-1)).squeeze(-1)
         if self.bias is not None:
             exact = exact + self.bias[top]
